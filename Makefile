@@ -1,0 +1,35 @@
+# make install | test | train | sample | lint        (see README.md)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_CPU_VERSION ?= 2.13.0
+RUN    ?= runs/digits
+
+.PHONY: install test train sample lint clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Without a CUDA GPU install the CPU build of torch first, so that the bare torch requirement
+	@# below is already satisfied and pip does not fetch a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+# A second `make train` continues the run in $(RUN) (to its --steps) instead of starting over.
+train: install
+	$(PY) train.py $(if $(wildcard $(RUN)/checkpoint-*.pt),--resume $(RUN),--out $(RUN))
+
+sample: install
+	$(PY) sample.py --ckpt $(RUN) --num-per-class 8 --out $(RUN)/sample
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,0 +1,68 @@
+"""Crash-safe checkpoint files: atomic writes and finding the latest checkpoint of a run folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import torch
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the previous file or the new one, never a partial file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint with the highest step in ``run_dir``, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := CKPT_RE.match(name))]
+    return os.path.join(run_dir, max(found)[1]) if found else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or the latest checkpoint of a run folder; ValueError if there is none."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"--resume: run folder {path!r} holds no checkpoint-*.pt file")
+        return found
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {path!r} is neither a checkpoint file nor a run folder")
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a training checkpoint written by ``train.py`` (a dict with model, ema, optimizer, step, ...)."""
+    ckpt = torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path!r} is not a checkpoint written by train.py (missing 'model'/'config')")
+    return ckpt

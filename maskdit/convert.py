@@ -1,0 +1,146 @@
+"""Import official checkpoints: Anima-Lab/MaskDiT ("maskdit") and facebookresearch/DiT ("dit").
+
+    python -m maskdit.convert SRC.pt DST.pt --source maskdit|dit
+
+writes a checkpoint holding ``model``/``ema`` state dicts for this project's network and its ``config``,
+which ``sample.py`` and ``maskdit.checkpoint.load_checkpoint`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from .config import DECODER, SIZES, ModelConfig, model_config
+
+SOURCES = ("maskdit", "dit")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+_ADALN = re.compile(r"^(.*adaLN_modulation)\.1\.(weight|bias)$")
+_DROP = ("feat_norm.",)  # parameter-free modules of the official code
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def select_state_dict(obj: dict, key: str | None = None) -> dict:
+    """The network's state dict inside an official file: ``obj[key]``, else ``obj["ema"]`` when present
+    (the released checkpoints' weights), else ``obj`` itself."""
+    if key is not None:
+        if key not in obj:
+            raise ValueError(f"checkpoint has no entry {key!r}; entries: {sorted(obj)[:10]}")
+        return obj[key]
+    if "ema" in obj and isinstance(obj["ema"], dict):
+        return obj["ema"]
+    return obj
+
+
+def convert_official_state_dict(state_dict: dict, source: str) -> dict:
+    """Map an official state dict to this project's key names and layouts.
+
+    source="maskdit": Anima-Lab/MaskDiT (keys under the EDMPrecond ``model.`` prefix; one-hot
+    ``Linear(num_classes, D)`` label embedding whose null class is the zero vector; decoder keys);
+    the result loads with ``strict=True`` into ``create_model("MaskDiT-...")`` (null_class="zero").
+    source="dit": facebookresearch/DiT (``nn.Embedding(num_classes + 1, D)`` with a learned null row,
+    ``learn_sigma=True``); loads into ``create_model("DiT-...", learn_sigma=True)``.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    out = {}
+    for raw_key, value in state_dict.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"state dict entry {raw_key!r} is not a tensor; pass the network's state dict")
+        key = _strip_prefixes(raw_key)
+        if key.startswith(_DROP):
+            continue
+        if (m := _ADALN.match(key)) is not None:
+            key = f"{m.group(1)}.{m.group(2)}"
+        if key == "x_embedder.proj.weight":  # Conv2d (D, C, p, p) -> Linear on (p, p, C)-ordered patches
+            key, value = "x_embedder.weight", value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)
+        elif key == "x_embedder.proj.bias":
+            key = "x_embedder.bias"
+        elif key in ("pos_embed", "decoder_pos_embed"):
+            value = value.reshape(value.shape[-2], value.shape[-1])
+        elif key == "mask_token":
+            value = value.reshape(-1)
+        elif key == "y_embedder.embedding_table.weight" and source == "maskdit":
+            value = value.t()  # Linear weight (D, num_classes) -> table (num_classes, D)
+        elif key in ("cls_token", "cls_token_embedder.weight", "feat_embedder.weight", "enc_feat_embedder.weight"):
+            raise ValueError(f"official option not supported here (key {raw_key!r}): only the released "
+                             "architecture (no cls token, no external features) converts")
+        out[key] = value.contiguous()
+    if "x_embedder.weight" not in out or "pos_embed" not in out:
+        raise ValueError(f"not an official {source} DiT/MaskDiT state dict: no x_embedder.proj.weight/pos_embed "
+                         f"(first keys: {list(state_dict)[:5]})")
+    return out
+
+
+def infer_config(state_dict: dict, source: str) -> ModelConfig:
+    """The ``ModelConfig`` of an official state dict: patch size and channels from the patch Conv2d,
+    size from width and depth, heads from the size table, decoder from its keys."""
+    sd = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    if "x_embedder.proj.weight" not in sd:
+        raise ValueError("not an official DiT/MaskDiT state dict: no x_embedder.proj.weight")
+    d, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    sizes = [s for s, (dep, hid, _) in SIZES.items() if (dep, hid) == (depth, d)]
+    if not sizes:
+        raise ValueError(f"no known size has depth {depth} and width {d}; known (depth, width, heads): {SIZES}")
+    grid = int(round(sd["pos_embed"].shape[-2] ** 0.5))
+    out_dim = sd["final_layer.linear.weight"].shape[0]
+    table = sd.get("y_embedder.embedding_table.weight")
+    if table is None:
+        num_classes = 0
+    else:
+        num_classes = table.shape[1] if source == "maskdit" else table.shape[0] - 1
+    use_decoder = "decoder_layer.linear.weight" in sd
+    overrides = dict(learn_sigma=out_dim == 2 * in_channels * patch * patch,
+                     null_class="zero" if source == "maskdit" else "learned")
+    if use_decoder:
+        dec_hidden = sd["decoder_layer.linear.weight"].shape[0]
+        default_depth, default_hidden, default_heads = DECODER["default"]
+        if dec_hidden != default_hidden:
+            raise ValueError(f"decoder width {dec_hidden} differs from the official {default_hidden}: its head "
+                             "count cannot be inferred; build the model with create_model(..., decoder_num_heads=)")
+        overrides.update(decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
+                         decoder_hidden_size=dec_hidden, decoder_num_heads=default_heads)
+    family = "MaskDiT" if use_decoder else "DiT"
+    return model_config(f"{family}-{sizes[0]}/{patch}", input_size=grid * patch, in_channels=in_channels,
+                        num_classes=num_classes, **overrides)
+
+
+def convert_file(src: str, dst: str, source: str, key: str | None = None) -> ModelConfig:
+    """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads."""
+    from .checkpoint import atomic_save
+
+    obj = torch.load(src, map_location="cpu", weights_only=True)
+    official = select_state_dict(obj, key)
+    state = convert_official_state_dict(official, source)
+    config = infer_config(official, source)
+    atomic_save({"model": state, "ema": state, "config": {"model": config.to_dict()}, "step": 0,
+                 "source": {"file": src, "format": source}}, dst)
+    return config
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="official checkpoint (.pt)")
+    parser.add_argument("dst", help="output checkpoint (.pt)")
+    parser.add_argument("--source", choices=SOURCES, required=True)
+    parser.add_argument("--key", default=None, help="entry of the file holding the weights (default: 'ema' if present)")
+    args = parser.parse_args(argv)
+    config = convert_file(args.src, args.dst, args.source, args.key)
+    print(f"wrote {args.dst}: {config.name} (input {config.input_size}, {config.in_channels} channels, "
+          f"{config.num_classes} classes, learn_sigma={config.learn_sigma})")
+
+
+if __name__ == "__main__":
+    main()

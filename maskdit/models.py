@@ -1,0 +1,268 @@
+"""DiT and MaskDiT networks (adaLN-Zero transformers on patch tokens), readable top to bottom.
+
+``DiT`` is the network of Peebles & Xie; with ``use_decoder=True`` it is MaskDiT (Zheng et al.):
+the complete DiT backbone runs as an encoder on the kept tokens only, then a bridge layer, learnable
+mask tokens at the masked positions, a second fixed positional embedding, a small DiT decoder and
+the final layer produce an output for every token.  ``forward`` returns the raw network output
+F(x; noise_label, class); ``maskdit.edm.EDMPrecond`` turns it into a denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .attention import attention
+from .config import ModelConfig, model_config
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positional embedding (MAE), (grid_size**2, embed_dim), row-major tokens.
+
+    For the token at (row, col): [sin(col*w), cos(col*w), sin(row*w), cos(row*w)] with
+    w_k = 10000^(-k / (embed_dim/4)), k < embed_dim/4 (the official code's meshgrid puts the column
+    coordinate in the first half).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    pos = torch.arange(grid_size, dtype=torch.float64, device=device)
+    row = pos.repeat_interleave(grid_size)
+    col = pos.repeat(grid_size)
+
+    def emb_1d(p):
+        out = p[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb_1d(col), emb_1d(row)], dim=1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of (N,) float noise labels -> (N, dim) in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise label -> Linear(256, D) - SiLU - Linear(D, D) of its sinusoidal embedding."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> D-vector.  The label ``num_classes`` is the null class (CFG / label dropout).
+
+    null_class="learned": an (num_classes + 1, D) table whose last row is trained (DiT).
+    null_class="zero": an (num_classes, D) table and the null class embeds to exactly 0
+    (MaskDiT's Linear on a one-hot vector, whose null class is the all-zero vector).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, null_class: str):
+        super().__init__()
+        self.num_classes = num_classes
+        self.null_class = null_class
+        rows = num_classes + 1 if null_class == "learned" else num_classes
+        self.embedding_table = nn.Embedding(rows, hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.null_class == "learned":
+            return self.embedding_table(labels)
+        is_real = (labels < self.num_classes).unsqueeze(1)
+        emb = self.embedding_table(labels.clamp(max=self.num_classes - 1))
+        return emb * is_real.to(emb.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (bias) and an output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """Linear - GELU(tanh) - Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block.  ``silu_c`` is SiLU of the conditioning, computed once per forward."""
+
+    def __init__(self, dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(dim, num_heads)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(silu_c).chunk(6, dim=1)
+        x = ops.gated_residual(x, gate_msa, self.attn(ops.ln_modulate(x, shift_msa, scale_msa)))
+        x = ops.gated_residual(x, gate_mlp, self.mlp(ops.ln_modulate(x, shift_mlp, scale_mlp)))
+        return x
+
+
+class ModulatedLinear(nn.Module):
+    """LN(no affine) -> adaLN modulation -> Linear.  The final layer, and MaskDiT's bridge layer."""
+
+    def __init__(self, dim: int, cond_dim: int, out_dim: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(silu_c).chunk(2, dim=1)
+        return self.linear(ops.ln_modulate(x, shift, scale))
+
+
+class DiT(nn.Module):
+    """DiT, or MaskDiT when ``config.use_decoder``.  Build one with ``maskdit.create_model``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = config.validate()
+        self.config = cfg
+        self.patch_size = cfg.patch_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.num_classes = cfg.num_classes
+        self.input_size = cfg.input_size
+        self.num_tokens = cfg.num_tokens
+        d, p = cfg.hidden_size, cfg.patch_size
+
+        self.x_embedder = nn.Linear(p * p * cfg.in_channels, d)  # the patch Conv2d as a Linear on patches
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.null_class) if cfg.num_classes else None
+        self.register_buffer("pos_embed", torch.empty(self.num_tokens, d))
+        self.blocks = nn.ModuleList(
+            [DiTBlock(d, d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+
+        final_dim = d
+        if cfg.use_decoder:
+            dd = cfg.decoder_hidden_size
+            self.decoder_layer = ModulatedLinear(d, d, dd)  # the bridge from encoder to decoder width
+            self.mask_token = nn.Parameter(torch.empty(dd))
+            self.register_buffer("decoder_pos_embed", torch.empty(self.num_tokens, dd))
+            self.decoder_blocks = nn.ModuleList(
+                [DiTBlock(dd, d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+            final_dim = dd
+        self.final_layer = ModulatedLinear(final_dim, d, p * p * self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official initialisation (also fills the fixed positional embeddings).  Safe on meta tensors."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        grid = self.input_size // self.patch_size
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[1], grid, self.pos_embed.device))
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        zero_init = [b.adaLN_modulation for b in self.blocks]
+        zero_init += [self.final_layer.adaLN_modulation, self.final_layer.linear]
+        if self.config.use_decoder:
+            self.decoder_pos_embed.copy_(
+                sincos_pos_embed_2d(self.decoder_pos_embed.shape[1], grid, self.decoder_pos_embed.device))
+            nn.init.normal_(self.mask_token, std=0.02)
+            zero_init += [b.adaLN_modulation for b in self.decoder_blocks]
+            zero_init += [self.decoder_layer.adaLN_modulation, self.decoder_layer.linear]
+        for m in zero_init:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_inputs(self, x, noise_labels, class_labels, ids_keep):
+        expect = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expect:
+            raise ValueError(f"x must have shape (N, {expect[0]}, {expect[1]}, {expect[2]}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if noise_labels.shape != (n,):
+            raise ValueError(f"noise_labels must have shape ({n},), got {tuple(noise_labels.shape)}")
+        if self.y_embedder is not None:
+            if class_labels is None or class_labels.shape != (n,) or class_labels.dtype != torch.int64:
+                got = None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)
+                raise ValueError(f"class_labels must be an int64 tensor of shape ({n},), got {got}")
+        if ids_keep is not None:
+            if ids_keep.dtype != torch.int64 or ids_keep.ndim != 2 or ids_keep.shape[0] != n \
+                    or not 0 < ids_keep.shape[1] <= self.num_tokens:
+                raise ValueError(f"ids_keep must be an int64 tensor of shape ({n}, K) with "
+                                 f"0 < K <= {self.num_tokens}, got {tuple(ids_keep.shape)} {ids_keep.dtype}")
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output for all tokens, (N, C_out, H, W).
+
+        x (N, C, H, W); noise_labels (N,) float; class_labels (N,) int64 where ``num_classes`` is the
+        null class; ids_keep (N, K) int64 token indices the encoder sees (None: all tokens).
+        """
+        self._check_inputs(x, noise_labels, class_labels, ids_keep)
+        c = self.t_embedder(noise_labels)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(class_labels)
+        silu_c = F.silu(c)
+
+        tokens = ops.embed_patches(x, self.x_embedder.weight, self.x_embedder.bias, self.pos_embed,
+                                   self.patch_size, ids_keep)
+        for block in self.blocks:
+            tokens = block(tokens, silu_c)
+
+        if self.config.use_decoder:
+            tokens = self.decoder_layer(tokens, silu_c)
+            tokens = ops.insert_mask_tokens(tokens, ids_keep, self.mask_token, self.decoder_pos_embed)
+            for block in self.decoder_blocks:
+                tokens = block(tokens, silu_c)
+            out = self.final_layer(tokens, silu_c)
+        else:
+            out = self.final_layer(tokens, silu_c)
+            if ids_keep is not None:  # DiT trained with masking: masked tokens output zeros
+                out = ops.scatter_tokens(out, ids_keep, self.num_tokens)
+        return ops.unpatchify(out, self.patch_size, self.out_channels, self.input_size, self.input_size)
+
+
+def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                 **overrides) -> DiT:
+    """Build a named network, e.g. ``create_model("MaskDiT-XL/2")``.
+
+    Overrides set any ``ModelConfig`` field (``learn_sigma``, ``decoder_depth``, ``null_class``, ...).
+    Works under ``with torch.device("meta"):``.
+    """
+    return DiT(model_config(name, input_size, in_channels, num_classes, **overrides))

@@ -1,0 +1,52 @@
+"""Training utilities: exponential moving average of the weights and the optimizer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, updated with a few ``torch._foreach_*``
+    launches per step (not one kernel per tensor).
+
+    ``update(decay)`` takes a float or a 0-dim tensor (a tensor of 0 leaves the average unchanged,
+    which lets a skipped step skip the EMA without a host sync).  Buffers are copied.
+    """
+
+    def __init__(self, model: nn.Module, ema_model: nn.Module):
+        self.model = model
+        self.ema_model = ema_model
+        ema_model.requires_grad_(False)
+        self.copy_from_model()
+
+    def _params(self):
+        pairs = [(e, p) for (_, e), (_, p) in zip(self.ema_model.named_parameters(), self.model.named_parameters())]
+        return [e for e, _ in pairs], [p.detach() for _, p in pairs]
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        ema, src = self._params()
+        torch._foreach_copy_(ema, src)
+        for eb, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            eb.copy_(b)
+
+    @torch.no_grad()
+    def update(self, weight: float | torch.Tensor) -> None:
+        """ema += weight * (param - ema), i.e. ema = decay * ema + (1 - decay) * param with weight = 1 - decay."""
+        ema, src = self._params()
+        diff = torch._foreach_sub(src, ema)
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(ema, diff)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """``decay``, capped during warm-up at (1 + step) / (10 + step) so short runs average recent weights."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float],
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (fused kernel: one launch for all parameters, and skips steps via ``found_inf`` with no sync)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
+                             fused=True)

@@ -1,0 +1,233 @@
+"""Official checkpoints -> this project's networks.
+
+The state dicts here carry the official key names and shapes (Anima-Lab/MaskDiT under its EDMPrecond
+``model.`` prefix; facebookresearch/DiT bare), with random values.  ``official_forward`` is an
+independent implementation of the official networks working directly on those tensors (Conv2d patch
+embedding, one-hot label Linear, repeat+cat+gather unmasking, einsum unpatchify), so the test checks
+every layout change the conversion makes.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskdit import convert_official_state_dict, create_model, random_mask
+from maskdit.convert import infer_config
+
+D, DEPTH, HEADS = 192, 6, 3  # the "T" size, so the converted model is a named one
+DEC_D, DEC_DEPTH, DEC_HEADS = 512, 2, 16
+P, C, SIZE, NC = 2, 4, 8, 7
+
+
+def official_state_dict(source, learn_sigma=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "x_embedder.proj.weight": (D, C, P, P), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (D, NC) if source == "maskdit" else (NC + 1, D),
+    }
+
+    def block(prefix, d, cd):
+        shapes.update({
+            f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),
+            f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
+            f"{prefix}.mlp.fc1.weight": (4 * d, d), f"{prefix}.mlp.fc1.bias": (4 * d,),
+            f"{prefix}.mlp.fc2.weight": (d, 4 * d), f"{prefix}.mlp.fc2.bias": (d,),
+            f"{prefix}.adaLN_modulation.1.weight": (6 * d, cd), f"{prefix}.adaLN_modulation.1.bias": (6 * d,),
+        })
+
+    for i in range(DEPTH):
+        block(f"blocks.{i}", D, D)
+    c_out = 2 * C if learn_sigma else C
+    final_d = D
+    if source == "maskdit":
+        shapes.update({
+            "decoder_layer.linear.weight": (DEC_D, D), "decoder_layer.linear.bias": (DEC_D,),
+            "decoder_layer.adaLN_modulation.1.weight": (2 * D, D), "decoder_layer.adaLN_modulation.1.bias": (2 * D,),
+            "mask_token": (1, 1, DEC_D),
+        })
+        for i in range(DEC_DEPTH):
+            block(f"decoder_blocks.{i}", DEC_D, D)
+        final_d = DEC_D
+    shapes.update({
+        "final_layer.linear.weight": (P * P * c_out, final_d), "final_layer.linear.bias": (P * P * c_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * final_d, D),
+        "final_layer.adaLN_modulation.1.bias": (2 * final_d,),
+    })
+    sd = {k: torch.randn(s, generator=g) * (0.5 / math.sqrt(s[-1])) for k, s in shapes.items()}
+    grid = SIZE // P
+    sd["pos_embed"] = torch.randn(1, grid * grid, D, generator=g)  # any fixed values: they must be copied
+    if source == "maskdit":
+        sd["decoder_pos_embed"] = torch.randn(1, grid * grid, DEC_D, generator=g)
+        return {"model." + k: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------- the official networks, independently
+def _ln(x):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _block(sd, pre, x, c, heads):
+    mod = F.linear(F.silu(c), sd[f"{pre}.adaLN_modulation.1.weight"], sd[f"{pre}.adaLN_modulation.1.bias"])
+    sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+    B, T, d = x.shape
+    h = _modulate(_ln(x), sh1, sc1)
+    qkv = F.linear(h, sd[f"{pre}.attn.qkv.weight"], sd[f"{pre}.attn.qkv.bias"]).reshape(B, T, 3, heads, d // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    att = (q @ k.transpose(-2, -1) / math.sqrt(d // heads)).softmax(-1)
+    a = (att @ v).transpose(1, 2).reshape(B, T, d)
+    x = x + g1.unsqueeze(1) * F.linear(a, sd[f"{pre}.attn.proj.weight"], sd[f"{pre}.attn.proj.bias"])
+    h = _modulate(_ln(x), sh2, sc2)
+    h = F.gelu(F.linear(h, sd[f"{pre}.mlp.fc1.weight"], sd[f"{pre}.mlp.fc1.bias"]), approximate="tanh")
+    return x + g2.unsqueeze(1) * F.linear(h, sd[f"{pre}.mlp.fc2.weight"], sd[f"{pre}.mlp.fc2.bias"])
+
+
+def _final(sd, pre, x, c):
+    shift, scale = F.linear(F.silu(c), sd[f"{pre}.adaLN_modulation.1.weight"],
+                            sd[f"{pre}.adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    return F.linear(_modulate(_ln(x), shift, scale), sd[f"{pre}.linear.weight"], sd[f"{pre}.linear.bias"])
+
+
+def official_forward(sd, source, x, t, labels, mask=None):
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=P).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    if mask is not None:
+        h = torch.gather(h, 1, mask.ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    if source == "maskdit":  # one-hot Linear; the null class is the all-zero vector
+        onehot = torch.zeros(len(labels), NC)
+        real = labels < NC
+        onehot[real.nonzero()[:, 0], labels[real]] = 1
+        yemb = onehot @ sd["y_embedder.embedding_table.weight"].t()
+    else:
+        yemb = sd["y_embedder.embedding_table.weight"][labels]
+    c = temb + yemb
+    for i in range(DEPTH):
+        h = _block(sd, f"blocks.{i}", h, c, HEADS)
+    if source == "maskdit":
+        h = _final(sd, "decoder_layer", h, c)
+        if mask is not None:
+            mt = sd["mask_token"].repeat(h.shape[0], mask.ids_restore.shape[1] - h.shape[1], 1)
+            h = torch.cat([h, mt], dim=1)
+            h = torch.gather(h, 1, mask.ids_restore.unsqueeze(-1).repeat(1, 1, h.shape[2]))
+        h = h + sd["decoder_pos_embed"]
+        for i in range(DEC_DEPTH):
+            h = _block(sd, f"decoder_blocks.{i}", h, c, DEC_HEADS)
+    h = _final(sd, "final_layer", h, c)
+    g, c_out = SIZE // P, h.shape[-1] // (P * P)
+    h = h.reshape(h.shape[0], g, g, P, P, c_out)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], c_out, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------- tests
+def _inputs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, C, SIZE, SIZE, generator=g), torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_maskdit_conversion_gives_official_outputs(masked):
+    sd = official_state_dict("maskdit")
+    ours = create_model("MaskDiT-T/2", input_size=SIZE, in_channels=C, num_classes=NC,
+                        decoder_depth=DEC_DEPTH, decoder_hidden_size=DEC_D, decoder_num_heads=DEC_HEADS)
+    ours.load_state_dict(convert_official_state_dict(sd, "maskdit"), strict=True)
+    x, t = _inputs()
+    labels = torch.tensor([0, 6, NC])  # NC: the null class
+    mask = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(2)) if masked else None
+    with torch.no_grad():
+        expect = official_forward(sd, "maskdit", x, t, labels, mask)
+        got = ours(x, t, labels, mask.ids_keep if masked else None)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_dit_conversion_gives_official_outputs():
+    sd = official_state_dict("dit", learn_sigma=True)
+    ours = create_model("DiT-T/2", input_size=SIZE, in_channels=C, num_classes=NC, learn_sigma=True)
+    ours.load_state_dict(convert_official_state_dict(sd, "dit"), strict=True)
+    x, t = _inputs()
+    labels = torch.tensor([NC, 2, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, labels), official_forward(sd, "dit", x, t, labels),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_prefixes_and_training_checkpoint_layout():
+    sd = official_state_dict("maskdit")
+    wrapped = {"module._orig_mod." + k: v for k, v in sd.items()}
+    a, b = convert_official_state_dict(sd, "maskdit"), convert_official_state_dict(wrapped, "maskdit")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_infer_config():
+    cfg = infer_config(official_state_dict("maskdit"), "maskdit")
+    assert (cfg.name, cfg.input_size, cfg.in_channels, cfg.num_classes) == ("MaskDiT-T/2", SIZE, C, NC)
+    assert (cfg.decoder_depth, cfg.decoder_hidden_size, cfg.null_class) == (DEC_DEPTH, DEC_D, "zero")
+    cfg = infer_config(official_state_dict("dit", learn_sigma=True), "dit")
+    assert (cfg.name, cfg.learn_sigma, cfg.null_class, cfg.num_classes) == ("DiT-T/2", True, "learned", NC)
+
+
+def test_official_xl2_shapes_load_strictly():
+    """The released MaskDiT-XL/2 and DiT-XL/2 key sets and shapes, on the meta device."""
+    with torch.device("meta"):
+        for name, source, kw in [("MaskDiT-XL/2", "maskdit", {}), ("DiT-XL/2", "dit", dict(learn_sigma=True))]:
+            ours = create_model(name, **kw)
+            official = {}
+            for k, v in ours.state_dict().items():  # rebuild the official layout from ours
+                key = k
+                for mod in ("adaLN_modulation",):
+                    key = key.replace(f"{mod}.weight", f"{mod}.1.weight").replace(f"{mod}.bias", f"{mod}.1.bias")
+                if k == "x_embedder.weight":
+                    key, v = "x_embedder.proj.weight", torch.empty(v.shape[0], 4, 2, 2)
+                elif k == "x_embedder.bias":
+                    key = "x_embedder.proj.bias"
+                elif k in ("pos_embed", "decoder_pos_embed", "mask_token"):
+                    v = v.reshape(1, -1, v.shape[-1])
+                elif k == "y_embedder.embedding_table.weight" and source == "maskdit":
+                    v = torch.empty(v.shape[1], v.shape[0])
+                official[("model." if source == "maskdit" else "") + key] = v
+            assert official["y_embedder.embedding_table.weight" if source == "dit" else
+                            "model.y_embedder.embedding_table.weight"].shape == \
+                ((1001, 1152) if source == "dit" else (1152, 1000))
+            converted = convert_official_state_dict(official, source)
+            ours.load_state_dict(converted, strict=True, assign=True)
+            assert infer_config(official, source).name == name
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="source"):
+        convert_official_state_dict({}, "mdt")
+    with pytest.raises(ValueError, match="not an official"):
+        convert_official_state_dict({"foo": torch.zeros(1)}, "dit")
+    with pytest.raises(ValueError, match="not a tensor"):
+        convert_official_state_dict({"ema": {"a": torch.zeros(1)}}, "dit")
+
+
+def test_cli_converts_a_training_checkpoint_file(tmp_path):
+    sd = official_state_dict("maskdit")
+    src = tmp_path / "official.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {}}, src)
+    dst = tmp_path / "converted.pt"
+    res = subprocess.run([sys.executable, "-m", "maskdit.convert", str(src), str(dst), "--source", "maskdit"],
+                         capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert res.returncode == 0, res.stderr
+    assert "MaskDiT-T/2" in res.stdout
+    ckpt = torch.load(dst, weights_only=False)
+    from maskdit.config import ModelConfig
+    from maskdit.models import DiT
+    DiT(ModelConfig.from_dict(ckpt["config"]["model"])).load_state_dict(ckpt["ema"], strict=True)

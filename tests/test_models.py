@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+from conftest import randomize
+
+from maskdit import MODEL_NAMES, create_model, random_mask
+from maskdit.flops import count_parameters, forward_gmacs
+from maskdit.models import sincos_pos_embed_2d, timestep_embedding
+
+
+def tiny(name="MaskDiT-T/2", **kw):
+    kw.setdefault("input_size", 8)
+    kw.setdefault("in_channels", 3)
+    kw.setdefault("num_classes", 5)
+    return randomize(create_model(name, **kw))
+
+
+def test_sincos_pos_embed_closed_form():
+    d, g = 24, 5
+    pe = sincos_pos_embed_2d(d, g)
+    assert pe.shape == (g * g, d)
+    q = d // 4
+    for t in (0, 3, 7, 24):
+        row, col = divmod(t, g)
+        for k in range(q):
+            w = 10000 ** (-k / q)
+            assert pe[t, k].item() == pytest.approx(math.sin(col * w), abs=1e-6)
+            assert pe[t, q + k].item() == pytest.approx(math.cos(col * w), abs=1e-6)
+            assert pe[t, 2 * q + k].item() == pytest.approx(math.sin(row * w), abs=1e-6)
+            assert pe[t, 3 * q + k].item() == pytest.approx(math.cos(row * w), abs=1e-6)
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 0.37, -1.5])
+    emb = timestep_embedding(t, 8)
+    freqs = [math.exp(-math.log(10000) * i / 4) for i in range(4)]
+    for n in range(3):
+        expect = [math.cos(t[n].item() * f) for f in freqs] + [math.sin(t[n].item() * f) for f in freqs]
+        assert emb[n].tolist() == pytest.approx(expect, abs=1e-6)
+
+
+@pytest.mark.parametrize("name,kwargs,expected", [
+    ("DiT-XL/2", dict(learn_sigma=True), 674_834_720),
+    ("MaskDiT-XL/2", {}, 730_115_216),
+    ("MaskDiT-XL/2", dict(null_class="learned"), 730_115_216 + 1152),
+])
+def test_parameter_counts_on_meta(name, kwargs, expected):
+    assert count_parameters(name, **kwargs) == expected
+    with torch.device("meta"):
+        m = create_model(name, **kwargs)
+    assert all(p.is_meta for p in m.parameters())
+
+
+def test_official_block_parameter_counts():
+    with torch.device("meta"):
+        m = create_model("MaskDiT-XL/2")
+    assert sum(p.numel() for p in m.blocks.parameters()) == 669_344_256
+    assert sum(p.numel() for p in m.decoder_blocks.parameters()) == 53_538_816
+
+
+def test_every_name_builds_on_meta():
+    assert len(MODEL_NAMES) == 2 * 5 * 3
+    with torch.device("meta"):
+        for name in MODEL_NAMES:
+            m = create_model(name)
+            assert m.config.use_decoder == name.startswith("MaskDiT")
+
+
+@pytest.mark.parametrize("bad", ["DiT-XXL/2", "MaskDiT-XL/3", "dit-XL/2", "", "ViT-B/16"])
+def test_unknown_model_name(bad):
+    with pytest.raises(ValueError, match="unknown model name"):
+        create_model(bad)
+
+
+def test_bad_overrides():
+    with pytest.raises(ValueError, match="unknown model option"):
+        create_model("DiT-S/2", hidden=3)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        create_model("DiT-S/4", input_size=30)
+
+
+@pytest.mark.parametrize("name,ratio,paper", [
+    ("DiT-S/2", 0, 6.06), ("DiT-B/2", 0, 23.01), ("DiT-L/2", 0, 80.71), ("DiT-XL/2", 0, 118.64),
+    ("DiT-XL/4", 0, 29.05), ("DiT-S/8", 0, 0.36), ("MaskDiT-XL/2", 0.5, 65.5),
+])
+def test_gmacs_match_the_papers(name, ratio, paper):
+    assert forward_gmacs(name, mask_ratio=ratio) == pytest.approx(paper, rel=0.01)
+
+
+def test_output_shapes_and_learn_sigma():
+    x = torch.randn(2, 3, 8, 8)
+    for name, kw, cout in [("DiT-T/2", {}, 3), ("DiT-T/2", dict(learn_sigma=True), 6), ("MaskDiT-T/4", {}, 3)]:
+        m = tiny(name, **kw)
+        out = m(x, torch.randn(2), torch.tensor([0, 5]))
+        assert out.shape == (2, cout, 8, 8)
+        assert torch.isfinite(out).all()
+
+
+def test_encoder_sees_only_kept_tokens():
+    """Changing the input at masked positions does not change the output at all."""
+    m = tiny()
+    n, p = 3, 2
+    x = torch.randn(n, 3, 8, 8)
+    t, y = torch.randn(n), torch.tensor([1, 2, 5])
+    mk = random_mask(n, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    out = m(x, t, y, mk.ids_keep)
+    pix_mask = mk.mask.reshape(n, 4, 4).repeat_interleave(p, 1).repeat_interleave(p, 2)  # (N, H, W)
+    x2 = torch.where(pix_mask[:, None], torch.randn_like(x) * 10, x)
+    assert not torch.equal(x, x2)
+    assert torch.equal(m(x2, t, y, mk.ids_keep), out)
+    # ...while changing a kept position does change it
+    x3 = torch.where(~pix_mask[:, None], x + 1, x)
+    assert not torch.allclose(m(x3, t, y, mk.ids_keep), out)
+
+
+def test_mask_token_appears_exactly_at_masked_positions():
+    m = tiny()
+    captured = {}
+
+    def grab(module, args):
+        captured["x"] = args[0]
+
+    m.decoder_blocks[0].register_forward_pre_hook(grab)
+    n = 2
+    mk = random_mask(n, 16, 0.75, generator=torch.Generator().manual_seed(3))
+    m(torch.randn(n, 3, 8, 8), torch.randn(n), torch.tensor([0, 1]), mk.ids_keep)
+    dec_in = captured["x"] - m.decoder_pos_embed  # (N, L, Dd)
+    is_mask_token = (dec_in - m.mask_token).abs().amax(-1) < 1e-6
+    assert torch.equal(is_mask_token, mk.mask)
+
+
+def test_masked_forward_with_all_tokens_equals_unmasked():
+    m = tiny()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 4])
+    ids_all = torch.stack([torch.randperm(16), torch.randperm(16)])
+    torch.testing.assert_close(m(x, t, y, ids_all), m(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_dit_with_mask_outputs_zero_at_masked_tokens():
+    m = tiny("DiT-T/2")
+    mk = random_mask(2, 16, 0.5)
+    out = m(torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 4]), mk.ids_keep)
+    pix_mask = mk.mask.reshape(2, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert (out.permute(1, 0, 2, 3)[:, pix_mask] == 0).all()
+    assert (out.permute(1, 0, 2, 3)[:, ~pix_mask] != 0).all()
+
+
+def test_null_class_embeddings():
+    zero = tiny("MaskDiT-T/2")
+    assert zero.y_embedder.embedding_table.weight.shape[0] == 5
+    assert torch.equal(zero.y_embedder(torch.tensor([5, 5])), torch.zeros(2, 192))
+    learned = tiny("DiT-T/2")
+    assert learned.y_embedder.embedding_table.weight.shape[0] == 6
+    assert torch.equal(learned.y_embedder(torch.tensor([5])), learned.y_embedder.embedding_table.weight[5:6])
+
+
+def test_bad_forward_inputs_are_named():
+    m = tiny()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="x must have shape"):
+        m(torch.randn(2, 3, 8, 9), t, y)
+    with pytest.raises(ValueError, match="noise_labels"):
+        m(x, torch.randn(3), y)
+    with pytest.raises(ValueError, match="class_labels"):
+        m(x, t, y.float())
+    with pytest.raises(ValueError, match="ids_keep"):
+        m(x, t, y, torch.zeros(2, 17, dtype=torch.int64))
+
+
+def test_gradients_reach_every_parameter():
+    m = tiny()
+    mk = random_mask(4, 16, 0.5)
+    m(torch.randn(4, 3, 8, 8), torch.randn(4), torch.tensor([0, 1, 2, 3]), mk.ids_keep).square().sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_official_init_zeroes_output():
+    m = create_model("MaskDiT-T/2", input_size=8, in_channels=3, num_classes=5)
+    out = m(torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 1]))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert m.mask_token.std() > 0

@@ -1,0 +1,166 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from maskdit import EDMLoss, EDMPrecond, create_model
+from maskdit.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
+from maskdit.config import ModelConfig
+from maskdit.models import DiT
+from maskdit.training import EMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--image-size", "8", "--batch-size", "16", "--log-every", "2", "--grid-per-class", "0", "--device", "cpu"]
+
+
+def run(out, *extra):
+    return train.main(FAST + ["--out", str(out), *extra])
+
+
+def test_ema_update_matches_formula_and_zero_weight_skips():
+    model = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=2)
+    shadow = copy.deepcopy(model)
+    ema = EMA(model, shadow)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before = [e.clone() for e in shadow.parameters()]
+    ema.update(torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, shadow.parameters()))
+    ema.update(0.25)
+    for b, e, p in zip(before, shadow.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
+    assert not any(p.requires_grad for p in shadow.parameters())
+
+
+def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"v": 1}, str(path))
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"v": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+def fixed_batch_loss(state, cfg_dict):
+    model = DiT(ModelConfig.from_dict(cfg_dict))
+    model.load_state_dict(state)
+    from maskdit.data import DigitsDataset
+    d = DigitsDataset(8)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(d), generator=g)[:256]
+    sigma = EDMLoss().sample_sigma(256, "cpu", g)
+    noise = torch.randn(256, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        return EDMLoss()(EDMPrecond(model), d.images[idx], d.labels[idx], sigma=sigma, noise=noise).mean().item()
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    run(tmp_path, "--steps", "150", "--lr", "1e-3", "--batch-size", "32", "--ckpt-every", "1000")
+    ckpt = load_checkpoint(str(tmp_path))
+    initial = create_model("MaskDiT-T/2", input_size=8, in_channels=1, num_classes=10).state_dict()
+    before = fixed_batch_loss(initial, ckpt["config"]["model"])
+    after = fixed_batch_loss(ckpt["model"], ckpt["config"]["model"])
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(tmp_path, precision):
+    extra = ["--precision", precision, "--ckpt-every", "3", "--steps"]
+    run(tmp_path / "a", *extra, "6")
+    run(tmp_path / "b", *extra, "3")
+    train.main(["--resume", str(tmp_path / "b"), "--steps", "6"])
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["data"] == b["data"]
+    lines = open(tmp_path / "b" / "log.jsonl").read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 3, 4, 6]  # the resumed run appends
+
+
+def test_resume_refuses_to_change_the_model(tmp_path):
+    run(tmp_path, "--steps", "1")
+    with pytest.raises(ValueError, match="--model 'DiT-T/2' differs"):
+        train.main(["--resume", str(tmp_path), "--model", "DiT-T/2"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mask-ratio", "1.0"], "--mask-ratio must be in"),
+    (["--mask-ratio", "-0.1"], "--mask-ratio must be in"),
+    (["--image-size", "9"], "not divisible by the patch size"),
+    (["--model", "MaskDiT-Q/2"], "unknown model name"),
+    (["--dataset", "/nonexistent/folder"], "does not exist"),
+    (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
+])
+def test_invalid_configuration_fails_at_start(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, *flags)
+    assert latest_checkpoint(str(tmp_path)) is None
+
+
+def test_nonfinite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    real_call = EDMLoss.__call__
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_call(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(EDMLoss, "__call__", flaky)
+    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+        run(tmp_path, "--steps", "50", "--max-nonfinite", "3", "--ckpt-every", "4")
+    good, stopped = load_checkpoint(str(tmp_path / "checkpoint-0000004.pt")), load_checkpoint(str(tmp_path))
+    assert stopped["step"] == 8 and stopped["nonfinite_total"] == 4
+    for key in ("model", "ema"):  # the skipped steps changed nothing
+        assert all(torch.equal(good[key][k], stopped[key][k]) for k in good[key])
+    assert all(torch.isfinite(v).all() for v in stopped["model"].values())
+
+
+def _subprocess(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def test_train_and_sample_scripts_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    res = _subprocess([os.path.join(ROOT, "train.py"), *FAST[:-4], "--steps", "4", "--grid-per-class", "2",
+                       "--sample-steps", "2", "--out", str(out)], cwd=tmp_path)
+    assert f"run folder: {out}" in res.stdout
+    assert {"checkpoint-0000004.pt", "log.jsonl", "samples.png"} <= set(os.listdir(out))
+    prefix = tmp_path / "s" / "digits"
+    _subprocess([os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--num-per-class", "2", "--steps", "2",
+                 "--batch-size", "7", "--out", str(prefix)], cwd=tmp_path)
+    npz = np.load(str(prefix) + ".npz")
+    assert npz["images"].shape == (20, 8, 8, 1) and npz["images"].dtype == np.uint8
+    assert npz["labels"].tolist() == [i // 2 for i in range(20)]
+    assert os.path.exists(str(prefix) + ".png")
+    # the same seed gives the same images whatever the batch size
+    prefix2 = tmp_path / "s" / "again"
+    _subprocess([os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--num-per-class", "2", "--steps", "2",
+                 "--batch-size", "20", "--out", str(prefix2)], cwd=tmp_path)
+    assert np.array_equal(np.load(str(prefix2) + ".npz")["images"], npz["images"])
+
+
+def test_train_script_reports_bad_config_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--mask-ratio", "1.5", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert "error: --mask-ratio must be in [0, 1), got 1.5" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,308 @@
+"""Train DiT or MaskDiT with the EDM loss.
+
+    python train.py                      # a tiny MaskDiT on the bundled digits, a few minutes on a CPU
+    python train.py --model MaskDiT-B/2 --dataset path/to/images --image-size 64 --precision bf16
+    python train.py --resume runs/NAME   # continue a run exactly where its last checkpoint left it
+
+A run folder (printed at start) receives checkpoint-<step>.pt files, log.jsonl and samples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from maskdit.config import ModelConfig, model_config, parse_model_name
+from maskdit.data import batch_iterator, make_dataset
+from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
+from maskdit.images import save_grid, to_uint8
+from maskdit.masking import num_kept, random_mask
+from maskdit.models import DiT
+from maskdit.training import EMA, ema_decay_at, make_optimizer
+
+DEFAULTS = dict(
+    model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, steps=1000,
+    lr=None, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.999, ema_warmup=True,
+    mask_ratio=0.5, mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
+    ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
+    grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5,
+)
+# Settings that define the network and its data: fixed for the life of a run.
+FIXED_ON_RESUME = ("model", "dataset", "image_size")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    p.add_argument("--model", help=f"network name, e.g. MaskDiT-XL/2, DiT-B/4 (default {DEFAULTS['model']})")
+    p.add_argument("--dataset", help="'digits' (bundled) or an image folder root/<class>/<images>")
+    p.add_argument("--image-size", type=int, help="training resolution (default 16)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="train until this many steps in total (default 1000)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4, the official recipe; 1e-3 for the "
+                                            "CPU-sized T models, which 1e-4 trains too slowly for a demo)")
+    p.add_argument("--betas", type=float, nargs=2, help="AdamW betas (default 0.9 0.999)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay per step (default 0.999; official 0.9999)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
+                   help="cap the EMA decay at (1+step)/(10+step) early on (default on)")
+    p.add_argument("--mask-ratio", type=float, help="fraction of tokens masked per sample, in [0, 1) (default 0.5)")
+    p.add_argument("--mae-coef", type=float, help="weight of the MAE term (default 0.1)")
+    p.add_argument("--label-dropout", type=float, help="probability of the null class (default 0.1)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16 uses a grad scaler)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, help="steps between log lines (default 25)")
+    p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 5)")
+    p.add_argument("--num-workers", type=int, help="data loader processes for image folders (default 2)")
+    p.add_argument("--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--grid-per-class", type=int, help="samples per class row in samples.png (default 10; 0: none)")
+    p.add_argument("--sample-steps", type=int, help="Heun steps for samples.png (default 40)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale for samples.png (default 1.5)")
+    p.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--out", help="the run folder (default runs/<time>-<model>, or the resumed run's folder)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
+    """Defaults, then the resumed run's settings, then the flags given on this command line."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
+    cfg = dict(DEFAULTS)
+    if ckpt is not None:
+        saved = ckpt["config"]["train"]
+        for key in FIXED_ON_RESUME:
+            if key in given and given[key] != saved[key]:
+                raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
+                                 f"{saved[key]!r}; it cannot change within a run")
+        cfg.update(saved)
+    cfg.update(given)
+    cfg["betas"] = tuple(cfg["betas"])
+    if cfg["lr"] is None:
+        cfg["lr"] = 1e-3 if parse_model_name(cfg["model"])[1] == "T" else 1e-4
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Fail at start, naming the offending value."""
+    parse_model_name(cfg["model"])
+    checks = [
+        (0 <= cfg["mask_ratio"] < 1, f"--mask-ratio must be in [0, 1), got {cfg['mask_ratio']}"),
+        (cfg["batch_size"] >= 1, f"--batch-size must be >= 1, got {cfg['batch_size']}"),
+        (cfg["steps"] >= 0, f"--steps must be >= 0, got {cfg['steps']}"),
+        (cfg["lr"] > 0, f"--lr must be positive, got {cfg['lr']}"),
+        (0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1), got {cfg['ema_decay']}"),
+        (0 <= cfg["label_dropout"] < 1, f"--label-dropout must be in [0, 1), got {cfg['label_dropout']}"),
+        (cfg["mae_coef"] >= 0, f"--mae-coef must be >= 0, got {cfg['mae_coef']}"),
+        (cfg["image_size"] >= 1, f"--image-size must be positive, got {cfg['image_size']}"),
+        (cfg["ckpt_every"] >= 1 and cfg["log_every"] >= 1, "--ckpt-every and --log-every must be >= 1"),
+        (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    patch = parse_model_name(cfg["model"])[2]
+    if cfg["image_size"] % patch:
+        raise ValueError(f"--image-size {cfg['image_size']} is not divisible by the patch size {patch} "
+                         f"of {cfg['model']}")
+    if cfg["mask_ratio"] > 0 and num_kept((cfg["image_size"] // patch) ** 2, cfg["mask_ratio"]) < 1:
+        raise ValueError(f"--mask-ratio {cfg['mask_ratio']} keeps no token at image size {cfg['image_size']}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device) -> None:
+    """A PNG grid from the EMA weights with CFG: one row per class (up to grid_max_classes)."""
+    classes = min(ema_model.num_classes, cfg["grid_max_classes"])
+    per = cfg["grid_per_class"]
+    labels = torch.arange(classes, device=device).repeat_interleave(per)
+    g = torch.Generator(device).manual_seed(cfg["seed"])
+    shape = (len(labels), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
+    noise = torch.randn(shape, generator=g, device=device)
+    images = edm_sample(EDMPrecond(ema_model), noise, labels, num_steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"])
+    save_grid(to_uint8(images), rows=classes, path=path, scale=max(1, 64 // ema_model.input_size))
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
+    cfg = resolve_config(args, ckpt)
+    validate(cfg)
+    device = pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+
+    dataset = make_dataset(cfg["dataset"], cfg["image_size"])
+    if ckpt is not None:
+        model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
+    else:
+        model_cfg = model_config(cfg["model"], input_size=cfg["image_size"], in_channels=dataset.channels,
+                                 num_classes=dataset.num_classes)
+    model = DiT(model_cfg).to(device)
+    ema_model = copy.deepcopy(model).eval()
+    ema = EMA(model, ema_model)
+    net = EDMPrecond(model)
+    loss_fn = EDMLoss(mae_coef=cfg["mae_coef"])
+    optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"])
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
+    scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
+    gen = torch.Generator(device).manual_seed(cfg["seed"])
+
+    step, nonfinite_total = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # flags may change lr / betas / weight decay on resume
+            group.update(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        gen.set_state(ckpt["rng"]["generator"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, nonfinite_total = ckpt["step"], ckpt.get("nonfinite_total", 0)
+
+    run_dir = args.out or (os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume))) if args.resume else
+                           os.path.join("runs", time.strftime("%Y%m%d-%H%M%S-") + cfg["model"].replace("/", "_")))
+    if not args.resume and latest_checkpoint(run_dir):
+        raise ValueError(f"--out {run_dir!r} already holds checkpoints; continue it with --resume {run_dir} "
+                         "or choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"run folder: {run_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
+          f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
+
+    # Data stream position: batch b of the epoch-seeded stream.  A changed batch size restarts at the
+    # next epoch boundary of the images seen so far.
+    data_state = ckpt["data"] if ckpt is not None else \
+        {"batch_size": cfg["batch_size"], "batches_done": 0, "images_done": 0}
+    if data_state["batch_size"] == cfg["batch_size"]:
+        start_batch = data_state["batches_done"]
+    else:
+        epoch_images = (len(dataset) // data_state["batch_size"]) * data_state["batch_size"]
+        start_batch = math.ceil(data_state["images_done"] / epoch_images) * (len(dataset) // cfg["batch_size"])
+    data = batch_iterator(dataset, cfg["batch_size"], cfg["seed"], start_batch, num_workers=cfg["num_workers"])
+    batches_done, images_done = start_batch, data_state["images_done"]
+
+    def save_checkpoint():
+        state = {
+            "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "data": {"batch_size": cfg["batch_size"], "batches_done": batches_done, "images_done": images_done},
+            "config": {"model": model_cfg.to_dict(), "train": cfg},
+            "nonfinite_total": nonfinite_total + int(bad_total.item()),
+            "class_names": dataset.class_names,
+        }
+        path = checkpoint_path(run_dir, step)
+        atomic_save(state, path)
+        return path
+
+    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    num_classes = model.num_classes
+    # Running sums kept on the device: the loop never waits for the GPU except at log steps.
+    loss_sum = torch.zeros((), device=device)
+    good_steps = torch.zeros((), device=device)
+    bad_total = torch.zeros((), device=device)
+    streak = torch.zeros((), device=device)
+    worst_streak = torch.zeros((), device=device)
+    model.train()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="train", dynamic_ncols=True, disable=None)
+    t_log, images_since_log = time.perf_counter(), 0
+
+    while step < cfg["steps"]:
+        images, labels = next(data)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        b = images.shape[0]
+        drop = torch.rand(b, generator=gen, device=device) < cfg["label_dropout"]
+        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        ids_keep = None
+        if cfg["mask_ratio"] > 0:
+            ids_keep = random_mask(b, model.num_tokens, cfg["mask_ratio"], generator=gen, device=device).ids_keep
+        with autocast:
+            loss = loss_fn(net, images, labels, ids_keep, generator=gen).mean()
+
+        optimizer.zero_grad(set_to_none=True)
+        bad = ~torch.isfinite(loss.detach())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (no sync)
+            optimizer.step()
+            del optimizer.found_inf
+        decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
+        ema.update((1 - decay) * (~bad).float())
+
+        loss_sum += torch.where(bad, 0.0, loss.detach().float())
+        good_steps += (~bad).float()
+        bad_total += bad.float()
+        streak = (streak + 1) * bad.float()
+        worst_streak = torch.maximum(worst_streak, streak)
+        step += 1
+        batches_done += 1
+        images_done += b
+        images_since_log += b
+        bar.update(1)
+
+        last = step == cfg["steps"]
+        if step % cfg["log_every"] == 0 or last:
+            now = time.perf_counter()
+            n_good, n_bad, worst = good_steps.item(), int(bad_total.item()), worst_streak.item()
+            mean_loss = loss_sum.item() / n_good if n_good else float("nan")
+            rate = images_since_log / (now - t_log)
+            nonfinite_total += n_bad
+            record = {"step": step, "loss": mean_loss, "imgs_per_s": rate, "nonfinite": n_bad,
+                      "nonfinite_total": nonfinite_total, "lr": cfg["lr"], "mask_ratio": cfg["mask_ratio"],
+                      "time": time.time()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+            if bar.disable:  # not a terminal: plain log lines instead of the bar
+                print(f"step {step}/{cfg['steps']}  loss {mean_loss:.4f}  {rate:.0f} img/s", flush=True)
+            for t in (loss_sum, good_steps, bad_total, worst_streak):
+                t.zero_()
+            t_log, images_since_log = now, 0
+            if worst >= cfg["max_nonfinite"]:
+                path = save_checkpoint()
+                bar.close()
+                raise SystemExit(f"stopping at step {step}: {int(worst)} non-finite losses in a row "
+                                 f"({nonfinite_total} in all); their updates were skipped. Checkpoint: {path}. "
+                                 "Try a lower --lr or --precision fp32/bf16.")
+        if step % cfg["ckpt_every"] == 0 or last:
+            save_checkpoint()
+    bar.close()
+    log.close()
+    if step == 0 or not os.path.exists(checkpoint_path(run_dir, step)):
+        save_checkpoint()
+    print(f"checkpoint: {checkpoint_path(run_dir, step)}")
+    if cfg["grid_per_class"] > 0:
+        grid = os.path.join(run_dir, "samples.png")
+        save_samples(ema_model, cfg, grid, device)
+        print(f"samples (EMA, cfg {cfg['cfg_scale']}, a row per class): {grid}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # configuration errors: a message, not a stack trace
+        sys.exit(f"error: {e}")
