@@ -15,29 +15,28 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, ema_model: nn.Module):
+        names, ema_names = [n for n, _ in model.named_parameters()], [n for n, _ in ema_model.named_parameters()]
+        if names != ema_names:
+            raise ValueError("ema_model must have the same parameters as model (e.g. a deepcopy of it)")
         self.model = model
         self.ema_model = ema_model
         ema_model.requires_grad_(False)
+        self.ema_params = list(ema_model.parameters())
+        self.params = [p.detach() for p in model.parameters()]
         self.copy_from_model()
-
-    def _params(self):
-        pairs = [(e, p) for (_, e), (_, p) in zip(self.ema_model.named_parameters(), self.model.named_parameters())]
-        return [e for e, _ in pairs], [p.detach() for _, p in pairs]
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        ema, src = self._params()
-        torch._foreach_copy_(ema, src)
+        torch._foreach_copy_(self.ema_params, self.params)
         for eb, b in zip(self.ema_model.buffers(), self.model.buffers()):
             eb.copy_(b)
 
     @torch.no_grad()
     def update(self, weight: float | torch.Tensor) -> None:
         """ema += weight * (param - ema), i.e. ema = decay * ema + (1 - decay) * param with weight = 1 - decay."""
-        ema, src = self._params()
-        diff = torch._foreach_sub(src, ema)
+        diff = torch._foreach_sub(self.params, self.ema_params)
         torch._foreach_mul_(diff, weight)
-        torch._foreach_add_(ema, diff)
+        torch._foreach_add_(self.ema_params, diff)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:

@@ -77,7 +77,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_resume_is_exact(tmp_path, precision):
     extra = ["--precision", precision, "--ckpt-every", "3", "--steps"]
     run(tmp_path / "a", *extra, "6")
@@ -96,6 +96,8 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     run(tmp_path, "--steps", "1")
     with pytest.raises(ValueError, match="--model 'DiT-T/2' differs"):
         train.main(["--resume", str(tmp_path), "--model", "DiT-T/2"])
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # a new run never overwrites one
+        run(tmp_path, "--steps", "1")
 
 
 @pytest.mark.parametrize("flags,message", [
