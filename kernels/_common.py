@@ -1,0 +1,62 @@
+"""Shared launcher helpers: input validation with clear errors, block sizes, the token->sample map."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this to fill every output with NaN (floats) or -1 (integers) before the kernel runs, so an
+# element a kernel forgets to write fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned tensor when ``POISON_OUTPUTS`` is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None = None, dtypes=None,
+                 device: torch.device | None = None, last_stride_one: bool = False, contiguous: bool = False):
+    """Raise ValueError naming ``name`` unless ``t`` is a tensor with the given properties.
+
+    ``shape`` entries of None match any size.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and (t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
+    if t.device.type == "cpu" and not interpreting() and not t.is_meta:
+        raise ValueError(f"{name} is on the CPU: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    if last_stride_one and t.ndim and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+def block_size(n: int) -> int:
+    """The power-of-two block covering ``n`` columns (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def token_samples(batch: int, tokens_per_sample: int, device) -> torch.Tensor:
+    """The token->sample map (int32, batch * tokens_per_sample) of a dense (N, K, D) layout."""
+    return torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(tokens_per_sample)

@@ -1,0 +1,158 @@
+"""LayerNorm (no affine) + adaLN modulation: y = LN(x) * (1 + scale[s]) + shift[s].
+
+Token layout: x (T, D) with the token->sample map ``seg`` (T,) int32; shift, scale (N, D) (row stride
+free, unit column stride, e.g. chunks of the adaLN GEMM output).  Statistics in fp32.  The forward
+saves x and the per-token mean/rstd (2 floats a token); the backward recomputes x_hat and gives dx and
+the per-sample dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
+atomic add per run and program).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+
+LN_EPS = 1e-6
+BWD_ROWS = 32  # tokens per backward program
+
+
+@triton.jit
+def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, stride_y, stride_shift,
+                            stride_scale, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(cmask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    s = tl.load(SEG + row).to(tl.int64)
+    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd * (1.0 + scale) + shift
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T, D, stride_x, stride_dy,
+                            stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        valid = (zero + row) < T
+        r = tl.minimum(row, T - 1)
+        s = tl.load(SEG + r).to(tl.int64)
+        x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * stride_dy + cols, mask=cmask & valid, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + r)
+        rstd = tl.load(RSTD + r)
+        scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+        xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+        acc_shift += dy
+        acc_scale += dy * xhat
+        g = dy * (1.0 + scale)
+        dx = rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask & valid)
+        # flush the partial sums at the end of a sample's run of tokens and at the end of the program
+        s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
+        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
+        tl.atomic_add(DSHIFT + s * D + cols, acc_shift, mask=cmask & flush & valid)
+        tl.atomic_add(DSCALE + s * D + cols, acc_scale, mask=cmask & flush & valid)
+        acc_shift = tl.where(flush, 0.0, acc_shift)
+        acc_scale = tl.where(flush, 0.0, acc_scale)
+
+
+def _validate(x, shift, scale, seg):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_stride_one=True)
+    t, d = x.shape
+    check_tensor("shift", shift, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    n = shift.shape[0]
+    check_tensor("scale", scale, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
+
+
+@torch.library.custom_op("maskdit::ln_modulate_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, eps: float,
+         out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, d = x.shape
+    y = new_output((t, d), out_dtype or x.dtype, x.device)
+    mean = new_output((t,), torch.float32, x.device)
+    rstd = new_output((t,), torch.float32, x.device)
+    if t:
+        _ln_modulate_fwd_kernel[(t,)](x, y, shift, scale, seg, mean, rstd, d, x.stride(0), y.stride(0),
+                                      shift.stride(0), scale.stride(0), eps, BLOCK_D=block_size(d))
+    return y, mean, rstd
+
+
+@_fwd.register_fake
+def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
+    t, d = x.shape
+    return x.new_empty((t, d), dtype=out_dtype or x.dtype), x.new_empty(t, dtype=torch.float32), \
+        x.new_empty(t, dtype=torch.float32)
+
+
+@torch.library.custom_op("maskdit::ln_modulate_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
+         rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, d = x.shape
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = new_output((t, d), x.dtype, x.device)
+    dshift = torch.zeros((num_samples, d), device=x.device, dtype=torch.float32)
+    dscale = torch.zeros((num_samples, d), device=x.device, dtype=torch.float32)
+    if t:
+        _ln_modulate_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
+            x, dy, dx, scale, seg, mean, rstd, dshift, dscale, t, d, x.stride(0), dy.stride(0), dx.stride(0),
+            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS)
+    return dx, dshift, dscale
+
+
+@_bwd.register_fake
+def _bwd_fake(dy, x, scale, seg, mean, rstd, num_samples):
+    d = x.shape[1]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        x.new_empty((num_samples, d), dtype=torch.float32), x.new_empty((num_samples, d), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, seg, eps, out_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, seg, mean, rstd)
+    ctx.shift_dtype, ctx.num_samples = shift.dtype, shift.shape[0]
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, scale, seg, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _bwd(dy, x, scale, seg, mean, rstd, ctx.num_samples)
+    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
+                eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused LN(x) * (1 + scale[seg]) + shift[seg] over (T, D) tokens; output in ``out_dtype`` (default x's)."""
+    _validate(x, shift, scale, seg)
+    return _fwd(x, shift, scale, seg, eps, out_dtype)[0]
+
+
+def ln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
+                          eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-PyTorch reference of ``ln_modulate`` (fp32 math)."""
+    s = seg.long()
+    y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    y = y * (1 + scale.float()[s]) + shift.float()[s]
+    return y.to(out_dtype or x.dtype)

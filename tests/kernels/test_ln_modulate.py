@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from kernels.ln_modulate import _bwd, _fwd, ln_modulate, ln_modulate_reference
+from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
+
+# (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
+# backward's 32-row programs, and an XL-width row.
+CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
+
+
+def _inputs(d, lengths, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, n = sum(lengths), len(lengths)
+    x = (torch.randn(t, d, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    mod = (torch.randn(n, 6 * d, generator=g) * 0.5).to(DEVICE, dtype)  # shift/scale as chunks of a GEMM output
+    shift, scale = mod[:, d:2 * d], mod[:, 4 * d:5 * d]
+    return x, shift, scale, segments(lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,lengths", CASES)
+def test_forward_backward_against_reference(d, lengths, dtype):
+    x, shift, scale, seg = _inputs(d, lengths, dtype)
+    tol = TOL[dtype]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, shift, scale)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, shift, scale)]
+    y = ln_modulate(*leaves, seg)
+    y_ref = ln_modulate_reference(*ref_leaves, seg)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, **tol["fwd"])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy)
+    for name, gk, gr in zip(("dx", "dshift", "dscale"), grads, ref_grads):
+        assert torch.isfinite(gk).all(), name
+        torch.testing.assert_close(gk.float(), gr.float(), **tol["grad"], msg=lambda m: f"{name}: {m}")
+
+
+def test_out_dtype():
+    x, shift, scale, seg = _inputs(72, [4, 3], torch.float32)
+    y = ln_modulate(x, shift.half(), scale.half(), seg, out_dtype=torch.float16)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, ln_modulate_reference(x, shift.half(), scale.half(), seg, out_dtype=torch.float16),
+                               **TOL[torch.float16]["fwd"])
+
+
+def test_opcheck():
+    x, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
+    torch.library.opcheck(_fwd, (x.requires_grad_(), shift, scale, seg, 1e-6, None))
+    y, mean, rstd = _fwd(x, shift, scale, seg, 1e-6, None)
+    torch.library.opcheck(_bwd, (torch.randn_like(y), x.detach(), scale, seg, mean, rstd, 2))
+
+
+def test_bad_inputs_are_named():
+    x, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
+    with pytest.raises(ValueError, match="x must have dtype"):
+        ln_modulate(x.double(), shift, scale, seg)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ln_modulate(x[None], shift, scale, seg)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        ln_modulate(x, shift[:, :7], scale, seg)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        ln_modulate(x, shift, scale[:1], seg)
+    with pytest.raises(ValueError, match="seg must have dtype"):
+        ln_modulate(x, shift, scale, seg.long())
+    with pytest.raises(ValueError, match="seg must have shape"):
+        ln_modulate(x, shift, scale, seg[:-1])
+    with pytest.raises(ValueError, match="unit stride"):
+        ln_modulate(x.t().contiguous().t(), shift, scale, seg)
+    with pytest.raises(ValueError, match="must be on"):
+        ln_modulate(x, shift.to("meta"), scale, seg)
