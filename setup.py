@@ -11,7 +11,7 @@ setup(
     # without CUDA), so this requirement is already met and pip downloads nothing large.
     install_requires=["torch>=2.4", "numpy", "pillow", "scikit-learn", "tqdm"],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "ruff", "triton"],
         "triton": ["triton"],
     },
 )

@@ -20,6 +20,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from maskdit.backends import BACKENDS
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.data import batch_iterator, make_dataset
@@ -34,7 +35,7 @@ DEFAULTS = dict(
     lr=None, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.999, ema_warmup=True,
     mask_ratio=0.5, mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
-    grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5,
+    grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile=False,
 )
 # Settings that define the network and its data: fixed for the life of a run.
 FIXED_ON_RESUME = ("model", "dataset", "image_size")
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 5)")
     p.add_argument("--num-workers", type=int, help="data loader processes for image folders (default 2)")
     p.add_argument("--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="'triton' fused kernels, 'torch' plain PyTorch, 'auto' (default): triton on CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward")
     p.add_argument("--grid-per-class", type=int, help="samples per class row in samples.png (default 10; 0: none)")
     p.add_argument("--sample-steps", type=int, help="Heun steps for samples.png (default 40)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale for samples.png (default 1.5)")
@@ -152,11 +156,17 @@ def main(argv=None) -> str:
     else:
         model_cfg = model_config(cfg["model"], input_size=cfg["image_size"], in_channels=dataset.channels,
                                  num_classes=dataset.num_classes)
-    model = DiT(model_cfg).to(device)
+    model = DiT(model_cfg, backend=cfg["backend"]).to(device)
     ema_model = copy.deepcopy(model).eval()
     ema = EMA(model, ema_model)
     net = EDMPrecond(model)
     loss_fn = EDMLoss(mae_coef=cfg["mae_coef"])
+
+    def batch_loss(images, labels, ids_keep, sigma, noise):
+        return loss_fn(net, images, labels, ids_keep, sigma=sigma, noise=noise).mean()
+
+    if cfg["compile"]:
+        batch_loss = torch.compile(batch_loss)
     optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
@@ -235,8 +245,10 @@ def main(argv=None) -> str:
         ids_keep = None
         if cfg["mask_ratio"] > 0:
             ids_keep = random_mask(b, model.num_tokens, cfg["mask_ratio"], generator=gen, device=device).ids_keep
+        sigma = loss_fn.sample_sigma(b, device, gen)
+        noise = torch.randn(images.shape, generator=gen, device=device)
         with autocast:
-            loss = loss_fn(net, images, labels, ids_keep, generator=gen).mean()
+            loss = batch_loss(images, labels, ids_keep, sigma, noise)
 
         optimizer.zero_grad(set_to_none=True)
         bad = ~torch.isfinite(loss.detach())

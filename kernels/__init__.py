@@ -1,0 +1,20 @@
+"""Fused Triton kernels (forward and backward) for the memory-bound steps of MaskDiT training.
+
+Each module holds its Triton kernels, a validating launcher, ``torch.library`` custom ops (so
+``torch.compile`` traces them without graph breaks), autograd, and a plain-PyTorch reference of the
+same function.  Token-wise ops take (T, D) tokens with an explicit token->sample map ``seg`` (int32),
+so samples may keep different numbers of tokens.
+"""
+
+from ._common import token_samples
+from .edm_loss import edm_loss, edm_loss_reference
+from .gated_residual import gated_residual_ln_modulate, gated_residual_ln_modulate_reference
+from .ln_modulate import ln_modulate, ln_modulate_reference
+from .patch_embed import embed_kept_patches, embed_kept_patches_reference
+from .unmask import insert_mask_tokens, insert_mask_tokens_reference
+
+__all__ = [
+    "token_samples", "edm_loss", "edm_loss_reference", "gated_residual_ln_modulate",
+    "gated_residual_ln_modulate_reference", "ln_modulate", "ln_modulate_reference", "embed_kept_patches",
+    "embed_kept_patches_reference", "insert_mask_tokens", "insert_mask_tokens_reference",
+]

@@ -17,7 +17,8 @@ from .config import DECODER, SIZES, ModelConfig, model_config
 
 SOURCES = ("maskdit", "dit")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
-_ADALN = re.compile(r"^(.*adaLN_modulation)\.1\.(weight|bias)$")
+_ADALN = re.compile(r"^(.*)\.adaLN_modulation\.1\.(weight|bias)$")
+_LINEAR = re.compile(r"^(decoder_layer|final_layer)\.linear\.(weight|bias)$")
 _DROP = ("feat_norm.",)  # parameter-free modules of the official code
 
 
@@ -51,10 +52,11 @@ def convert_official_state_dict(state_dict: dict, source: str) -> dict:
     the result loads with ``strict=True`` into ``create_model("MaskDiT-...")`` (null_class="zero").
     source="dit": facebookresearch/DiT (``nn.Embedding(num_classes + 1, D)`` with a learned null row,
     ``learn_sigma=True``); loads into ``create_model("DiT-...", learn_sigma=True)``.
+    The per-layer adaLN Linears are stacked, in network order, into the one ``adaLN_modulation``.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    out = {}
+    out, adaln = {}, {}
     for raw_key, value in state_dict.items():
         if not torch.is_tensor(value):
             raise ValueError(f"state dict entry {raw_key!r} is not a tensor; pass the network's state dict")
@@ -62,6 +64,9 @@ def convert_official_state_dict(state_dict: dict, source: str) -> dict:
         if key.startswith(_DROP):
             continue
         if (m := _ADALN.match(key)) is not None:
+            adaln[(_adaln_order(m.group(1)), m.group(2))] = value
+            continue
+        if (m := _LINEAR.match(key)) is not None:
             key = f"{m.group(1)}.{m.group(2)}"
         if key == "x_embedder.proj.weight":  # Conv2d (D, C, p, p) -> Linear on (p, p, C)-ordered patches
             key, value = "x_embedder.weight", value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)
@@ -77,10 +82,21 @@ def convert_official_state_dict(state_dict: dict, source: str) -> dict:
             raise ValueError(f"official option not supported here (key {raw_key!r}): only the released "
                              "architecture (no cls token, no external features) converts")
         out[key] = value.contiguous()
-    if "x_embedder.weight" not in out or "pos_embed" not in out:
-        raise ValueError(f"not an official {source} DiT/MaskDiT state dict: no x_embedder.proj.weight/pos_embed "
-                         f"(first keys: {list(state_dict)[:5]})")
+    if "x_embedder.weight" not in out or "pos_embed" not in out or not adaln:
+        raise ValueError(f"not an official {source} DiT/MaskDiT state dict: no x_embedder.proj.weight/pos_embed/"
+                         f"adaLN_modulation (first keys: {list(state_dict)[:5]})")
+    for kind in ("weight", "bias"):
+        out[f"adaLN_modulation.{kind}"] = torch.cat([v for (_, k), v in sorted(adaln.items()) if k == kind])
     return out
+
+
+def _adaln_order(module: str) -> tuple[int, int]:
+    """Position of an official adaLN Linear in the network order: encoder blocks, bridge, decoder blocks, final."""
+    name, _, index = module.partition(".")
+    group = {"blocks": 0, "decoder_layer": 1, "decoder_blocks": 2, "final_layer": 3}.get(name)
+    if group is None:
+        raise ValueError(f"unexpected adaLN module {module!r} in the official state dict")
+    return group, int(index or 0)
 
 
 def infer_config(state_dict: dict, source: str) -> ModelConfig:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .backends import get_ops
 from .masking import mask_from_ids_keep
 
 
@@ -48,6 +49,9 @@ class EDMLoss:
     tokens, lambda = (s^2 + sd^2)/(s sd)^2.  MAE: the noisy input y + n, patchified and normalised per
     patch ((t - mean)/sqrt(var + 1e-6), unbiased var), against D patchified; per-token MSE averaged over
     the masked tokens, no lambda.  Without ``ids_keep`` only DSM over all tokens.  Returns (N,).
+
+    When the network runs the triton backend the loss is the fused kernel ``kernels.edm_loss`` on the
+    network's token-layout output (no unpatchify/patchify round trip); otherwise ``from_denoised``.
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, mae_coef: float = 0.1):
@@ -71,8 +75,19 @@ class EDMLoss:
             noise = torch.randn(y.shape, device=y.device, generator=generator)
         sigma = sigma.float().reshape(n_batch, 1, 1, 1)
         noisy = y + noise.float() * sigma
+        model = net.model
+        if get_ops(getattr(model, "backend", "torch"), y.device).name == "triton":  # other networks: reference
+            from kernels.edm_loss import edm_loss
+
+            _, _, c_in, c_noise = net.coefficients(sigma)
+            f_tok = model.forward_tokens(c_in * noisy, c_noise.flatten(), labels, ids_keep)
+            if ids_keep is None:
+                masked = torch.zeros(n_batch, model.num_tokens, dtype=torch.bool, device=y.device)
+            else:
+                masked = mask_from_ids_keep(ids_keep, model.num_tokens)
+            return edm_loss(f_tok, y, noisy, sigma.flatten(), masked, model.patch_size, self.sigma_data, self.mae_coef)
         denoised = net(noisy, sigma.flatten(), labels, ids_keep)
-        return self.from_denoised(denoised, y, noisy, sigma.flatten(), ids_keep, net.model.patch_size)
+        return self.from_denoised(denoised, y, noisy, sigma.flatten(), ids_keep, model.patch_size)
 
     def from_denoised(self, denoised: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
                       ids_keep: torch.Tensor | None, patch_size: int) -> torch.Tensor:

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import ops as token_ops
 from .attention import attention
+from .backends import BACKENDS, get_ops
 from .config import ModelConfig, model_config
 
 
@@ -122,42 +123,42 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block.  ``silu_c`` is SiLU of the conditioning, computed once per forward."""
+    """adaLN-Zero transformer block.
 
-    def __init__(self, dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    Its six modulation vectors (shift/scale/gate for attention and MLP) come from the network's
+    batched adaLN GEMM.  The block receives ``y`` = its first LayerNorm + modulation of ``x`` (computed
+    by whoever produced ``x``) and returns the residual stream together with the NEXT LayerNorm +
+    modulation of it (``next_shift``, ``next_scale``), so every gated residual is fused with the
+    LayerNorm that follows it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.attn = Attention(dim, num_heads)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, silu_c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(silu_c).chunk(6, dim=1)
-        x = ops.gated_residual(x, gate_msa, self.attn(ops.ln_modulate(x, shift_msa, scale_msa)))
-        x = ops.gated_residual(x, gate_mlp, self.mlp(ops.ln_modulate(x, shift_mlp, scale_mlp)))
-        return x
-
-
-class ModulatedLinear(nn.Module):
-    """LN(no affine) -> adaLN modulation -> Linear.  The final layer, and MaskDiT's bridge layer."""
-
-    def __init__(self, dim: int, cond_dim: int, out_dim: int):
-        super().__init__()
-        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
-        self.linear = nn.Linear(dim, out_dim)
-
-    def forward(self, x: torch.Tensor, silu_c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(silu_c).chunk(2, dim=1)
-        return self.linear(ops.ln_modulate(x, shift, scale))
+    def forward(self, x, y, mod, next_shift, next_scale, ops):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, y = ops.residual_ln_modulate(x, self.attn(y), gate_msa, shift_mlp, scale_mlp)
+        return ops.residual_ln_modulate(x, self.mlp(y), gate_mlp, next_shift, next_scale)
 
 
 class DiT(nn.Module):
-    """DiT, or MaskDiT when ``config.use_decoder``.  Build one with ``maskdit.create_model``."""
+    """DiT, or MaskDiT when ``config.use_decoder``.  Build one with ``maskdit.create_model``.
 
-    def __init__(self, config: ModelConfig):
+    Every adaLN modulation (encoder blocks, bridge, decoder blocks, final layer) is one ``Linear`` of
+    SiLU(c), ``adaLN_modulation``, evaluated as a single GEMM per forward; ``_mod_layout`` lists the
+    (chunks, width) of its consecutive output slices: encoder blocks (6, D) each, then for MaskDiT the
+    bridge (2, D) and decoder blocks (6, D_dec) each, then the final layer (2, width).
+    """
+
+    def __init__(self, config: ModelConfig, backend: str = "auto"):
         super().__init__()
         cfg = config.validate()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = cfg
+        self.backend = backend
         self.patch_size = cfg.patch_size
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
@@ -170,19 +171,23 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.null_class) if cfg.num_classes else None
         self.register_buffer("pos_embed", torch.empty(self.num_tokens, d))
-        self.blocks = nn.ModuleList(
-            [DiTBlock(d, d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        layout = [(6, d)] * cfg.depth  # (chunks, width) of each consumer of the adaLN GEMM, in order
 
         final_dim = d
         if cfg.use_decoder:
             dd = cfg.decoder_hidden_size
-            self.decoder_layer = ModulatedLinear(d, d, dd)  # the bridge from encoder to decoder width
+            self.decoder_layer = nn.Linear(d, dd)  # the bridge: LN + modulate (2d) -> Linear to decoder width
             self.mask_token = nn.Parameter(torch.empty(dd))
             self.register_buffer("decoder_pos_embed", torch.empty(self.num_tokens, dd))
             self.decoder_blocks = nn.ModuleList(
-                [DiTBlock(dd, d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+                [DiTBlock(dd, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+            layout += [(2, d)] + [(6, dd)] * cfg.decoder_depth
             final_dim = dd
-        self.final_layer = ModulatedLinear(final_dim, d, p * p * self.out_channels)
+        self.final_layer = nn.Linear(final_dim, p * p * self.out_channels)  # after LN + modulate (2 final_dim)
+        layout += [(2, final_dim)]
+        self._mod_layout = layout
+        self.adaLN_modulation = nn.Linear(d, sum(k * w for k, w in layout))
         self.initialize_weights()
 
     @torch.no_grad()
@@ -198,14 +203,12 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero_init = [b.adaLN_modulation for b in self.blocks]
-        zero_init += [self.final_layer.adaLN_modulation, self.final_layer.linear]
+        zero_init = [self.adaLN_modulation, self.final_layer]  # adaLN-Zero: every modulation starts at 0
         if self.config.use_decoder:
             self.decoder_pos_embed.copy_(
                 sincos_pos_embed_2d(self.decoder_pos_embed.shape[1], grid, self.decoder_pos_embed.device))
             nn.init.normal_(self.mask_token, std=0.02)
-            zero_init += [b.adaLN_modulation for b in self.decoder_blocks]
-            zero_init += [self.decoder_layer.adaLN_modulation, self.decoder_layer.linear]
+            zero_init.append(self.decoder_layer)
         for m in zero_init:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -227,6 +230,42 @@ class DiT(nn.Module):
                 raise ValueError(f"ids_keep must be an int64 tensor of shape ({n}, K) with "
                                  f"0 < K <= {self.num_tokens}, got {tuple(ids_keep.shape)} {ids_keep.dtype}")
 
+    def forward_tokens(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                       ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output in token layout, (N, L, p*p*C_out) (see ``forward``)."""
+        self._check_inputs(x, noise_labels, class_labels, ids_keep)
+        ops = get_ops(self.backend, x.device)
+        c = self.t_embedder(noise_labels)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(class_labels)
+        # One GEMM for all modulations, then views: each consumer gets its (N, width) shift/scale/gate chunks.
+        mods = self.adaLN_modulation(F.silu(c)).split([k * w for k, w in self._mod_layout], dim=1)
+        mods = [m.chunk(k, dim=1) for m, (k, _) in zip(mods, self._mod_layout)]
+        enc_mods, rest = mods[:self.config.depth], mods[self.config.depth:]
+
+        tokens = ops.embed_patches(x, self.x_embedder.weight, self.x_embedder.bias, self.pos_embed,
+                                   self.patch_size, ids_keep)
+        tokens, y = self._run_blocks(self.blocks, enc_mods, rest[0], tokens, ops)
+        if self.config.use_decoder:
+            tokens = ops.insert_mask_tokens(self.decoder_layer(y), ids_keep, self.mask_token, self.decoder_pos_embed)
+            tokens, y = self._run_blocks(self.decoder_blocks, rest[1:-1], rest[-1], tokens, ops)
+            return self.final_layer(y)
+        out = self.final_layer(y)
+        if ids_keep is not None:  # DiT trained with masking: masked tokens output zeros
+            out = token_ops.scatter_tokens(out, ids_keep, self.num_tokens)
+        return out
+
+    @staticmethod
+    def _run_blocks(blocks, block_mods, after_mod, tokens, ops):
+        """The blocks' chain of fused residual + LN-modulate; ``after_mod`` (shift, scale) is the LayerNorm
+        modulation that follows the last block.  Returns the residual stream and its last modulated LN."""
+        first = block_mods[0] if len(blocks) else after_mod
+        y = ops.ln_modulate(tokens, first[0], first[1])
+        for i, block in enumerate(blocks):
+            nxt = block_mods[i + 1] if i + 1 < len(blocks) else after_mod
+            tokens, y = block(tokens, y, block_mods[i], nxt[0], nxt[1], ops)
+        return tokens, y
+
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Network output for all tokens, (N, C_out, H, W).
@@ -234,35 +273,16 @@ class DiT(nn.Module):
         x (N, C, H, W); noise_labels (N,) float; class_labels (N,) int64 where ``num_classes`` is the
         null class; ids_keep (N, K) int64 token indices the encoder sees (None: all tokens).
         """
-        self._check_inputs(x, noise_labels, class_labels, ids_keep)
-        c = self.t_embedder(noise_labels)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(class_labels)
-        silu_c = F.silu(c)
-
-        tokens = ops.embed_patches(x, self.x_embedder.weight, self.x_embedder.bias, self.pos_embed,
-                                   self.patch_size, ids_keep)
-        for block in self.blocks:
-            tokens = block(tokens, silu_c)
-
-        if self.config.use_decoder:
-            tokens = self.decoder_layer(tokens, silu_c)
-            tokens = ops.insert_mask_tokens(tokens, ids_keep, self.mask_token, self.decoder_pos_embed)
-            for block in self.decoder_blocks:
-                tokens = block(tokens, silu_c)
-            out = self.final_layer(tokens, silu_c)
-        else:
-            out = self.final_layer(tokens, silu_c)
-            if ids_keep is not None:  # DiT trained with masking: masked tokens output zeros
-                out = ops.scatter_tokens(out, ids_keep, self.num_tokens)
-        return ops.unpatchify(out, self.patch_size, self.out_channels, self.input_size, self.input_size)
+        out = self.forward_tokens(x, noise_labels, class_labels, ids_keep)
+        return token_ops.unpatchify(out, self.patch_size, self.out_channels, self.input_size, self.input_size)
 
 
 def create_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-                 **overrides) -> DiT:
+                 backend: str = "auto", **overrides) -> DiT:
     """Build a named network, e.g. ``create_model("MaskDiT-XL/2")``.
 
-    Overrides set any ``ModelConfig`` field (``learn_sigma``, ``decoder_depth``, ``null_class``, ...).
-    Works under ``with torch.device("meta"):``.
+    ``backend``: "torch" (plain PyTorch), "triton" (fused kernels) or "auto" (triton for CUDA inputs,
+    torch otherwise); all load the same state dicts.  Overrides set any ``ModelConfig`` field
+    (``learn_sigma``, ``decoder_depth``, ``null_class``, ...).  Works under ``with torch.device("meta"):``.
     """
-    return DiT(model_config(name, input_size, in_channels, num_classes, **overrides))
+    return DiT(model_config(name, input_size, in_channels, num_classes, **overrides), backend=backend)

@@ -23,47 +23,55 @@ DEC_D, DEC_DEPTH, DEC_HEADS = 512, 2, 16
 P, C, SIZE, NC = 2, 4, 8, 7
 
 
-def official_state_dict(source, learn_sigma=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def official_shapes(source, learn_sigma=False, d=D, depth=DEPTH, dec_d=DEC_D, dec_depth=DEC_DEPTH, c=C, p=P,
+                    size=SIZE, nc=NC):
+    """Key -> shape of an official state dict (MaskDiT keys without the ``model.`` prefix)."""
     shapes = {
-        "x_embedder.proj.weight": (D, C, P, P), "x_embedder.proj.bias": (D,),
-        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
-        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
-        "y_embedder.embedding_table.weight": (D, NC) if source == "maskdit" else (NC + 1, D),
+        "x_embedder.proj.weight": (d, c, p, p), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (d, nc) if source == "maskdit" else (nc + 1, d),
     }
 
-    def block(prefix, d, cd):
+    def block(prefix, w, cd):
         shapes.update({
-            f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),
-            f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
-            f"{prefix}.mlp.fc1.weight": (4 * d, d), f"{prefix}.mlp.fc1.bias": (4 * d,),
-            f"{prefix}.mlp.fc2.weight": (d, 4 * d), f"{prefix}.mlp.fc2.bias": (d,),
-            f"{prefix}.adaLN_modulation.1.weight": (6 * d, cd), f"{prefix}.adaLN_modulation.1.bias": (6 * d,),
+            f"{prefix}.attn.qkv.weight": (3 * w, w), f"{prefix}.attn.qkv.bias": (3 * w,),
+            f"{prefix}.attn.proj.weight": (w, w), f"{prefix}.attn.proj.bias": (w,),
+            f"{prefix}.mlp.fc1.weight": (4 * w, w), f"{prefix}.mlp.fc1.bias": (4 * w,),
+            f"{prefix}.mlp.fc2.weight": (w, 4 * w), f"{prefix}.mlp.fc2.bias": (w,),
+            f"{prefix}.adaLN_modulation.1.weight": (6 * w, cd), f"{prefix}.adaLN_modulation.1.bias": (6 * w,),
         })
 
-    for i in range(DEPTH):
-        block(f"blocks.{i}", D, D)
-    c_out = 2 * C if learn_sigma else C
-    final_d = D
+    for i in range(depth):
+        block(f"blocks.{i}", d, d)
+    c_out = 2 * c if learn_sigma else c
+    final_d = d
+    grid = size // p
+    shapes["pos_embed"] = (1, grid * grid, d)
     if source == "maskdit":
         shapes.update({
-            "decoder_layer.linear.weight": (DEC_D, D), "decoder_layer.linear.bias": (DEC_D,),
-            "decoder_layer.adaLN_modulation.1.weight": (2 * D, D), "decoder_layer.adaLN_modulation.1.bias": (2 * D,),
-            "mask_token": (1, 1, DEC_D),
+            "decoder_layer.linear.weight": (dec_d, d), "decoder_layer.linear.bias": (dec_d,),
+            "decoder_layer.adaLN_modulation.1.weight": (2 * d, d), "decoder_layer.adaLN_modulation.1.bias": (2 * d,),
+            "mask_token": (1, 1, dec_d), "decoder_pos_embed": (1, grid * grid, dec_d),
         })
-        for i in range(DEC_DEPTH):
-            block(f"decoder_blocks.{i}", DEC_D, D)
-        final_d = DEC_D
+        for i in range(dec_depth):
+            block(f"decoder_blocks.{i}", dec_d, d)
+        final_d = dec_d
     shapes.update({
-        "final_layer.linear.weight": (P * P * c_out, final_d), "final_layer.linear.bias": (P * P * c_out,),
-        "final_layer.adaLN_modulation.1.weight": (2 * final_d, D),
+        "final_layer.linear.weight": (p * p * c_out, final_d), "final_layer.linear.bias": (p * p * c_out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * final_d, d),
         "final_layer.adaLN_modulation.1.bias": (2 * final_d,),
     })
-    sd = {k: torch.randn(s, generator=g) * (0.5 / math.sqrt(s[-1])) for k, s in shapes.items()}
-    grid = SIZE // P
-    sd["pos_embed"] = torch.randn(1, grid * grid, D, generator=g)  # any fixed values: they must be copied
+    return shapes
+
+
+def official_state_dict(source, learn_sigma=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(s, generator=g) * (0.5 / math.sqrt(s[-1])) for k, s in
+          official_shapes(source, learn_sigma).items()}
+    sd["pos_embed"] = torch.randn(sd["pos_embed"].shape, generator=g)  # any fixed values: they must be copied
     if source == "maskdit":
-        sd["decoder_pos_embed"] = torch.randn(1, grid * grid, DEC_D, generator=g)
+        sd["decoder_pos_embed"] = torch.randn(sd["decoder_pos_embed"].shape, generator=g)
         return {"model." + k: v for k, v in sd.items()}
     return sd
 
@@ -186,26 +194,12 @@ def test_official_xl2_shapes_load_strictly():
     """The released MaskDiT-XL/2 and DiT-XL/2 key sets and shapes, on the meta device."""
     with torch.device("meta"):
         for name, source, kw in [("MaskDiT-XL/2", "maskdit", {}), ("DiT-XL/2", "dit", dict(learn_sigma=True))]:
+            shapes = official_shapes(source, kw.get("learn_sigma", False), d=1152, depth=28, dec_d=512, dec_depth=8,
+                                     c=4, p=2, size=32, nc=1000)
+            prefix = "model." if source == "maskdit" else ""
+            official = {prefix + k: torch.empty(s) for k, s in shapes.items()}
             ours = create_model(name, **kw)
-            official = {}
-            for k, v in ours.state_dict().items():  # rebuild the official layout from ours
-                key = k
-                for mod in ("adaLN_modulation",):
-                    key = key.replace(f"{mod}.weight", f"{mod}.1.weight").replace(f"{mod}.bias", f"{mod}.1.bias")
-                if k == "x_embedder.weight":
-                    key, v = "x_embedder.proj.weight", torch.empty(v.shape[0], 4, 2, 2)
-                elif k == "x_embedder.bias":
-                    key = "x_embedder.proj.bias"
-                elif k in ("pos_embed", "decoder_pos_embed", "mask_token"):
-                    v = v.reshape(1, -1, v.shape[-1])
-                elif k == "y_embedder.embedding_table.weight" and source == "maskdit":
-                    v = torch.empty(v.shape[1], v.shape[0])
-                official[("model." if source == "maskdit" else "") + key] = v
-            assert official["y_embedder.embedding_table.weight" if source == "dit" else
-                            "model.y_embedder.embedding_table.weight"].shape == \
-                ((1001, 1152) if source == "dit" else (1152, 1000))
-            converted = convert_official_state_dict(official, source)
-            ours.load_state_dict(converted, strict=True, assign=True)
+            ours.load_state_dict(convert_official_state_dict(official, source), strict=True, assign=True)
             assert infer_config(official, source).name == name
 
 

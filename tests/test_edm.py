@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from conftest import randomize
 
 from maskdit import EDMLoss, EDMPrecond, create_model, edm_sample, random_mask
 from maskdit.edm import edm_sigma_steps, guided_denoise
 from maskdit.ops import patchify
+from tests.conftest import randomize
 
 
 class Recorder(torch.nn.Module):

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from conftest import randomize
 
 from maskdit import MODEL_NAMES, create_model, random_mask
 from maskdit.flops import count_parameters, forward_gmacs
 from maskdit.models import sincos_pos_embed_2d, timestep_embedding
+from tests.conftest import randomize
 
 
 def tiny(name="MaskDiT-T/2", **kw):
@@ -55,8 +55,10 @@ def test_parameter_counts_on_meta(name, kwargs, expected):
 def test_official_block_parameter_counts():
     with torch.device("meta"):
         m = create_model("MaskDiT-XL/2")
-    assert sum(p.numel() for p in m.blocks.parameters()) == 669_344_256
-    assert sum(p.numel() for p in m.decoder_blocks.parameters()) == 53_538_816
+    # the blocks' own parameters plus their rows of the batched adaLN Linear
+    adaln = 6 * 1152 * (1152 + 1)
+    assert sum(p.numel() for p in m.blocks.parameters()) + 28 * adaln == 669_344_256
+    assert sum(p.numel() for p in m.decoder_blocks.parameters()) + 8 * 6 * 512 * (1152 + 1) == 53_538_816
 
 
 def test_every_name_builds_on_meta():

@@ -1,0 +1,214 @@
+"""Gated residual + LayerNorm (no affine) + adaLN modulation, fused:
+
+    x_new = x + gate[s] * h
+    y     = LN(x_new) * (1 + scale[s]) + shift[s]
+
+Token layout: x, h (T, D) (h may have another float dtype than x, e.g. bf16 under autocast) with the
+token->sample map ``seg`` (T,) int32; gate, shift, scale (N, D) (row stride free, unit column stride, e.g.
+chunks of the adaLN GEMM output).  One forward pass writes x_new (x's dtype) and y (``out_dtype``); the LN
+statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so forward and backward agree
+with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves x_new, h and the
+per-token mean/rstd (2 floats a token); one backward pass recomputes x_hat and gives dx, dh and the
+per-sample dgate, dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
+atomic add per run and program).  A missing gradient of either output (output unused) counts as zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+
+LN_EPS = 1e-6
+BWD_ROWS = 32  # tokens per backward program
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, D, stride_x, stride_h,
+                               stride_gate, stride_shift, stride_scale, stride_xn, stride_y, eps,
+                               BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    s = tl.load(SEG + row).to(tl.int64)
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    h = tl.load(H + row * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    # x_new rounded to its storage dtype: the statistics below (and the backward's x_hat) use what is stored
+    xn_st = (x + gate * h).to(XN.dtype.element_ty)
+    tl.store(XN + row * stride_xn + cols, xn_st, mask=cmask)
+    xn = xn_st.to(tl.float32)
+    mean = tl.sum(xn, axis=0) / D
+    xc = tl.where(cmask, xn - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd * (1.0 + scale) + shift
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
+                               stride_dxn, stride_dy, stride_xn, stride_h, stride_gate, stride_scale, stride_dx,
+                               stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
+                               HAS_DY: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        valid = (zero + row) < T
+        vmask = cmask & valid
+        r = tl.minimum(row, T - 1)
+        s = tl.load(SEG + r).to(tl.int64)
+        h = tl.load(H + r * stride_h + cols, mask=vmask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_DXN:
+            dxn = tl.load(DXN + r * stride_dxn + cols, mask=vmask, other=0.0).to(tl.float32)
+        else:
+            dxn = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_DY:
+            dy = tl.load(DY + r * stride_dy + cols, mask=vmask, other=0.0).to(tl.float32)
+            xn = tl.load(XN + r * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + r)
+            rstd = tl.load(RSTD + r)
+            scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+            xhat = tl.where(cmask, (xn - mean) * rstd, 0.0)
+            acc_shift += dy
+            acc_scale += dy * xhat
+            g = dy * (1.0 + scale)
+            dxn += rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
+        acc_gate += dxn * h
+        tl.store(DX + r * stride_dx + cols, dxn.to(DX.dtype.element_ty), mask=vmask)
+        tl.store(DH + r * stride_dh + cols, (dxn * gate).to(DH.dtype.element_ty), mask=vmask)
+        # flush the partial sums at the end of a sample's run of tokens and at the end of the program
+        s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
+        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
+        tl.atomic_add(DGATE + s * D + cols, acc_gate, mask=vmask & flush)
+        acc_gate = tl.where(flush, 0.0, acc_gate)
+        if HAS_DY:
+            tl.atomic_add(DSHIFT + s * D + cols, acc_shift, mask=vmask & flush)
+            tl.atomic_add(DSCALE + s * D + cols, acc_scale, mask=vmask & flush)
+            acc_shift = tl.where(flush, 0.0, acc_shift)
+            acc_scale = tl.where(flush, 0.0, acc_scale)
+
+
+def _validate(x, h, gate, shift, scale, seg, out_dtype):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_stride_one=True)
+    t, d = x.shape
+    check_tensor("h", h, shape=(t, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    check_tensor("gate", gate, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    n = gate.shape[0]
+    check_tensor("shift", shift, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    check_tensor("scale", scale, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
+
+
+@torch.library.custom_op("maskdit::gated_residual_ln_modulate_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+         seg: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, d = x.shape
+    x_new = new_output((t, d), x.dtype, x.device)
+    y = new_output((t, d), out_dtype or x.dtype, x.device)
+    mean = new_output((t,), torch.float32, x.device)
+    rstd = new_output((t,), torch.float32, x.device)
+    if t:
+        _gated_residual_fwd_kernel[(t,)](
+            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, d, x.stride(0), h.stride(0), gate.stride(0),
+            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d))
+    return x_new, y, mean, rstd
+
+
+@_fwd.register_fake
+def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
+    t, d = x.shape
+    return x.new_empty((t, d)), x.new_empty((t, d), dtype=out_dtype or x.dtype), \
+        x.new_empty(t, dtype=torch.float32), x.new_empty(t, dtype=torch.float32)
+
+
+@torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", mutates_args=())
+def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torch.Tensor, h: torch.Tensor,
+         gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x_new's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
+    t, d = x_new.shape
+    n = gate.shape[0]
+    if dx_new is not None and dx_new.stride(-1) != 1:
+        dx_new = dx_new.contiguous()
+    if dy is not None and dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = new_output((t, d), x_new.dtype, x_new.device)
+    dh = new_output((t, d), h.dtype, h.device)
+    dgate = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
+    dshift = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
+    dscale = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
+    if t:
+        has_dxn, has_dy = dx_new is not None, dy is not None
+        dxn_arg = dx_new if has_dxn else x_new  # unused placeholders when a gradient is missing
+        dy_arg = dy if has_dy else x_new
+        _gated_residual_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
+            dxn_arg, dy_arg, x_new, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
+            dxn_arg.stride(0), dy_arg.stride(0), x_new.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
+            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy)
+    return dx, dh, dgate, dshift, dscale
+
+
+@_bwd.register_fake
+def _bwd_fake(dx_new, dy, x_new, h, gate, scale, seg, mean, rstd):
+    t, d = x_new.shape
+    n = gate.shape[0]
+    return x_new.new_empty((t, d)), h.new_empty((t, d)), x_new.new_empty((n, d), dtype=torch.float32), \
+        x_new.new_empty((n, d), dtype=torch.float32), x_new.new_empty((n, d), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, gate, shift, scale, seg, eps, out_dtype = inputs
+    x_new, _, mean, rstd = output
+    ctx.save_for_backward(x_new, h, gate, scale, seg, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero (T, D) tensor is read
+
+
+def _backward(ctx, dx_new, dy, _dmean, _drstd):
+    x_new, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
+    dx, dh, dgate, dshift, dscale = _bwd(dx_new, dy, x_new, h, gate, scale, seg, mean, rstd)
+    return dx, dh, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, seg: torch.Tensor, eps: float = LN_EPS,
+                               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``x_new = x + gate[seg] * h`` and ``y = LN(x_new) * (1 + scale[seg]) + shift[seg]`` over (T, D)
+    tokens; returns (x_new in x's dtype, y in ``out_dtype``, default x's)."""
+    _validate(x, h, gate, shift, scale, seg, out_dtype)
+    x_new, y, _, _ = _fwd(x, h, gate, shift, scale, seg, eps, out_dtype)
+    return x_new, y
+
+
+def gated_residual_ln_modulate_reference(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                         scale: torch.Tensor, seg: torch.Tensor, eps: float = LN_EPS,
+                                         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch reference of ``gated_residual_ln_modulate`` (fp32 math; x_new rounded to x's dtype
+    before the LayerNorm, as it is stored)."""
+    s = seg.long()
+    x_new = (x.float() + gate.float()[s] * h.float()).to(x.dtype)
+    y = torch.nn.functional.layer_norm(x_new.float(), x.shape[-1:], eps=eps)
+    y = y * (1 + scale.float()[s]) + shift.float()[s]
+    return x_new, y.to(out_dtype or x.dtype)

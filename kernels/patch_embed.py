@@ -1,0 +1,235 @@
+"""Kept-patch embedding: out[t] = patch(x, seg[t], ids[t]) @ weight^T + bias + pos_embed[ids[t]].
+
+x (N, C, H, W) contiguous; kept tokens in token layout: ``ids`` (T,) the token index within its image
+(row-major over the (H/p, W/p) grid) and ``seg`` (T,) int32 its sample.  A patch's p*p*C values are
+read in ``maskdit.ops.patchify``'s order (row in patch, column in patch, channel); masked patches are
+never read.  weight (D, p*p*C), bias (D,), pos_embed (L, D) a fixed buffer (no gradient).  The forward
+is one kernel over (block of tokens) x (block of D): an explicit fp32 loop over the p*p*C inputs, then
+bias and the positional row, one write of (T, D).
+
+Backward: a small Triton kernel gathers the kept patches into an fp32 (T, p*p*C) matrix; dweight =
+dout^T @ patches and dbias = dout.sum(0) are torch ops in fp32 (a GEMM); when x needs a gradient,
+dpatches = dout @ weight (fp32 GEMM) is scattered back by a Triton kernel (fp32 atomic adds into a
+zeroed buffer, so repeated ids add up like the reference), zero at masked patches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+
+FWD_TOKENS = 32  # tokens per forward program
+FWD_BLOCK_D = 128  # output columns per forward program
+GATHER_TOKENS = 32  # tokens per gather/scatter program
+
+
+@triton.jit
+def _patch_offsets(X_OFF, tok, s, k, C, H, W, GW, P: tl.constexpr):
+    """Element offsets into x (N, C, H, W) of input ``k`` (patchify order) of token ``tok`` of sample ``s``."""
+    gh = tok // GW
+    gw = tok - gh * GW
+    i = k // (P * C)
+    j = (k // C) % P
+    c = k % C
+    return X_OFF + s * (C * H * W) + c * (H * W) + (gh * P + i) * W + gw * P + j
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, C, H, W, GW, K, stride_w, stride_pos,
+                            stride_out, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
+    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
+    base = _patch_offsets(0, tok, s, 0, C, H, W, GW, P)  # top-left element of channel 0
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        i = k // (P * C)
+        j = (k // C) % P
+        c = k % C
+        xv = tl.load(X + base + c * (H * W) + i * W + j, mask=rmask, other=0.0).to(tl.float32)
+        wv = tl.load(WT + cols * stride_w + k, mask=cmask, other=0.0).to(tl.float32)
+        acc += xv[:, None] * wv[None, :]
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    mask2 = rmask[:, None] & cmask[None, :]
+    pos = tl.load(POS + tok[:, None] * stride_pos + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+    out = acc + b[None, :] + pos
+    tl.store(OUT + rows[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _patch_gather_kernel(X, IDS, SEG, PATCHES, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """PATCHES (T, K) fp32 = the kept patches of x."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    kmask = ks < K
+    tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
+    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
+    offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
+    mask2 = rmask[:, None] & kmask[None, :]
+    v = tl.load(X + offs, mask=mask2, other=0.0).to(tl.float32)
+    tl.store(PATCHES + rows[:, None] * K + ks[None, :], v, mask=mask2)
+
+
+@triton.jit
+def _patch_scatter_kernel(DPATCHES, IDS, SEG, DX, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """DX (N, C, H, W) fp32, zeroed, += DPATCHES (T, K) fp32 at the kept patches."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    kmask = ks < K
+    tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
+    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
+    offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
+    mask2 = rmask[:, None] & kmask[None, :]
+    g = tl.load(DPATCHES + rows[:, None] * K + ks[None, :], mask=mask2, other=0.0)
+    tl.atomic_add(DX + offs, g, mask=mask2)
+
+
+def _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
+    n, c, h, w = x.shape
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"x's height and width must be divisible by patch_size={p}, got shape {tuple(x.shape)}")
+    num_tokens, k = (h // p) * (w // p), p * p * c
+    check_tensor("ids", ids, ndim=1, dtypes=(torch.int64, torch.int32), device=x.device, contiguous=True)
+    t = ids.shape[0]
+    check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
+    check_tensor("weight", weight, ndim=2, shape=(None, k), dtypes=FLOAT_DTYPES, device=x.device,
+                 last_stride_one=True)
+    d = weight.shape[0]
+    check_tensor("bias", bias, shape=(d,), dtypes=FLOAT_DTYPES, device=x.device, contiguous=True)
+    check_tensor("pos_embed", pos_embed, shape=(num_tokens, d), dtypes=FLOAT_DTYPES, device=x.device,
+                 last_stride_one=True)
+    if pos_embed.requires_grad and torch.is_grad_enabled():
+        raise ValueError("pos_embed must not require grad: it is a fixed buffer and gets no gradient")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be in {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
+    # Value checks need a device sync, and are impossible while torch.compile traces: eager only.
+    if t and not ids.is_meta and not torch.compiler.is_compiling():
+        bad_ids = (ids.min() < 0) | (ids.max() >= num_tokens)
+        bad_seg = (seg.min() < 0) | (seg.max() >= n)
+        bad = torch.stack([bad_ids, bad_seg]).tolist()
+        if bad[0]:
+            raise ValueError(f"ids must lie in [0, {num_tokens}) (tokens of a {h // p}x{w // p} grid), "
+                             f"got range [{int(ids.min())}, {int(ids.max())}]")
+        if bad[1]:
+            raise ValueError(f"seg must lie in [0, {n}) (the samples of x), got range [{int(seg.min())}, "
+                             f"{int(seg.max())}]")
+
+
+@torch.library.custom_op("maskdit::patch_embed_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+         pos_embed: torch.Tensor, patch_size: int, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    _, c, h, w = x.shape
+    t, d = ids.shape[0], weight.shape[0]
+    out = new_output((t, d), out_dtype or x.dtype, x.device)
+    if t and d:
+        grid = (triton.cdiv(t, FWD_TOKENS), triton.cdiv(d, FWD_BLOCK_D))
+        _patch_embed_fwd_kernel[grid](x, ids, seg, weight, bias, pos_embed, out, t, d, c, h, w, w // patch_size,
+                                      weight.shape[1], weight.stride(0), pos_embed.stride(0), out.stride(0),
+                                      P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D)
+    return out
+
+
+@_fwd.register_fake
+def _fwd_fake(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
+    return x.new_empty((ids.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
+
+
+def _gather_patches(x, ids, seg, patch_size):
+    """The kept patches (T, p*p*C) in fp32, patchify's order."""
+    _, c, h, w = x.shape
+    t, k = ids.shape[0], patch_size * patch_size * c
+    patches = new_output((t, k), torch.float32, x.device)
+    if t:
+        _patch_gather_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
+            x, ids, seg, patches, t, c, h, w, w // patch_size, k, P=patch_size, BLOCK_T=GATHER_TOKENS,
+            BLOCK_K=block_size(k))
+    return patches
+
+
+@torch.library.custom_op("maskdit::patch_embed_bwd", mutates_args=())
+def _bwd(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
+         patch_size: int, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx or an empty tensor, dweight fp32, dbias fp32)."""
+    _, c, h, w = x.shape
+    t, k = ids.shape[0], patch_size * patch_size * c
+    dout32 = dout.float()
+    patches = _gather_patches(x, ids, seg, patch_size)
+    dweight = dout32.t() @ patches
+    dbias = dout32.sum(0)
+    if not needs_dx:
+        return x.new_empty((0,)), dweight, dbias
+    dpatches = (dout32 @ weight.float()).contiguous()
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if t:
+        _patch_scatter_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
+            dpatches, ids, seg, dx, t, c, h, w, w // patch_size, k, P=patch_size, BLOCK_T=GATHER_TOKENS,
+            BLOCK_K=block_size(k))
+    return dx.to(x.dtype), dweight, dbias
+
+
+@_bwd.register_fake
+def _bwd_fake(dout, x, ids, seg, weight, patch_size, needs_dx):
+    dx = x.new_empty(x.shape if needs_dx else (0,))
+    return dx, weight.new_empty(weight.shape, dtype=torch.float32), \
+        weight.new_empty((weight.shape[0],), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype = inputs
+    ctx.save_for_backward(x, ids, seg, weight)
+    ctx.patch_size, ctx.bias_dtype = patch_size, bias.dtype
+
+
+def _backward(ctx, dout):
+    x, ids, seg, weight = ctx.saved_tensors
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dweight, dbias = _bwd(dout, x, ids, seg, weight, ctx.patch_size, needs_dx)
+    return (dx if needs_dx else None), None, None, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), \
+        None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def embed_kept_patches(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, pos_embed: torch.Tensor, patch_size: int,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused patchify + linear + positional embedding of the kept tokens: (T, D) in ``out_dtype`` (default x's).
+
+    x (N, C, H, W) contiguous; ids (T,) int64 token index in its image; seg (T,) int32 its sample;
+    weight (D, p*p*C); bias (D,); pos_embed (L, D), L = (H/p)*(W/p), no gradient.
+    """
+    _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
+    return _fwd(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
+
+
+def embed_kept_patches_reference(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
+                                 bias: torch.Tensor, pos_embed: torch.Tensor, patch_size: int,
+                                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-PyTorch reference of ``embed_kept_patches`` (fp32 math)."""
+    from maskdit.ops import patchify
+
+    ids_l = ids.long()
+    patches = patchify(x.float(), patch_size)[seg.long(), ids_l]
+    out = patches @ weight.float().t() + bias.float() + pos_embed.float()[ids_l]
+    return out.to(out_dtype or x.dtype)

@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from kernels.gated_residual import (
+    BWD_ROWS,
+    _bwd,
+    _fwd,
+    gated_residual_ln_modulate,
+    gated_residual_ln_modulate_reference,
+)
+from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
+
+# (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
+# backward's 32-row programs, and an XL-width row.
+CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
+NAMES = ("dx", "dh", "dgate", "dshift", "dscale")
+
+
+def _inputs(d, lengths, dtype, h_dtype=None, mod_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, n = sum(lengths), len(lengths)
+    x = (torch.randn(t, d, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    h = torch.randn(t, d, generator=g).to(DEVICE, h_dtype or dtype)
+    # gate/shift/scale as chunks of the adaLN GEMM output (row stride 6D)
+    mod = (torch.randn(n, 6 * d, generator=g) * 0.5).to(DEVICE, mod_dtype or dtype)
+    shift, scale, gate = mod[:, 3 * d:4 * d], mod[:, 4 * d:5 * d], mod[:, 5 * d:6 * d]
+    return x, h, gate, shift, scale, segments(lengths)
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _check(d, lengths, dtype, h_dtype=None, mod_dtype=None, out_dtype=None, use=("x_new", "y"), tol_dtype=None):
+    x, h, gate, shift, scale, seg = _inputs(d, lengths, dtype, h_dtype, mod_dtype)
+    assert gate.stride(0) == shift.stride(0) == scale.stride(0) == 6 * d  # row views of the GEMM output
+    tol = TOL[tol_dtype or dtype]
+    leaves = _leaves((x, h, gate, shift, scale))
+    ref_leaves = _leaves((x, h, gate, shift, scale))
+    x_new, y = gated_residual_ln_modulate(*leaves, seg, out_dtype=out_dtype)
+    x_new_ref, y_ref = gated_residual_ln_modulate_reference(*ref_leaves, seg, out_dtype=out_dtype)
+    assert x_new.dtype == dtype and x_new.shape == x.shape
+    assert y.dtype == (out_dtype or dtype) and y.shape == x.shape
+    torch.testing.assert_close(x_new, x_new_ref, **tol["fwd"])
+    torch.testing.assert_close(y, y_ref, **tol["fwd"])
+    g = torch.Generator().manual_seed(1)
+    dxn = torch.randn(x.shape, generator=g).to(DEVICE, dtype)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
+    outs, ref_outs, cots = [], [], []
+    for name, out, ref, cot in (("x_new", x_new, x_new_ref, dxn), ("y", y, y_ref, dy)):
+        if name in use:
+            outs.append(out)
+            ref_outs.append(ref)
+            cots.append(cot)
+    grads = torch.autograd.grad(outs, leaves, cots)
+    ref_grads = torch.autograd.grad(ref_outs, ref_leaves, cots, allow_unused=True)
+    ref_grads = [torch.zeros_like(leaf) if gr is None else gr for leaf, gr in zip(ref_leaves, ref_grads)]
+    for name, leaf, gk, gr in zip(NAMES, leaves, grads, ref_grads):
+        assert gk.dtype == leaf.dtype and gk.shape == leaf.shape, name
+        assert torch.isfinite(gk).all(), name
+        torch.testing.assert_close(gk.float(), gr.float(), **tol["grad"], msg=lambda m: f"{name}: {m}")
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,lengths", CASES)
+def test_forward_backward_against_reference(d, lengths, dtype):
+    _check(d, lengths, dtype)
+
+
+def test_lengths_cross_the_backward_rows():
+    assert BWD_ROWS == 32  # CASES' counts are chosen around this boundary
+    _check(100, [31, 2, 1, 33], torch.float32)
+
+
+def test_mixed_dtypes():
+    """Residual stream fp32, branch output and modulation fp16 (autocast), y in fp16."""
+    _check(72, [4, 1, 35], torch.float32, h_dtype=torch.float16, mod_dtype=torch.float16, out_dtype=torch.float16,
+           tol_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_only_y_used(dtype):
+    """x_new unused downstream: its gradient arrives as None; dx still carries the LayerNorm's gradient."""
+    _check(100, [3, 34, 1], dtype, use=("y",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_only_x_new_used(dtype):
+    """y unused: its gradient arrives as None; dshift and dscale are exactly zero."""
+    grads = _check(72, [5, 1, 33], dtype, use=("x_new",))
+    assert (grads[3] == 0).all() and (grads[4] == 0).all()
+
+
+def test_bwd_op_without_gradients():
+    x, h, gate, shift, scale, seg = _inputs(72, [3, 1, 34], torch.float32)
+    x_new, y, mean, rstd = _fwd(x, h, gate, shift, scale, seg, 1e-6, None)
+    dy = torch.randn_like(y)
+    dxn = torch.randn_like(x_new)
+    full = _bwd(dxn, dy, x_new, h, gate, scale, seg, mean, rstd)
+    no_dxn = _bwd(None, dy, x_new, h, gate, scale, seg, mean, rstd)
+    zero_dxn = _bwd(torch.zeros_like(dxn), dy, x_new, h, gate, scale, seg, mean, rstd)
+    no_dy = _bwd(dxn, None, x_new, h, gate, scale, seg, mean, rstd)
+    zero_dy = _bwd(dxn, torch.zeros_like(dy), x_new, h, gate, scale, seg, mean, rstd)
+    for a, b in zip(no_dxn, zero_dxn):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(no_dy, zero_dy):
+        torch.testing.assert_close(a, b)
+    # linearity in the two cotangents
+    for name, f, a, b in zip(NAMES, full, no_dxn, no_dy):
+        torch.testing.assert_close(f, a + b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_opcheck():
+    x, h, gate, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
+    args = (x.requires_grad_(), h.requires_grad_(), gate, shift, scale, seg, 1e-6, None)
+    torch.library.opcheck(_fwd, args)
+    x_new, y, mean, rstd = _fwd(*args)
+    saved = (x_new.detach(), h.detach(), gate, scale, seg, mean, rstd)
+    torch.library.opcheck(_bwd, (torch.randn_like(x_new), torch.randn_like(y), *saved))
+    torch.library.opcheck(_bwd, (None, torch.randn_like(y), *saved))
+    torch.library.opcheck(_bwd, (torch.randn_like(x_new), None, *saved))
+
+
+def test_bad_inputs_are_named():
+    x, h, gate, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
+    f = gated_residual_ln_modulate
+    with pytest.raises(ValueError, match="x must have dtype"):
+        f(x.double(), h, gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        f(x[None], h, gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="h must have dtype"):
+        f(x, h.to(torch.int32), gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="h must have shape"):
+        f(x, h[:-1], gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        f(x, h, gate[:, :7], shift, scale, seg)
+    with pytest.raises(ValueError, match="gate must have dtype"):
+        f(x, h, gate.double(), shift, scale, seg)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        f(x, h, gate, shift[:1], scale, seg)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        f(x, h, gate, shift, scale[:, :-1], seg)
+    with pytest.raises(ValueError, match="seg must have dtype"):
+        f(x, h, gate, shift, scale, seg.long())
+    with pytest.raises(ValueError, match="seg must have shape"):
+        f(x, h, gate, shift, scale, seg[:-1])
+    with pytest.raises(ValueError, match="x must have unit stride"):
+        f(x.t().contiguous().t(), h, gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="h must have unit stride"):
+        f(x, h.t().contiguous().t(), gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="gate must have unit stride"):
+        f(x, h, gate.t().contiguous().t(), shift, scale, seg)
+    with pytest.raises(ValueError, match="h must be on"):
+        f(x, h.to("meta"), gate, shift, scale, seg)
+    with pytest.raises(ValueError, match="gate must be on"):
+        f(x, h, gate.to("meta"), shift, scale, seg)
+    with pytest.raises(ValueError, match="shift must be on"):
+        f(x, h, gate, shift.to("meta"), scale, seg)
+    with pytest.raises(ValueError, match="scale must be on"):
+        f(x, h, gate, shift, scale.to("meta"), seg)
+    with pytest.raises(ValueError, match="seg must be on"):
+        f(x, h, gate, shift, scale, seg.to("meta"))
+    with pytest.raises(ValueError, match="out_dtype"):
+        f(x, h, gate, shift, scale, seg, out_dtype=torch.int32)
