@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 RUN    ?= runs/digits
 
-.PHONY: install test train sample lint clean
+.PHONY: install test train sample lint bench-kernels gpu-check gpu-deps clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ train: install
 sample: install
 	$(PY) sample.py --ckpt $(RUN) --num-per-class 8 --out $(RUN)/sample
 
+# The CUDA checks (tests with bf16, kernel benchmark) with the machine's own python; see bench/gpu_check.sh.
+gpu-check:
+	bash bench/gpu_check.sh
+
+# pytest as plain files for a GPU machine without network: carry .gpu-deps with the working tree.
+gpu-deps:
+	$(PYTHON) -m pip install -q --target .gpu-deps pytest
+
+bench-kernels: install
+	$(PY) bench/kernels.py
+
 lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache *.egg-info .gpu-deps

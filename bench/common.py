@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: environment record, timing, copy bandwidth, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+
+def environment(command: str | None = None) -> dict:
+    """Device, versions, date and command: every result file carries them."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def device_slug(env: dict) -> str:
+    """A folder name for the device, e.g. 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+
+
+def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, cache flush between
+    runs) on CUDA, wall clock with synchronisation elsewhere."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    for _ in range(max(1, warmup // 5)):
+        fn()
+    times = []
+    for _ in range(max(3, rep // 10)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second, GB/s)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        nbytes = min(nbytes, 1 << 27)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:
+    """Write ``name``.json and ``name``.md into ``folder``; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    jpath, mpath = os.path.join(folder, name + ".json"), os.path.join(folder, name + ".md")
+    with open(jpath, "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(mpath, "w") as f:
+        f.write(markdown + "\n")
+    return jpath, mpath

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# make gpu-check: the CUDA checks, on an NVIDIA machine with torch and triton preinstalled and no network
+# (nothing is installed).  Runs the kernel and backend tests on CUDA (bf16 included), then the kernel
+# benchmark; results (tests.txt, kernels.json, kernels.md) go to $RESULTS_DIR (default
+# bench/results/<device>).  pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=".:${PYTHONPATH:-}"
+if ! $PY -c "import pytest" 2>/dev/null && [ -d .gpu-deps ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps"; fi
+SLUG=$($PY -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+RESULTS_DIR=${RESULTS_DIR:-bench/results/$SLUG}
+mkdir -p "$RESULTS_DIR"
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS_DIR/device.txt"
+if $PY -c "import pytest" 2>/dev/null; then
+  timeout 300 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/test_backends.py 2>&1 | tail -40 \
+    | tee "$RESULTS_DIR/tests.txt"
+  status=${PIPESTATUS[0]}
+else
+  echo "pytest is not installed here and .gpu-deps is missing: CUDA tests skipped" | tee "$RESULTS_DIR/tests.txt"
+  status=1
+fi
+timeout 240 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1
+exit $status

@@ -1,0 +1,226 @@
+"""Kernel benchmark: each fused op against its eager PyTorch reference and ``torch.compile`` of that
+reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
+D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
+memory and time of one MaskDiT-XL/2 training step with each backend.
+
+    python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
+
+Timing: ``triton.testing.do_bench`` (CUDA events, median).  The bytes an op "must move" count each
+tensor it reads or writes once (small per-sample tensors and index vectors included).  Without CUDA the
+script runs at tiny shapes on the reference ops only, to check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import bench_ms, copy_bandwidth_gbs, device_slug, environment, write_results  # noqa: E402
+
+
+def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) -> list[dict]:
+    """Inputs, functions and byte counts of every fused op at the given shapes."""
+    import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, grad=False, scale=1.0):
+        t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    t_enc, t_dec = n * k, n * L
+    seg = kernels.token_samples(n, k, device)
+    bf = torch.bfloat16
+    mod = rnd(n, 6 * d, dtype=bf, grad=True, scale=0.3)
+    specs = []
+
+    x = rnd(t_enc, d, grad=True)
+    specs.append(dict(
+        name="ln_modulate", shape=f"x ({t_enc}, {d}) fp32 -> bf16",
+        fused=lambda: kernels.ln_modulate(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
+        reference=lambda: kernels.ln_modulate_reference(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
+        leaves=[x, mod], fwd_bytes=t_enc * d * (4 + 2) + 8 * t_enc, bwd_bytes=t_enc * d * (4 + 2 + 4) + 8 * t_enc))
+
+    h = rnd(t_enc, d, dtype=bf, grad=True)
+    specs.append(dict(
+        name="gated_residual_ln_modulate", shape=f"x ({t_enc}, {d}) fp32, h bf16 -> fp32, bf16",
+        fused=lambda: kernels.gated_residual_ln_modulate(x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d],
+                                                         mod[:, 4 * d:5 * d], seg, out_dtype=bf),
+        reference=lambda: kernels.gated_residual_ln_modulate_reference(
+            x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d], mod[:, 4 * d:5 * d], seg, out_dtype=bf),
+        leaves=[x, h, mod], fwd_bytes=t_enc * d * (4 + 2 + 4 + 2) + 8 * t_enc,
+        bwd_bytes=t_enc * d * (4 + 2 + 4 + 2 + 4 + 2) + 8 * t_enc))
+
+    img = rnd(n, c, p * int(L ** 0.5), p * int(L ** 0.5))
+    ids = torch.rand(n, L, generator=g).argsort(1)[:, :k].reshape(-1).to(device)
+    weight, bias = rnd(d, p * p * c, grad=True, scale=0.1), rnd(d, grad=True)
+    pos = rnd(L, d)
+    specs.append(dict(
+        name="embed_kept_patches", shape=f"x ({n}, {c}, {img.shape[2]}, {img.shape[3]}) -> ({t_enc}, {d}) fp32",
+        fused=lambda: kernels.embed_kept_patches(img, ids, seg, weight, bias, pos, p),
+        reference=lambda: kernels.embed_kept_patches_reference(img, ids, seg, weight, bias, pos, p),
+        leaves=[weight, bias], fwd_bytes=t_enc * (p * p * c * 4 + d * 4 + 12) + L * d * 4,
+        bwd_bytes=t_enc * (d * 4 + p * p * c * 4 + 12)))
+
+    xk = rnd(t_enc, dd, grad=True)
+    mask_token, dpos = rnd(dd, grad=True), rnd(L, dd)
+    specs.append(dict(
+        name="insert_mask_tokens", shape=f"({t_enc}, {dd}) -> ({n}, {L}, {dd}) fp32",
+        fused=lambda: kernels.insert_mask_tokens(xk, ids, seg, mask_token, dpos, n),
+        reference=lambda: kernels.insert_mask_tokens_reference(xk, ids, seg, mask_token, dpos, n),
+        leaves=[xk, mask_token], fwd_bytes=(t_enc + t_dec) * dd * 4 + L * dd * 4 + 12 * t_enc,
+        bwd_bytes=(t_enc + t_dec) * dd * 4 + 4 * t_dec))
+
+    pp = p * p * c
+    f_tok = rnd(n, L, pp, dtype=bf, grad=True)
+    y = rnd(n, c, img.shape[2], img.shape[3])
+    noisy = y + rnd(n, c, img.shape[2], img.shape[3])
+    sigma = torch.exp(rnd(n) * 1.2 - 1.2)
+    masked = torch.ones(n, L, dtype=torch.bool, device=device)
+    masked.view(-1)[(ids + torch.arange(n, device=device).repeat_interleave(k) * L)] = False
+    specs.append(dict(
+        name="edm_loss", shape=f"F ({n}, {L}, {pp}) bf16, images fp32",
+        fused=lambda: kernels.edm_loss(f_tok, y, noisy, sigma, masked, p),
+        reference=lambda: kernels.edm_loss_reference(f_tok, y, noisy, sigma, masked, p),
+        leaves=[f_tok], fwd_bytes=t_dec * pp * 2 + 2 * y.numel() * 4 + t_dec,
+        bwd_bytes=2 * t_dec * pp * 2 + 2 * y.numel() * 4 + t_dec))
+    return specs
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def time_op(fn, leaves) -> tuple[float, float]:
+    """(forward ms, backward ms); backward = forward+backward minus forward."""
+    outs = _outputs(fn())
+    grads = [torch.randn_like(o) for o in outs]
+    fwd = bench_ms(fn)
+
+    def fwd_bwd():
+        torch.autograd.grad(_outputs(fn()), leaves, grads, allow_unused=True)
+
+    return fwd, max(bench_ms(fwd_bwd) - fwd, 0.0)
+
+
+def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
+    rows = []
+    for spec in specs:
+        impls = {"eager reference": spec["reference"], "compiled reference": torch.compile(spec["reference"])}
+        if with_fused:
+            impls = {"triton (fused)": spec["fused"], **impls}
+        for impl, fn in impls.items():
+            row = dict(op=spec["name"], shape=spec["shape"], impl=impl)
+            try:
+                fwd, bwd = time_op(fn, spec["leaves"])
+                for part, ms, nbytes in (("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])):
+                    gbs = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+                    row.update({f"{part}_ms": ms, f"{part}_gbs": gbs, f"{part}_pct_copy_bw": 100 * gbs / bandwidth})
+            except Exception as e:  # keep going: one broken row must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            rows.append(row)
+    return rows
+
+
+def _measure_step(backend: str, batch: int, device) -> dict:
+    """Peak activation memory (GB above the memory held between steps) and median time of one
+    MaskDiT-XL/2 forward + backward with the EDM loss under bf16 autocast."""
+    from maskdit import EDMLoss, EDMPrecond, create_model, random_mask
+
+    model = create_model("MaskDiT-XL/2", backend=backend).to(device)
+    net, loss_fn = EDMPrecond(model), EDMLoss()
+    images = torch.randn(batch, 4, 32, 32, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        ids = random_mask(batch, 256, 0.5, device=device).ids_keep
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(net, images, labels, ids).mean()
+        loss.backward()
+
+    step()  # allocates the gradients
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return dict(activation_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
+                step_ms=bench_ms(step, warmup=3, rep=30))
+
+
+def train_step_rows(batch: int, device) -> list[dict]:
+    """The training-step measurement for each backend."""
+    rows = []
+    for backend in ("torch", "triton"):
+        row = dict(model="MaskDiT-XL/2", backend=backend, batch=batch)
+        try:
+            torch.cuda.empty_cache()
+            row.update(_measure_step(backend, batch, device))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+    return rows
+
+
+def markdown(env, bandwidth, rows, step_rows) -> str:
+    lines = [f"## Fused kernels: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
+             f"measured copy bandwidth {bandwidth:.0f} GB/s (read+write); timing: median of "
+             f"{'triton.testing.do_bench (CUDA events)' if 'cpu' not in env['device'] else 'wall clock'}; "
+             "bwd = (fwd+bwd) - fwd.", "",
+             "| op | shape | impl | fwd ms | fwd GB/s | fwd % copy BW | bwd ms | bwd GB/s | bwd % copy BW |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
+                     f"{r['fwd_pct_copy_bw']:.0f}% | {r['bwd_ms']:.3f} | {r['bwd_gbs']:.0f} | "
+                     f"{r['bwd_pct_copy_bw']:.0f}% |")
+    if step_rows:
+        lines += ["", "| model | backend | batch | activation GB | step ms (fwd+bwd, bf16) |",
+                  "|---|---|---:|---:|---:|"]
+        for r in step_rows:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | error: {r['error'][:80]} | |")
+            else:
+                lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
+                             f"{r['step_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--step-batch", type=int, default=32, help="batch of the training-step measurement (0: skip)")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    args = parser.parse_args(argv)
+    env = environment()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        shapes = dict(n=args.batch, L=256, k=128, d=1152, dd=512, c=4, p=2)
+    else:  # a smoke run of the harness on the references (the fused kernels need CUDA to be timed)
+        print("no CUDA: timing the PyTorch references at tiny shapes only")
+        shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
+    bandwidth = copy_bandwidth_gbs()
+    rows = kernel_rows(op_specs(**shapes, device=device), bandwidth, with_fused=cuda)
+    step_rows = train_step_rows(args.step_batch, device) if cuda and args.step_batch > 0 else []
+    payload = dict(env, copy_bandwidth_gbs=bandwidth, shapes=shapes, kernels=rows, train_step=step_rows)
+    md = markdown(env, bandwidth, rows, step_rows)
+    print(md)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    paths = write_results(out, "kernels", payload, md)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
