@@ -1,12 +1,114 @@
-"""Multi-head self-attention: the one place that chooses the attention implementation."""
+"""Multi-head self-attention over packed variable-length sequences: the one place that knows the
+attention implementations.
+
+``attention(q, k, v, layout)`` takes (T, heads, head_dim) tensors packed sample after sample and picks,
+per call, from what is installed and what the inputs allow:
+
+1. "dense-sdpa": every sample has the same length -> an (N, heads, K, head_dim) view and
+   ``F.scaled_dot_product_attention`` (FlashAttention / memory-efficient kernels on CUDA);
+2. "flash-attn-varlen": ``flash_attn.flash_attn_varlen_func`` (flash-attn installed, CUDA, fp16/bf16);
+3. "torch-varlen": ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA, fp16/bf16);
+4. "xformers-blockdiag": xformers' ``memory_efficient_attention`` with a block-diagonal mask (installed);
+5. "padded-sdpa": pad to the longest sample with a key mask and use SDPA (any device, the CPU path).
+
+The path of each call is logged (logger "maskdit.attention", INFO, when it changes) and counted in
+``PATHS_USED``.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
+from .masking import TokenLayout
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over (N, heads, T, head_dim) tensors via ``F.scaled_dot_product_attention``
-    (which dispatches to FlashAttention / memory-efficient kernels on CUDA)."""
-    return F.scaled_dot_product_attention(q, k, v)
+log = logging.getLogger("maskdit.attention")
+PATHS_USED: Counter = Counter()
+_last_path = None
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_FLASH_ATTN = _installed("flash_attn")
+HAS_XFORMERS = _installed("xformers")
+HAS_TORCH_VARLEN = _installed("torch.nn.attention.varlen")
+
+
+def _record(path: str) -> None:
+    global _last_path
+    if not torch.compiler.is_compiling():
+        PATHS_USED[path] += 1
+        if path != _last_path:
+            log.info("attention path: %s", path)
+            _last_path = path
+
+
+def choose_path(q: torch.Tensor, layout: TokenLayout) -> str:
+    """The implementation ``attention`` uses for these inputs."""
+    if layout.uniform_len is not None:
+        return "dense-sdpa"
+    if q.is_cuda and q.dtype in _HALF:
+        if HAS_FLASH_ATTN:
+            return "flash-attn-varlen"
+        if HAS_TORCH_VARLEN:
+            return "torch-varlen"
+    if q.is_cuda and HAS_XFORMERS:
+        return "xformers-blockdiag"
+    return "padded-sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+              path: str | None = None) -> torch.Tensor:
+    """Softmax attention within each sample of packed (T, heads, head_dim) q, k, v -> (T, heads, head_dim).
+
+    ``path`` forces an implementation (tests); by default ``choose_path``.
+    """
+    path = path or choose_path(q, layout)
+    _record(path)
+    if path == "dense-sdpa":
+        n, klen, (t, heads, dim) = layout.num_samples, layout.uniform_len, q.shape
+        q, k, v = (x.view(n, klen, heads, dim).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(t, heads, dim)
+    if path == "flash-attn-varlen":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = layout.cu_seqlens
+        return flash_attn_varlen_func(q, k, v, cu, cu, layout.max_len, layout.max_len)
+    if path == "torch-varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = layout.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
+    if path == "xformers-blockdiag":
+        from xformers.ops import fmha
+
+        bias = fmha.BlockDiagonalMask.from_seqlens(list(layout.lengths))
+        return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    if path == "padded-sdpa":
+        return _padded_sdpa(q, k, v, layout)
+    raise ValueError(f"unknown attention path {path!r}")
+
+
+def _padded_sdpa(q, k, v, layout: TokenLayout) -> torch.Tensor:
+    """Pad each sample to the longest, mask the padded keys, SDPA, unpad."""
+    n, m = layout.num_samples, layout.max_len
+    pos = torch.arange(layout.ids.shape[0], device=q.device) - layout.cu_seqlens.long()[layout.seg.long()]
+    rows = (layout.seg.long(), pos)
+
+    def pad(t):
+        return t.new_zeros(n, m, *t.shape[1:]).index_put(rows, t).transpose(1, 2)  # (N, heads, M, hd)
+
+    lens = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+    key_ok = torch.arange(m, device=q.device)[None, :] < lens[:, None]  # (N, M)
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :])
+    return out.transpose(1, 2)[rows]

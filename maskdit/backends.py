@@ -1,13 +1,15 @@
-"""The token operations a network runs, chosen by backend: "torch" (plain PyTorch, the reference) or
-"triton" (the fused kernels of ``kernels/``).  Both take and return the same dense tensors:
+"""The token operations a network runs, chosen by backend: "torch" (plain PyTorch, ``maskdit.ops``, the
+reference) or "triton" (the fused kernels of ``kernels/``).  Both work on packed (T, D) tokens described
+by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
 
-    embed_patches(x, weight, bias, pos_embed, patch_size, ids_keep)   -> (N, K, D)
-    ln_modulate(x, shift, scale)                                       -> LN(x) * (1 + scale) + shift
-    residual_ln_modulate(x, h, gate, shift, scale)                     -> (x + gate * h, LN(that) * ... )
-    insert_mask_tokens(x_kept, ids_keep, mask_token, pos_embed)        -> (N, L, D_dec)
+    embed_patches(x, weight, bias, pos_embed, patch_size, layout)  -> (T, D)
+    ln_modulate(x, shift, scale, layout)                            -> LN(x) * (1 + scale) + shift
+    residual_ln_modulate(x, h, gate, shift, scale, layout)          -> (x + gate * h, LN(that) * ... )
+    insert_mask_tokens(x_kept, layout, mask_token, pos_embed)       -> (N*L, D_dec)
+    scatter_tokens(x_kept, layout)                                  -> (N*L, D), zeros where masked
 
-x, h (N, T, D); shift, scale, gate (N, D).  The modulated output comes in the autocast dtype when
-autocast is on (it feeds a matrix product), the residual stream keeps its dtype.
+The modulated output comes in the autocast dtype when autocast is on (it feeds a matrix product); the
+residual stream keeps its dtype.
 """
 
 from __future__ import annotations
@@ -29,23 +31,21 @@ class TorchOps:
 
     name = "torch"
     embed_patches = staticmethod(ops.embed_patches)
+    ln_modulate = staticmethod(ops.ln_modulate)
     insert_mask_tokens = staticmethod(ops.insert_mask_tokens)
+    scatter_tokens = staticmethod(ops.scatter_tokens)
 
     @staticmethod
-    def ln_modulate(x, shift, scale):
-        return ops.ln_modulate(x, shift, scale)
-
-    @staticmethod
-    def residual_ln_modulate(x, h, gate, shift, scale):
-        x = ops.gated_residual(x, gate, h)
-        return x, ops.ln_modulate(x, shift, scale)
+    def residual_ln_modulate(x, h, gate, shift, scale, layout):
+        x = ops.gated_residual(x, gate, h, layout)
+        return x, ops.ln_modulate(x, shift, scale, layout)
 
 
 class TritonOps:
-    """The fused Triton kernels; dense (N, T, D) tensors are viewed as (N*T, D) tokens with a
-    token->sample map."""
+    """The fused Triton kernels."""
 
     name = "triton"
+    scatter_tokens = staticmethod(ops.scatter_tokens)
 
     def __init__(self):
         try:
@@ -54,39 +54,21 @@ class TritonOps:
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
         self.k = kernels
 
-    def _seg(self, n: int, t: int, device) -> torch.Tensor:
-        return self.k.token_samples(n, t, device)
+    def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
+        return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
 
-    def embed_patches(self, x, weight, bias, pos_embed, patch_size, ids_keep):
-        n, num_tokens = x.shape[0], pos_embed.shape[0]
-        if ids_keep is None:
-            ids_keep = torch.arange(num_tokens, device=x.device).expand(n, num_tokens)
-        k = ids_keep.shape[1]
-        out = self.k.embed_kept_patches(x, ids_keep.reshape(-1), self._seg(n, k, x.device), weight, bias,
-                                        pos_embed, patch_size)
-        return out.view(n, k, -1)
+    def ln_modulate(self, x, shift, scale, layout):
+        return self.k.ln_modulate(x, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
 
-    def ln_modulate(self, x, shift, scale):
-        n, t, d = x.shape
-        y = self.k.ln_modulate(x.reshape(n * t, d), shift, scale, self._seg(n, t, x.device),
-                               out_dtype=_autocast_dtype(x))
-        return y.view(n, t, d)
+    def residual_ln_modulate(self, x, h, gate, shift, scale, layout):
+        return self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
 
-    def residual_ln_modulate(self, x, h, gate, shift, scale):
-        n, t, d = x.shape
-        x_new, y = self.k.gated_residual_ln_modulate(
-            x.reshape(n * t, d), h.reshape(n * t, d), gate, shift, scale, self._seg(n, t, x.device),
-            out_dtype=_autocast_dtype(x))
-        return x_new.view(n, t, d), y.view(n, t, d)
-
-    def insert_mask_tokens(self, x_kept, ids_keep, mask_token, pos_embed):
-        n, k, d = x_kept.shape
-        if ids_keep is None:
-            return x_kept + pos_embed
+    def insert_mask_tokens(self, x_kept, layout, mask_token, pos_embed):
         # the decoder's residual stream is kept in the parameters' precision, as in the torch backend
         dtype = torch.promote_types(x_kept.dtype, pos_embed.dtype)
-        return self.k.insert_mask_tokens(x_kept.reshape(n * k, d).to(dtype), ids_keep.reshape(-1),
-                                         self._seg(n, k, x_kept.device), mask_token.to(dtype), pos_embed.to(dtype), n)
+        out = self.k.insert_mask_tokens(x_kept.to(dtype), layout.ids, layout.seg, mask_token.to(dtype),
+                                        pos_embed.to(dtype), layout.num_samples)
+        return out.view(-1, out.shape[-1])
 
 
 _TORCH = TorchOps()

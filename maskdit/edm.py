@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from . import ops
 from .backends import get_ops
-from .masking import mask_from_ids_keep
+from .masking import mask_from_ids_keep, token_layout
 
 
 class EDMPrecond(nn.Module):
@@ -48,7 +48,9 @@ class EDMLoss:
     DSM: lambda (D - y)^2 averaged over each token's p*p*C values, then over the sample's visible
     tokens, lambda = (s^2 + sd^2)/(s sd)^2.  MAE: the noisy input y + n, patchified and normalised per
     patch ((t - mean)/sqrt(var + 1e-6), unbiased var), against D patchified; per-token MSE averaged over
-    the masked tokens, no lambda.  Without ``ids_keep`` only DSM over all tokens.  Returns (N,).
+    the masked tokens, no lambda.  Each sample averages over its own visible and masked counts (with
+    per-sample ratios they differ; a sample that keeps every token has only the DSM term).  Without
+    ``ids_keep`` only DSM over all tokens.  Returns (N,).
 
     When the network runs the triton backend the loss is the fused kernel ``kernels.edm_loss`` on the
     network's token-layout output (no unpatchify/patchify round trip); otherwise ``from_denoised``.
@@ -76,6 +78,8 @@ class EDMLoss:
         sigma = sigma.float().reshape(n_batch, 1, 1, 1)
         noisy = y + noise.float() * sigma
         model = net.model
+        if ids_keep is not None and hasattr(model, "num_tokens"):  # pack once for the network and the loss
+            ids_keep = token_layout(ids_keep, n_batch, model.num_tokens, y.device)
         if get_ops(getattr(model, "backend", "torch"), y.device).name == "triton":  # other networks: reference
             from kernels.edm_loss import edm_loss
 
@@ -84,7 +88,7 @@ class EDMLoss:
             if ids_keep is None:
                 masked = torch.zeros(n_batch, model.num_tokens, dtype=torch.bool, device=y.device)
             else:
-                masked = mask_from_ids_keep(ids_keep, model.num_tokens)
+                masked = ids_keep.masked()
             return edm_loss(f_tok, y, noisy, sigma.flatten(), masked, model.patch_size, self.sigma_data, self.mae_coef)
         denoised = net(noisy, sigma.flatten(), labels, ids_keep)
         return self.from_denoised(denoised, y, noisy, sigma.flatten(), ids_keep, model.patch_size)

@@ -1,19 +1,55 @@
-"""Random token masking (MAE-style per-sample shuffling)."""
+"""Random token masking (MAE-style per-sample shuffling) and the packed token layout.
+
+Packed layout: the kept tokens of all samples in one (T, D) tensor, sample after sample.  A
+``TokenLayout`` describes it: per token its index in the image (``ids``) and its sample (``seg``,
+int32), the cumulative lengths ``cu_seqlens`` (int32, N+1) and, on the host, the per-sample lengths.
+Equal lengths (the dense (N, K) case) are the same layout with ``uniform_len`` set.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 
 class Mask(NamedTuple):
-    """``ids_keep`` (N, K) token indices the encoder sees; ``ids_restore`` (N, L) the inverse of the
-    per-sample shuffle; ``mask`` (N, L) bool, True at masked (removed) tokens."""
+    """``ids_keep``: (N, K) token indices the encoder sees, or a list of N 1-D tensors when samples keep
+    different numbers of tokens; ``ids_restore`` (N, L) the inverse of each sample's shuffle; ``mask``
+    (N, L) bool, True at masked (removed) tokens."""
 
-    ids_keep: torch.Tensor
+    ids_keep: torch.Tensor | list[torch.Tensor]
     ids_restore: torch.Tensor
     mask: torch.Tensor
+
+
+class TokenLayout(NamedTuple):
+    """Where each packed token comes from.  ``lengths`` are host ints (no device sync to use them)."""
+
+    ids: torch.Tensor          # (T,) int64: token index within its image, row-major
+    seg: torch.Tensor          # (T,) int32: sample of each token
+    cu_seqlens: torch.Tensor   # (N + 1,) int32: start of each sample's tokens
+    lengths: tuple[int, ...]   # tokens kept per sample
+    num_tokens: int            # L, tokens per image
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def uniform_len(self) -> int | None:
+        """K when every sample keeps K tokens (dense (N, K) layout), else None."""
+        return self.lengths[0] if len(set(self.lengths)) == 1 else None
+
+    def masked(self) -> torch.Tensor:
+        """(N, L) bool, True at the tokens not in the layout."""
+        n, L = self.num_samples, self.num_tokens
+        mask = torch.ones(n * L, dtype=torch.bool, device=self.ids.device)
+        return mask.index_fill(0, self.seg.long() * L + self.ids, False).view(n, L)
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
@@ -21,30 +57,75 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
     return int(num_tokens * (1 - mask_ratio))
 
 
-def random_mask(batch: int, num_tokens: int, mask_ratio: float, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> Mask:
-    """Keep a uniformly random subset of K = int(L * (1 - mask_ratio)) tokens per sample.
+def _check_ratio(r) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1) (or an (N,) tensor of them), got {r!r}")
+    return float(r)
 
-    ``ids_keep`` lists the kept tokens in shuffle order (the order the official code uses).
-    The draw happens on ``device`` (default: the generator's device, else CPU).
+
+def random_mask(batch: int, num_tokens: int, mask_ratio: float | torch.Tensor,
+                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Mask:
+    """Keep a uniformly random subset of K = int(L * (1 - ratio)) tokens per sample.
+
+    ``mask_ratio`` is a float, or an (N,) tensor / sequence of per-sample ratios (then ``ids_keep`` is a
+    list of N tensors of different lengths).  ``ids_keep`` lists the kept tokens in shuffle order (the
+    official order).  The draw happens on ``device`` (default: the generator's device, else CPU).
     """
-    if not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     if batch < 1 or num_tokens < 1:
         raise ValueError(f"batch and num_tokens must be positive, got {batch} and {num_tokens}")
-    keep = num_kept(num_tokens, mask_ratio)
-    if keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps no token of {num_tokens}")
+    if isinstance(mask_ratio, (torch.Tensor, list, tuple)):
+        ratios = [_check_ratio(r) for r in torch.as_tensor(mask_ratio, dtype=torch.float64).tolist()]
+        if len(ratios) != batch:
+            raise ValueError(f"mask_ratio has {len(ratios)} per-sample ratios for a batch of {batch}")
+    else:
+        ratios = [_check_ratio(mask_ratio)] * batch
+    keep = [num_kept(num_tokens, r) for r in ratios]
+    if min(keep) < 1:
+        raise ValueError(f"mask_ratio {max(ratios)} keeps no token of {num_tokens}")
     if device is None:
         device = generator.device if generator is not None else "cpu"
     noise = torch.rand(batch, num_tokens, generator=generator, device=device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
-    mask = ids_restore >= keep
-    return Mask(ids_shuffle[:, :keep], ids_restore, mask)
+    keep_t = torch.tensor(keep, device=device)
+    mask = ids_restore >= keep_t[:, None]
+    if len(set(keep)) == 1:
+        return Mask(ids_shuffle[:, :keep[0]], ids_restore, mask)
+    return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, mask)
 
 
-def mask_from_ids_keep(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(N, L) bool mask, True at the tokens NOT listed in ``ids_keep`` (N, K)."""
-    mask = torch.ones(ids_keep.shape[0], num_tokens, dtype=torch.bool, device=ids_keep.device)
-    return mask.scatter(1, ids_keep, False)
+def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | None, batch: int, num_tokens: int,
+                 device) -> TokenLayout:
+    """The packed layout of ``ids_keep``: an (N, K) tensor, a list of N 1-D tensors, or None (all tokens)."""
+    if ids_keep is None:
+        ids_keep = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+    if isinstance(ids_keep, torch.Tensor):
+        if ids_keep.dtype != torch.int64 or ids_keep.ndim != 2 or ids_keep.shape[0] != batch \
+                or not 0 < ids_keep.shape[1] <= num_tokens:
+            raise ValueError(f"ids_keep must be an int64 tensor of shape ({batch}, K) with 0 < K <= {num_tokens}, "
+                             f"got {tuple(ids_keep.shape)} {ids_keep.dtype}")
+        k = ids_keep.shape[1]
+        seg = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(k)
+        cu = torch.arange(0, batch * k + 1, k, device=device, dtype=torch.int32)
+        return TokenLayout(ids_keep.reshape(-1), seg, cu, (k,) * batch, num_tokens)
+    ids_keep = list(ids_keep)
+    if len(ids_keep) != batch or any(not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != torch.int64
+                                     or not 0 < t.numel() <= num_tokens for t in ids_keep):
+        raise ValueError(f"ids_keep as a list must hold {batch} 1-D int64 tensors of 1..{num_tokens} token indices")
+    lengths = tuple(t.numel() for t in ids_keep)
+    lens = torch.tensor(lengths, device=device, dtype=torch.int32)
+    seg = torch.repeat_interleave(torch.arange(batch, device=device, dtype=torch.int32), lens,
+                                  output_size=sum(lengths))
+    cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    return TokenLayout(torch.cat(ids_keep).to(device), seg, cu, lengths, num_tokens)
+
+
+def mask_from_ids_keep(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout, num_tokens: int) -> torch.Tensor:
+    """(N, L) bool mask, True at the tokens NOT listed in ``ids_keep`` ((N, K), a list of 1-D tensors or a
+    ``TokenLayout``)."""
+    if isinstance(ids_keep, TokenLayout):
+        return ids_keep.masked()
+    if isinstance(ids_keep, torch.Tensor):
+        mask = torch.ones(ids_keep.shape[0], num_tokens, dtype=torch.bool, device=ids_keep.device)
+        return mask.scatter(1, ids_keep, False)
+    return token_layout(ids_keep, len(ids_keep), num_tokens, ids_keep[0].device).masked()

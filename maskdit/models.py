@@ -10,6 +10,7 @@ F(x; noise_label, class); ``maskdit.edm.EDMPrecond`` turns it into a denoiser.
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,9 @@ from . import ops as token_ops
 from .attention import attention
 from .backends import BACKENDS, get_ops
 from .config import ModelConfig, model_config
+from .masking import TokenLayout, token_layout
+
+IdsKeep = Union[torch.Tensor, Sequence[torch.Tensor], TokenLayout, None]
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, device=None) -> torch.Tensor:
@@ -102,11 +106,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        t, d = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, d // self.num_heads).unbind(1)
+        return self.proj(attention(q, k, v, layout).reshape(t, d))
 
 
 class Mlp(nn.Module):
@@ -137,10 +140,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, y, mod, next_shift, next_scale, ops):
+    def forward(self, x, y, mod, next_shift, next_scale, layout, ops):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, y = ops.residual_ln_modulate(x, self.attn(y), gate_msa, shift_mlp, scale_mlp)
-        return ops.residual_ln_modulate(x, self.mlp(y), gate_mlp, next_shift, next_scale)
+        x, y = ops.residual_ln_modulate(x, self.attn(y, layout), gate_msa, shift_mlp, scale_mlp, layout)
+        return ops.residual_ln_modulate(x, self.mlp(y), gate_mlp, next_shift, next_scale, layout)
 
 
 class DiT(nn.Module):
@@ -213,7 +216,7 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _check_inputs(self, x, noise_labels, class_labels, ids_keep):
+    def _check_inputs(self, x, noise_labels, class_labels):
         expect = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"x must have shape (N, {expect[0]}, {expect[1]}, {expect[2]}), got {tuple(x.shape)}")
@@ -224,17 +227,15 @@ class DiT(nn.Module):
             if class_labels is None or class_labels.shape != (n,) or class_labels.dtype != torch.int64:
                 got = None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)
                 raise ValueError(f"class_labels must be an int64 tensor of shape ({n},), got {got}")
-        if ids_keep is not None:
-            if ids_keep.dtype != torch.int64 or ids_keep.ndim != 2 or ids_keep.shape[0] != n \
-                    or not 0 < ids_keep.shape[1] <= self.num_tokens:
-                raise ValueError(f"ids_keep must be an int64 tensor of shape ({n}, K) with "
-                                 f"0 < K <= {self.num_tokens}, got {tuple(ids_keep.shape)} {ids_keep.dtype}")
 
     def forward_tokens(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                       ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+                       ids_keep: IdsKeep = None) -> torch.Tensor:
         """Network output in token layout, (N, L, p*p*C_out) (see ``forward``)."""
-        self._check_inputs(x, noise_labels, class_labels, ids_keep)
+        self._check_inputs(x, noise_labels, class_labels)
         ops = get_ops(self.backend, x.device)
+        n = x.shape[0]
+        layout = ids_keep if isinstance(ids_keep, TokenLayout) else \
+            token_layout(ids_keep, n, self.num_tokens, x.device)  # the encoder's packed tokens
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels)
@@ -244,34 +245,38 @@ class DiT(nn.Module):
         enc_mods, rest = mods[:self.config.depth], mods[self.config.depth:]
 
         tokens = ops.embed_patches(x, self.x_embedder.weight, self.x_embedder.bias, self.pos_embed,
-                                   self.patch_size, ids_keep)
-        tokens, y = self._run_blocks(self.blocks, enc_mods, rest[0], tokens, ops)
+                                   self.patch_size, layout)
+        tokens, y = self._run_blocks(self.blocks, enc_mods, rest[0], tokens, layout, ops)
         if self.config.use_decoder:
-            tokens = ops.insert_mask_tokens(self.decoder_layer(y), ids_keep, self.mask_token, self.decoder_pos_embed)
-            tokens, y = self._run_blocks(self.decoder_blocks, rest[1:-1], rest[-1], tokens, ops)
-            return self.final_layer(y)
-        out = self.final_layer(y)
-        if ids_keep is not None:  # DiT trained with masking: masked tokens output zeros
-            out = token_ops.scatter_tokens(out, ids_keep, self.num_tokens)
-        return out
+            tokens = ops.insert_mask_tokens(self.decoder_layer(y), layout, self.mask_token, self.decoder_pos_embed)
+            full = token_layout(None, n, self.num_tokens, x.device)  # the decoder sees every token
+            tokens, y = self._run_blocks(self.decoder_blocks, rest[1:-1], rest[-1], tokens, full, ops)
+            out = self.final_layer(y)
+        elif ids_keep is None:
+            out = self.final_layer(y)
+        else:  # DiT trained with masking: masked tokens output zeros
+            out = ops.scatter_tokens(self.final_layer(y), layout)
+        return out.view(n, self.num_tokens, -1)
 
     @staticmethod
-    def _run_blocks(blocks, block_mods, after_mod, tokens, ops):
+    def _run_blocks(blocks, block_mods, after_mod, tokens, layout, ops):
         """The blocks' chain of fused residual + LN-modulate; ``after_mod`` (shift, scale) is the LayerNorm
         modulation that follows the last block.  Returns the residual stream and its last modulated LN."""
         first = block_mods[0] if len(blocks) else after_mod
-        y = ops.ln_modulate(tokens, first[0], first[1])
+        y = ops.ln_modulate(tokens, first[0], first[1], layout)
         for i, block in enumerate(blocks):
             nxt = block_mods[i + 1] if i + 1 < len(blocks) else after_mod
-            tokens, y = block(tokens, y, block_mods[i], nxt[0], nxt[1], ops)
+            tokens, y = block(tokens, y, block_mods[i], nxt[0], nxt[1], layout, ops)
         return tokens, y
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+                ids_keep: IdsKeep = None) -> torch.Tensor:
         """Network output for all tokens, (N, C_out, H, W).
 
         x (N, C, H, W); noise_labels (N,) float; class_labels (N,) int64 where ``num_classes`` is the
-        null class; ids_keep (N, K) int64 token indices the encoder sees (None: all tokens).
+        null class; ids_keep: the token indices the encoder sees, row-major -- an (N, K) int64 tensor,
+        a list of N 1-D int64 tensors of different lengths, a ``TokenLayout``, or None (all tokens).
+        The encoder runs on the packed kept tokens; the decoder on all tokens.
         """
         out = self.forward_tokens(x, noise_labels, class_labels, ids_keep)
         return token_ops.unpatchify(out, self.patch_size, self.out_channels, self.input_size, self.input_size)

@@ -1,15 +1,19 @@
-"""Token-layout operations of the networks, in plain PyTorch.
+"""Token-layout operations of the networks, in plain PyTorch (the "torch" backend).
 
-These are the reference functions that the fused Triton kernels (``kernels/``) replace one for one.
-Conventions (see ``shared/design.md``): tokens are row-major over the (H/p, W/p) patch grid; a
-patch's p*p*C values are ordered (row in patch, column in patch, channel); per-sample conditioning
-tensors (shift, scale, gate) are (N, D).  Index tensors are (N, K): no N x K x D index is built.
+The fused Triton kernels (``kernels/``) replace them one for one.  Conventions (``shared/design.md``):
+tokens are row-major over the (H/p, W/p) patch grid; a patch's p*p*C values are ordered (row in patch,
+column in patch, channel); the kept tokens of a batch are packed as (T, D) with a ``TokenLayout``
+(``maskdit.masking``); per-sample conditioning tensors (shift, scale, gate) are (N, D).  When every sample
+keeps the same number of tokens, per-sample tensors broadcast over an (N, K, D) view; otherwise they are
+indexed per token.  No N x K x D index tensor is built.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .masking import TokenLayout
 
 LN_EPS = 1e-6
 
@@ -28,58 +32,51 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
 
 
-def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids_keep`` (N, K) of each sample of ``x`` (N, L, ...) -> (N, K, ...)."""
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-    return x[rows, ids_keep]
+def per_token(v: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, v) shaped so that x op v applies the per-sample (N, D) ``v`` to every token of (T, D) ``x``:
+    (N, K, D) and (N, 1, D) views for equal lengths, else (T, D) and the rows v[seg]."""
+    k = layout.uniform_len
+    if k is not None:
+        return x.view(layout.num_samples, k, x.shape[-1]), v.unsqueeze(1)
+    return x, v[layout.seg.long()]
 
 
-def embed_patches(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  pos_embed: torch.Tensor, patch_size: int,
-                  ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch embedding of the kept tokens plus their positional embedding.
+def embed_patches(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
+                  patch_size: int, layout: TokenLayout) -> torch.Tensor:
+    """Patch embedding of the kept tokens plus their positional embedding, (T, D).
 
-    x (N, C, H, W); weight (D, p*p*C); bias (D,); pos_embed (L, D); ids_keep (N, K) or None for all
-    tokens.  Returns (N, K, D).  Masked patches are never embedded.
+    x (N, C, H, W); weight (D, p*p*C); bias (D,); pos_embed (L, D).  Masked patches are never embedded.
     """
-    patches = patchify(x, patch_size)
-    if ids_keep is None:
-        return F.linear(patches, weight, bias) + pos_embed
-    return F.linear(gather_tokens(patches, ids_keep), weight, bias) + pos_embed[ids_keep]
+    patches = patchify(x, patch_size)[layout.seg.long(), layout.ids]
+    return F.linear(patches, weight, bias) + pos_embed[layout.ids]
 
 
-def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm (no affine, eps 1e-6) then adaLN: LN(x) * (1 + scale[s]) + shift[s].
-
-    x (N, T, D); shift, scale (N, D).
-    """
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) then adaLN: LN(x) * (1 + scale[s]) + shift[s]; x (T, D)."""
     y = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-    return y * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    y3, scale = per_token(scale, y, layout)
+    shift = per_token(shift, y, layout)[1]
+    return (y3 * (1 + scale) + shift).view(x.shape)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x + gate[s] * h with x, h (N, T, D) and gate (N, D)."""
-    return x + gate.unsqueeze(1) * h
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """x + gate[s] * h with x, h (T, D) and gate (N, D)."""
+    h3, gate = per_token(gate, h, layout)
+    return x + (gate * h3).view(h.shape)
 
 
-def insert_mask_tokens(x_kept: torch.Tensor, ids_keep: torch.Tensor | None, mask_token: torch.Tensor,
+def insert_mask_tokens(x_kept: torch.Tensor, layout: TokenLayout, mask_token: torch.Tensor,
                        pos_embed: torch.Tensor) -> torch.Tensor:
-    """The decoder's full sequence: kept rows at ``ids_keep``, ``mask_token`` elsewhere, plus ``pos_embed``.
-
-    x_kept (N, K, D); ids_keep (N, K) or None (all tokens kept, K = L); mask_token (D,);
-    pos_embed (L, D).  Returns (N, L, D).
-    """
-    if ids_keep is None:
-        return x_kept + pos_embed
-    n, _, d = x_kept.shape
-    rows = torch.arange(n, device=x_kept.device).unsqueeze(1)
-    full = mask_token.to(x_kept.dtype).expand(n, pos_embed.shape[0], d)
-    full = full.index_put((rows, ids_keep), x_kept)
-    return full + pos_embed
+    """The decoder's full sequence (N*L, D): kept rows at their positions, ``mask_token`` elsewhere,
+    plus ``pos_embed`` (L, D) on every row."""
+    n, L, d = layout.num_samples, layout.num_tokens, x_kept.shape[-1]
+    full = mask_token.to(x_kept.dtype).expand(n * L, d)
+    full = full.index_put((layout.seg.long() * L + layout.ids,), x_kept)
+    return (full.view(n, L, d) + pos_embed).view(n * L, d)
 
 
-def scatter_tokens(x_kept: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(N, K, D) kept rows placed at ``ids_keep`` in an (N, L, D) tensor of zeros."""
-    n, _, d = x_kept.shape
-    rows = torch.arange(n, device=x_kept.device).unsqueeze(1)
-    return x_kept.new_zeros(n, num_tokens, d).index_put((rows, ids_keep), x_kept)
+def scatter_tokens(x_kept: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(T, D) kept rows placed at their positions in an (N*L, D) tensor of zeros."""
+    n, L = layout.num_samples, layout.num_tokens
+    out = x_kept.new_zeros(n * L, x_kept.shape[-1])
+    return out.index_put((layout.seg.long() * L + layout.ids,), x_kept)

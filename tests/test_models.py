@@ -127,7 +127,7 @@ def test_mask_token_appears_exactly_at_masked_positions():
     n = 2
     mk = random_mask(n, 16, 0.75, generator=torch.Generator().manual_seed(3))
     m(torch.randn(n, 3, 8, 8), torch.randn(n), torch.tensor([0, 1]), mk.ids_keep)
-    dec_in = captured["x"] - m.decoder_pos_embed  # (N, L, Dd)
+    dec_in = captured["x"].view(n, 16, -1) - m.decoder_pos_embed  # (N, L, Dd)
     is_mask_token = (dec_in - m.mask_token).abs().amax(-1) < 1e-6
     assert torch.equal(is_mask_token, mk.mask)
 
