@@ -26,14 +26,16 @@ from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.data import batch_iterator, make_dataset
 from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
 from maskdit.images import save_grid, to_uint8
-from maskdit.masking import num_kept, random_mask
+from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import DiT
+from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
 from maskdit.training import EMA, ema_decay_at, make_optimizer
 
 DEFAULTS = dict(
     model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, steps=1000,
     lr=None, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.999, ema_warmup=True,
-    mask_ratio=0.5, mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
+    mask_ratio=0.5, mask_schedule="constant", mask_cosine_power=4.0, mask_ratio_dist="none", mask_schedule_start=0,
+    mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile=False,
 )
@@ -56,7 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, help="EMA decay per step (default 0.999; official 0.9999)")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                    help="cap the EMA decay at (1+step)/(10+step) early on (default on)")
-    p.add_argument("--mask-ratio", type=float, help="fraction of tokens masked per sample, in [0, 1) (default 0.5)")
+    p.add_argument("--mask-ratio", type=float, help="fraction of tokens masked per sample, in [0, 1) (default 0.5); "
+                                                    "the scale of --mask-schedule")
+    p.add_argument("--mask-schedule", help=f"mask ratio over the run: {', '.join(SCHEDULES)} (default constant); "
+                                           "progress counts from the step the schedule was set (a resume)")
+    p.add_argument("--mask-cosine-power", type=float, help="k of the cosine schedule r*cos(pi x/2)^k (default 4)")
+    p.add_argument("--mask-ratio-dist", help="per-sample ratios: none (default), unmasked:F (a fraction F of each "
+                                             "batch keeps all tokens), uniform:LO:HI")
     p.add_argument("--mae-coef", type=float, help="weight of the MAE term (default 0.1)")
     p.add_argument("--label-dropout", type=float, help="probability of the null class (default 0.1)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16 uses a grad scaler)")
@@ -88,6 +96,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
                 raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
                                  f"{saved[key]!r}; it cannot change within a run")
         cfg.update(saved)
+        if any(k in given for k in ("mask_schedule", "mask_ratio", "mask_cosine_power")):
+            cfg["mask_schedule_start"] = ckpt["step"]  # a new schedule (e.g. unmasking tuning) starts now
     cfg.update(given)
     cfg["betas"] = tuple(cfg["betas"])
     if cfg["lr"] is None:
@@ -119,6 +129,8 @@ def validate(cfg: dict) -> None:
                          f"of {cfg['model']}")
     if cfg["mask_ratio"] > 0 and num_kept((cfg["image_size"] // patch) ** 2, cfg["mask_ratio"]) < 1:
         raise ValueError(f"--mask-ratio {cfg['mask_ratio']} keeps no token at image size {cfg['image_size']}")
+    mask_ratio_schedule(cfg["mask_schedule"], cfg["mask_ratio"], cfg["mask_cosine_power"])
+    ratio_distribution(cfg["mask_ratio_dist"])
 
 
 def pick_device(name: str) -> torch.device:
@@ -171,6 +183,9 @@ def main(argv=None) -> str:
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     gen = torch.Generator(device).manual_seed(cfg["seed"])
+    host_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # per-sample ratio draws: host-side, no sync
+    schedule = mask_ratio_schedule(cfg["mask_schedule"], cfg["mask_ratio"], cfg["mask_cosine_power"])
+    ratio_dist = ratio_distribution(cfg["mask_ratio_dist"])
 
     step, nonfinite_total = 0, 0
     if ckpt is not None:
@@ -182,6 +197,7 @@ def main(argv=None) -> str:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["rng"]["generator"])
+        host_gen.set_state(ckpt["rng"]["host"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         step, nonfinite_total = ckpt["step"], ckpt.get("nonfinite_total", 0)
 
@@ -212,7 +228,7 @@ def main(argv=None) -> str:
         state = {
             "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"generator": gen.get_state(), "host": host_gen.get_state(), "torch": torch.get_rng_state()},
             "data": {"batch_size": cfg["batch_size"], "batches_done": batches_done, "images_done": images_done},
             "config": {"model": model_cfg.to_dict(), "train": cfg},
             "nonfinite_total": nonfinite_total + int(bad_total.item()),
@@ -242,9 +258,14 @@ def main(argv=None) -> str:
         b = images.shape[0]
         drop = torch.rand(b, generator=gen, device=device) < cfg["label_dropout"]
         labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        start = cfg["mask_schedule_start"]
+        ratio = schedule(min(max((step - start) / max(cfg["steps"] - start, 1), 0.0), 1.0))
+        ratios = ratio_dist(b, ratio, host_gen)
         ids_keep = None
-        if cfg["mask_ratio"] > 0:
-            ids_keep = random_mask(b, model.num_tokens, cfg["mask_ratio"], generator=gen, device=device).ids_keep
+        if max(ratios if isinstance(ratios, list) else [ratios]) > 0:  # a ratio of 0 takes the unmasked path
+            ids_keep = random_mask(b, model.num_tokens, ratios, generator=gen, device=device).ids_keep
+            # packed here, outside the compiled forward: only tensors and a few ints enter the graph
+            ids_keep = token_layout(ids_keep, b, model.num_tokens, device)
         sigma = loss_fn.sample_sigma(b, device, gen)
         noise = torch.randn(images.shape, generator=gen, device=device)
         with autocast:
@@ -283,7 +304,7 @@ def main(argv=None) -> str:
             rate = images_since_log / (now - t_log)
             nonfinite_total += n_bad
             record = {"step": step, "loss": mean_loss, "imgs_per_s": rate, "nonfinite": n_bad,
-                      "nonfinite_total": nonfinite_total, "lr": cfg["lr"], "mask_ratio": cfg["mask_ratio"],
+                      "nonfinite_total": nonfinite_total, "lr": cfg["lr"], "mask_ratio": ratio,
                       "time": time.time()}
             log.write(json.dumps(record) + "\n")
             log.flush()

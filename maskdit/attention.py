@@ -17,6 +17,7 @@ The path of each call is logged (logger "maskdit.attention", INFO, when it chang
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from collections import Counter
@@ -29,6 +30,7 @@ from .masking import TokenLayout
 log = logging.getLogger("maskdit.attention")
 PATHS_USED: Counter = Counter()
 _last_path = None
+_forced_path = None
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -53,8 +55,21 @@ def _record(path: str) -> None:
             _last_path = path
 
 
+@contextlib.contextmanager
+def forced_path(path: str | None):
+    """Make every ``attention`` call inside the block use ``path`` (benchmarks and tests)."""
+    global _forced_path
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
 def choose_path(q: torch.Tensor, layout: TokenLayout) -> str:
     """The implementation ``attention`` uses for these inputs."""
+    if _forced_path is not None:
+        return _forced_path
     if layout.uniform_len is not None:
         return "dense-sdpa"
     if q.is_cuda and q.dtype in _HALF:
@@ -92,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
     if path == "xformers-blockdiag":
         from xformers.ops import fmha
 
-        bias = fmha.BlockDiagonalMask.from_seqlens(list(layout.lengths))
+        bias = fmha.BlockDiagonalMask.from_seqlens(layout.lengths())  # host lengths: a sync
         return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
     if path == "padded-sdpa":
         return _padded_sdpa(q, k, v, layout)

@@ -2,8 +2,9 @@
 
 Packed layout: the kept tokens of all samples in one (T, D) tensor, sample after sample.  A
 ``TokenLayout`` describes it: per token its index in the image (``ids``) and its sample (``seg``,
-int32), the cumulative lengths ``cu_seqlens`` (int32, N+1) and, on the host, the per-sample lengths.
-Equal lengths (the dense (N, K) case) are the same layout with ``uniform_len`` set.
+int32), the cumulative lengths ``cu_seqlens`` (int32, N+1), and host ints: the sample count, the
+longest sample and, when every sample keeps K tokens (the dense (N, K) case), ``uniform_len`` = K.
+No field needs a device sync, and no per-sample host list enters a compiled graph.
 """
 
 from __future__ import annotations
@@ -24,26 +25,19 @@ class Mask(NamedTuple):
 
 
 class TokenLayout(NamedTuple):
-    """Where each packed token comes from.  ``lengths`` are host ints (no device sync to use them)."""
+    """Where each packed token comes from."""
 
     ids: torch.Tensor          # (T,) int64: token index within its image, row-major
     seg: torch.Tensor          # (T,) int32: sample of each token
     cu_seqlens: torch.Tensor   # (N + 1,) int32: start of each sample's tokens
-    lengths: tuple[int, ...]   # tokens kept per sample
+    num_samples: int           # N
     num_tokens: int            # L, tokens per image
+    max_len: int               # the longest sample's length (an upper bound is allowed)
+    uniform_len: int | None    # K when every sample keeps K tokens, else None
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def max_len(self) -> int:
-        return max(self.lengths)
-
-    @property
-    def uniform_len(self) -> int | None:
-        """K when every sample keeps K tokens (dense (N, K) layout), else None."""
-        return self.lengths[0] if len(set(self.lengths)) == 1 else None
+    def lengths(self) -> list[int]:
+        """Tokens kept per sample (reads ``cu_seqlens``: a device sync on CUDA)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
     def masked(self) -> torch.Tensor:
         """(N, L) bool, True at the tokens not in the layout."""
@@ -94,9 +88,12 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float | torch.Tensor,
     return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, mask)
 
 
-def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | None, batch: int, num_tokens: int,
+def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout | None, batch: int, num_tokens: int,
                  device) -> TokenLayout:
-    """The packed layout of ``ids_keep``: an (N, K) tensor, a list of N 1-D tensors, or None (all tokens)."""
+    """The packed layout of ``ids_keep``: an (N, K) tensor, a list of N 1-D tensors, None (all tokens), or
+    already a ``TokenLayout`` (returned as it is)."""
+    if isinstance(ids_keep, TokenLayout):
+        return ids_keep
     if ids_keep is None:
         ids_keep = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
     if isinstance(ids_keep, torch.Tensor):
@@ -107,17 +104,18 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | None, batch: 
         k = ids_keep.shape[1]
         seg = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(k)
         cu = torch.arange(0, batch * k + 1, k, device=device, dtype=torch.int32)
-        return TokenLayout(ids_keep.reshape(-1), seg, cu, (k,) * batch, num_tokens)
+        return TokenLayout(ids_keep.reshape(-1), seg, cu, batch, num_tokens, k, k)
     ids_keep = list(ids_keep)
     if len(ids_keep) != batch or any(not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != torch.int64
                                      or not 0 < t.numel() <= num_tokens for t in ids_keep):
         raise ValueError(f"ids_keep as a list must hold {batch} 1-D int64 tensors of 1..{num_tokens} token indices")
-    lengths = tuple(t.numel() for t in ids_keep)
+    lengths = [t.numel() for t in ids_keep]
     lens = torch.tensor(lengths, device=device, dtype=torch.int32)
     seg = torch.repeat_interleave(torch.arange(batch, device=device, dtype=torch.int32), lens,
                                   output_size=sum(lengths))
     cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-    return TokenLayout(torch.cat(ids_keep).to(device), seg, cu, lengths, num_tokens)
+    uniform = lengths[0] if all(n == lengths[0] for n in lengths) else None
+    return TokenLayout(torch.cat(ids_keep).to(device), seg, cu, batch, num_tokens, max(lengths), uniform)
 
 
 def mask_from_ids_keep(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout, num_tokens: int) -> torch.Tensor:

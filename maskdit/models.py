@@ -234,8 +234,7 @@ class DiT(nn.Module):
         self._check_inputs(x, noise_labels, class_labels)
         ops = get_ops(self.backend, x.device)
         n = x.shape[0]
-        layout = ids_keep if isinstance(ids_keep, TokenLayout) else \
-            token_layout(ids_keep, n, self.num_tokens, x.device)  # the encoder's packed tokens
+        layout = token_layout(ids_keep, n, self.num_tokens, x.device)  # the encoder's packed tokens
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels)

@@ -166,3 +166,31 @@ def test_train_script_reports_bad_config_without_traceback(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode != 0
     assert "error: --mask-ratio must be in [0, 1), got 1.5" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unmasking_tuning_resume_with_a_cosine_schedule(tmp_path):
+    run(tmp_path, "--steps", "4", "--log-every", "1")
+    train.main(["--resume", str(tmp_path), "--mask-schedule", "cosine", "--lr", "5e-5", "--steps", "12",
+                "--log-every", "1"])
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    ratios = [r["mask_ratio"] for r in records]
+    assert ratios[:4] == [0.5] * 4  # the first phase: constant
+    tuning = ratios[4:]  # logged after each step: progress (step-1-4)/8 of the tuning phase
+    assert tuning == sorted(tuning, reverse=True) and tuning[0] == pytest.approx(0.5) and tuning[-1] < 0.01
+    assert all(r["lr"] == 5e-5 for r in records[4:])
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 4
+
+
+@pytest.mark.parametrize("flags", [["--mask-schedule", "zero"], ["--mask-ratio", "0"],
+                                   ["--mask-ratio-dist", "unmasked:0.5"], ["--mask-ratio-dist", "uniform:0.2:0.8"]])
+def test_training_runs_with_schedules_and_per_sample_ratios(tmp_path, monkeypatch, flags):
+    seen = []
+    real = train.random_mask
+    monkeypatch.setattr(train, "random_mask", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    run(tmp_path, "--steps", "2", *flags)
+    if "zero" in flags or "0" in flags:
+        assert seen == []  # a ratio of 0 takes the unmasked path
+    else:
+        assert len(seen) == 2 and all(isinstance(r, list) and len(r) == 16 for r in seen)
+        if "unmasked:0.5" in flags:
+            assert all(sorted(r)[:8] == [0.0] * 8 and sorted(r)[8:] == [0.5] * 8 for r in seen)

@@ -86,9 +86,9 @@ def test_attention_paths_against_per_sample_sdpa(path):
     layout = token_layout(ids, 4, L, DEVICE)
     dtype = torch.bfloat16 if path != "padded-sdpa" else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(sum(layout.lengths), 3, 24, generator=g).to(DEVICE, dtype) for _ in range(3))
+    q, k, v = (torch.randn(sum(layout.lengths()), 3, 24, generator=g).to(DEVICE, dtype) for _ in range(3))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(attention(q, k, v, layout, path=path), reference_attention(q, k, v, layout.lengths),
+    torch.testing.assert_close(attention(q, k, v, layout, path=path), reference_attention(q, k, v, layout.lengths()),
                                **tol)
 
 
@@ -103,7 +103,7 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
         attention(q, k, v, layout, path="padded-sdpa")
     assert PATHS_USED["dense-sdpa"] == before + 1
     assert "attention path: padded-sdpa" in caplog.text
-    torch.testing.assert_close(out, reference_attention(q, k, v, layout.lengths), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout.lengths()), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention(q, k, v, layout, path="padded-sdpa"), out, atol=1e-5, rtol=1e-5)
 
 
@@ -126,7 +126,7 @@ def test_random_mask_per_sample_ratios():
 def test_token_layout():
     ids = mixed_ids()
     layout = token_layout(ids, 4, L, DEVICE)
-    assert layout.lengths == (1, 16, 7, 12) and layout.max_len == 16 and layout.uniform_len is None
+    assert layout.lengths() == [1, 16, 7, 12] and layout.max_len == 16 and layout.uniform_len is None
     assert layout.cu_seqlens.tolist() == [0, 1, 17, 24, 36] and layout.cu_seqlens.dtype == torch.int32
     assert layout.seg.tolist() == [0] + [1] * 16 + [2] * 7 + [3] * 12
     assert torch.equal(layout.ids, torch.cat(ids))
