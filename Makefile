@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 RUN    ?= runs/digits
 
-.PHONY: install test train sample lint bench-kernels gpu-check gpu-deps clean
+.PHONY: install test train sample lint bench bench-kernels gpu-check gpu-deps clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	@# Without a CUDA GPU install the CPU build of torch first, so that the bare torch requirement
 	@# below is already satisfied and pip does not fetch a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +35,13 @@ gpu-check:
 # pytest as plain files for a GPU machine without network: carry .gpu-deps with the working tree.
 gpu-deps:
 	$(PYTHON) -m pip install -q --target .gpu-deps pytest
+
+# Compute table (anywhere), training-step, sampling and kernel benchmarks (full tables need CUDA).
+bench: install
+	$(PY) bench/compute_table.py
+	$(PY) bench/train_step.py
+	$(PY) bench/sampling.py
+	$(PY) bench/kernels.py
 
 bench-kernels: install
 	$(PY) bench/kernels.py

@@ -13,5 +13,6 @@ setup(
     extras_require={
         "test": ["pytest", "ruff", "triton"],
         "triton": ["triton"],
+        "bench": ["matplotlib"],
     },
 )

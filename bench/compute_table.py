@@ -1,10 +1,12 @@
 """Model table: parameters and forward GMACs of every size, beside the DiT paper's figures.
 
-    python bench/compute_table.py            # markdown on stdout; runs anywhere (meta device)
+    python bench/compute_table.py            # markdown on stdout, compute.json/.md in bench/results/
+                                             # (runs anywhere: the meta device)
 
 GMACs are multiply-accumulates of one forward pass at batch 1 (the DiT paper's "Gflops"), counted by
 ``torch.utils.flop_counter`` (matrix products and attention).  MaskDiT's training forward sees
-int(L * (1 - 0.5)) tokens in its encoder; inference sees all of them.
+int(L * (1 - 0.5)) tokens in its encoder; inference sees all of them.  Training GFLOPs per image count
+the forward and the backward (2 FLOPs per multiply-accumulate).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import write_results  # noqa: E402
 from maskdit.config import PATCH_SIZES  # noqa: E402
-from maskdit.flops import count_parameters, forward_gmacs  # noqa: E402
+from maskdit.flops import count_parameters, forward_gmacs, train_gflops  # noqa: E402
 
 # The DiT paper's Table 4 (256x256: 32x32x4 latents) and its XL/2 figure at 512x512 (64x64x4).
 DIT_PAPER_GMACS = {(name, 32): g for name, g in {
@@ -41,6 +44,8 @@ def rows(sizes=("S", "B", "L", "XL"), patches=PATCH_SIZES, input_size=32, in_cha
                 paper_gmacs=DIT_PAPER_GMACS.get((dit, input_size)),
                 maskdit_train_gmacs=train_g, maskdit_infer_gmacs=forward_gmacs(mdit, **shape),
                 train_ratio=train_g / dit_g,
+                dit_train_gflops=train_gflops(dit, **shape),
+                maskdit_train_gflops=train_gflops(mdit, mask_ratio=0.5, **shape),
             ))
     return out
 
@@ -48,23 +53,29 @@ def rows(sizes=("S", "B", "L", "XL"), patches=PATCH_SIZES, input_size=32, in_cha
 def markdown(table, title):
     lines = [f"### {title}", "",
              "| size | DiT params | DiT GMACs | paper | MaskDiT params | MaskDiT train GMACs (r=0.5) | "
-             "vs DiT | MaskDiT inference GMACs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "vs DiT | MaskDiT inference GMACs | train GFLOP/img DiT | train GFLOP/img MaskDiT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         paper = f"{r['paper_gmacs']:.2f}" if r["paper_gmacs"] else "-"
         lines.append(f"| {r['size']} | {r['dit_params'] / 1e6:.1f}M | {r['dit_gmacs']:.2f} | {paper} | "
                      f"{r['maskdit_params'] / 1e6:.1f}M | {r['maskdit_train_gmacs']:.2f} | "
-                     f"{100 * r['train_ratio']:.1f}% | {r['maskdit_infer_gmacs']:.2f} |")
+                     f"{100 * r['train_ratio']:.1f}% | {r['maskdit_infer_gmacs']:.2f} | "
+                     f"{r['dit_train_gflops']:.1f} | {r['maskdit_train_gflops']:.1f} |")
     return "\n".join(lines)
 
 
 def main():
-    print(markdown(rows(), "256x256 (32x32x4 latents), batch 1"))
-    print()
-    print(markdown(rows(sizes=("XL",), patches=(2,), input_size=64), "512x512 (64x64x4 latents), batch 1"))
-    print()
-    print(markdown(rows(sizes=("T",), patches=(2,), input_size=16, in_channels=1, num_classes=10),
-                   "The CPU default: 16x16x1 digits, 10 classes"))
+    tables = {
+        "256x256 (32x32x4 latents), batch 1": rows(),
+        "512x512 (64x64x4 latents), batch 1": rows(sizes=("XL",), patches=(2,), input_size=64),
+        "The CPU default: 16x16x1 digits, 10 classes": rows(sizes=("T",), patches=(2,), input_size=16,
+                                                             in_channels=1, num_classes=10),
+    }
+    md = "\n\n".join(markdown(table, title) for title, table in tables.items())
+    print(md)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    write_results(out, "compute", {"gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's "
+                                   "'Gflops')", "tables": tables}, md)
 
 
 if __name__ == "__main__":

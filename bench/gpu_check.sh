@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make gpu-check: the CUDA checks, on an NVIDIA machine with torch and triton preinstalled and no network
 # (nothing is installed), within 8 minutes.  Runs the kernel, backend and varlen tests on CUDA (bf16
-# included), the kernel benchmark and the variable-length benchmark; results (tests.txt, kernels.*,
-# varlen.*) go to $RESULTS_DIR (default bench/results/<device>).  pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
+# included), the kernel benchmark, the variable-length benchmark and a reduced training-step benchmark;
+# results (tests.txt, kernels.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
+# bench/results/<device>).  pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +15,7 @@ mkdir -p "$RESULTS_DIR"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS_DIR/device.txt"
 if $PY -c "import pytest" 2>/dev/null; then
-  timeout 180 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/test_backends.py tests/test_varlen.py 2>&1 \
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/test_backends.py tests/test_varlen.py 2>&1 \
     | tail -40 \
     | tee "$RESULTS_DIR/tests.txt"
   status=${PIPESTATUS[0]}
@@ -22,6 +23,7 @@ else
   echo "pytest is not installed here and .gpu-deps is missing: CUDA tests skipped" | tee "$RESULTS_DIR/tests.txt"
   status=1
 fi
-timeout 180 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1
-timeout 100 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1
+timeout 150 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1
+timeout 90 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1
+timeout 120 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1
 exit $status

@@ -67,37 +67,32 @@ def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, C, H, W, GW, K, 
 
 
 @triton.jit
-def _patch_gather_kernel(X, IDS, SEG, PATCHES, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """PATCHES (T, K) fp32 = the kept patches of x."""
+def _patch_tile(IDS, SEG, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of (token, patch value): x offsets, (T, K) matrix offsets and the mask."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    kmask = ks < K
     tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
     s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
     offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
-    mask2 = rmask[:, None] & kmask[None, :]
-    v = tl.load(X + offs, mask=mask2, other=0.0).to(tl.float32)
-    tl.store(PATCHES + rows[:, None] * K + ks[None, :], v, mask=mask2)
+    return offs, rows[:, None] * K + ks[None, :], rmask[:, None] & (ks < K)[None, :]
+
+
+@triton.jit
+def _patch_gather_kernel(X, IDS, SEG, PATCHES, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """PATCHES (T, K) fp32 = the kept patches of x."""
+    offs, moffs, mask2 = _patch_tile(IDS, SEG, T, C, H, W, GW, K, P, BLOCK_T, BLOCK_K)
+    tl.store(PATCHES + moffs, tl.load(X + offs, mask=mask2, other=0.0).to(tl.float32), mask=mask2)
 
 
 @triton.jit
 def _patch_scatter_kernel(DPATCHES, IDS, SEG, DX, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """DX (N, C, H, W) fp32, zeroed, += DPATCHES (T, K) fp32 at the kept patches."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
-    kmask = ks < K
-    tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
-    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
-    offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
-    mask2 = rmask[:, None] & kmask[None, :]
-    g = tl.load(DPATCHES + rows[:, None] * K + ks[None, :], mask=mask2, other=0.0)
-    tl.atomic_add(DX + offs, g, mask=mask2)
+    offs, moffs, mask2 = _patch_tile(IDS, SEG, T, C, H, W, GW, K, P, BLOCK_T, BLOCK_K)
+    tl.atomic_add(DX + offs, tl.load(DPATCHES + moffs, mask=mask2, other=0.0), mask=mask2)
 
 
 def _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
