@@ -21,7 +21,8 @@ def environment(command: str | None = None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
     }
     try:
         import triton

@@ -1,0 +1,367 @@
+"""Training-step benchmark: DiT against MaskDiT, eager and compiled, PyTorch and Triton backends, over batch sizes.
+
+    python bench/train_step.py [--models M ...] [--impls I ...] [--batches B ...] [--steps 20] [--warmup 5]
+                               [--input-size 32] [--no-ema] [--threads N] [--quick] [--out DIR]
+
+One step is what ``train.py`` does per step, data loading and label dropout left out: draw sigma and the
+noise (and, for MaskDiT, ``random_mask`` at ratio 0.5 packed by ``token_layout`` outside the compiled
+function), the mean EDM loss of ``EDMPrecond(model)`` under bf16 autocast (the function ``train.py``
+compiles with ``--compile``), ``zero_grad(set_to_none=True)``, backward, the fused AdamW step (with
+``train.py``'s no-sync non-finite guard) and the EMA update (``--no-ema`` leaves it out).  DiT rows mask nothing.
+
+Implementations: ``torch`` (plain PyTorch ops, eager), ``torch+compile``, ``triton`` (fused kernels, eager),
+``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile`` (default mode).
+
+Method (CUDA): build the model on the GPU, run ``--warmup`` steps (compilation and autotuning happen
+here), then time ``--steps`` steps one by one with CUDA events and report the median.  Peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW and EMA state included).
+Achieved TFLOP/s = ``maskdit.flops.train_gflops`` (matrix products and attention of the model's forward +
+backward per image) x batch / step time; MFU = that / the dense bf16 matmul rate (8192^3,
+``triton.testing.do_bench``) measured in the same run.  Speed-ups: each MaskDiT row against the DiT of the
+same size, implementation and batch, and each row against eager ``torch`` for the same model and batch.
+An out-of-memory batch is recorded as such (larger batches of the same model and implementation are
+then skipped and marked out of memory too), the memory is freed and the sweep goes on.  Models are freed
+between configurations (and ``torch._dynamo`` reset, so no configuration reuses another's graphs).
+
+``--quick`` (``make gpu-check``, about 2 minutes on an H100): DiT-XL/2 and MaskDiT-XL/2, eager ``torch``
+and ``triton``, batch 64, 10 timed steps.
+
+Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
+latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
+against an fp32 1024^3 CPU matmul timed the same way (``bench.common.bench_ms``); no memory figure.  (At
+16x16 latents MaskDiT-S/2 costs more FLOPs than DiT-S/2: its 8-block, 512-wide decoder on all 64 tokens
+outweighs the halved S encoder; MaskDiT's saving needs the large encoders and 256 tokens of the GPU runs.)
+
+Writes train_step.json (environment, matmul rate, settings, rows), train_step.md and, when matplotlib is
+installed, train_step_throughput.png and train_step_memory.png into ``--out`` (default
+bench/results/<device>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import bench_ms, device_slug, environment, write_results  # noqa: E402
+from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
+from maskdit.flops import train_gflops  # noqa: E402
+from maskdit.masking import random_mask, token_layout  # noqa: E402
+from maskdit.models import create_model  # noqa: E402
+from maskdit.training import EMA  # noqa: E402
+
+IMPLS = ("torch", "torch+compile", "triton", "triton+compile")
+MASK_RATIO = 0.5
+IN_CHANNELS, NUM_CLASSES = 4, 1000
+EMA_DECAY = 0.9999  # the official recipe's
+
+# Defaults per mode; flags given on the command line override them.
+CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS), batches=[32, 64, 128, 256],
+                     steps=20, warmup=5, input_size=32)
+QUICK_DEFAULTS = dict(CUDA_DEFAULTS, impls=["torch", "triton"], batches=[64], steps=10, warmup=3)
+CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
+                    input_size=16)
+CPU_QUICK_DEFAULTS = dict(CPU_DEFAULTS, steps=3, warmup=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="model names (CUDA default: DiT-XL/2 MaskDiT-XL/2; add DiT-B/2 "
+                                               "MaskDiT-B/2 for smaller GPUs; CPU default: DiT-S/2 MaskDiT-S/2)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (CUDA default: all four; CPU: torch)")
+    p.add_argument("--batches", nargs="+", type=int, help="batch sizes (CUDA default: 32 64 128 256; CPU: 8)")
+    p.add_argument("--steps", type=int, help="timed steps per configuration (default 20; CPU 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 5; CPU 2)")
+    p.add_argument("--input-size", type=int, help="latent size (default 32: 256x256 images; CPU 16)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="include train.py's EMA update in the step (default on)")
+    p.add_argument("--threads", type=int, help="CPU only: torch.set_num_threads (default torch's; on a busy "
+                                               "machine 1 avoids OpenMP threads waiting on each other)")
+    p.add_argument("--quick", action="store_true", help="XL/2 models, eager torch and triton, batch 64, 10 steps")
+    p.add_argument("--out", help="results folder (default bench/results/<device>)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    defaults = (QUICK_DEFAULTS if args.quick else CUDA_DEFAULTS) if cuda else \
+        (CPU_QUICK_DEFAULTS if args.quick else CPU_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 1 or args.warmup < 0 or min(args.batches) < 1:
+        p.error("--steps and --batches must be >= 1, --warmup >= 0")
+    args.batches = sorted(set(args.batches))
+    return args
+
+
+def matmul_rate(device: torch.device) -> tuple[float, str]:
+    """(TFLOP/s, description) of a large dense matmul: bf16 8192^3 on CUDA, fp32 1024^3 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12, f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} matmul on {device.type}"
+
+
+def make_step(model, batch: int, device: torch.device, compiled: bool, ema: bool):
+    """A closure running one training step as train.py does (no data loading, no label dropout)."""
+    net, loss_fn = EDMPrecond(model), EDMLoss()
+    masked = model.config.use_decoder
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
+                                  fused=True)
+    averager = EMA(model, copy.deepcopy(model).eval()) if ema else None
+    images = torch.randn(batch, IN_CHANNELS, model.input_size, model.input_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def batch_loss(images, labels, ids_keep, sigma, noise):
+        return loss_fn(net, images, labels, ids_keep, sigma=sigma, noise=noise).mean()
+
+    if compiled:
+        batch_loss = torch.compile(batch_loss)
+
+    def step():
+        ids_keep = None
+        if masked:  # packed outside the compiled function, as in train.py
+            ids_keep = random_mask(batch, model.num_tokens, MASK_RATIO, device=device).ids_keep
+            ids_keep = token_layout(ids_keep, batch, model.num_tokens, device)
+        sigma = loss_fn.sample_sigma(batch, device)
+        noise = torch.randn(images.shape, device=device)
+        with autocast:
+            loss = batch_loss(images, labels, ids_keep, sigma, noise)
+        optimizer.zero_grad(set_to_none=True)
+        bad = ~torch.isfinite(loss.detach())
+        loss.backward()
+        optimizer.found_inf = bad.float()  # train.py's guard: the fused AdamW skips a non-finite step, no sync
+        optimizer.step()
+        del optimizer.found_inf
+        if averager is not None:
+            averager.update((1 - EMA_DECAY) * (~bad).float())  # a skipped step leaves the EMA as it is
+
+    return step
+
+
+def time_steps(step, steps: int, device: torch.device) -> tuple[list[float], float | None]:
+    """Milliseconds of each of ``steps`` steps, and the peak memory (GB) over them (None on the CPU)."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events], torch.cuda.max_memory_allocated() / 1e9
+
+
+def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dict:
+    """One configuration: build the model on the device, warm up, time; step_ms is the median."""
+    torch.manual_seed(0)
+    with device:
+        model = create_model(name, args.input_size, IN_CHANNELS, NUM_CLASSES, backend=impl.split("+")[0])
+    step = make_step(model, batch, device, impl.endswith("+compile"), args.ema)
+    for _ in range(args.warmup):
+        step()
+    times, peak = time_steps(step, args.steps, device)
+    ms = statistics.median(times)
+    return dict(step_ms=ms, step_ms_min=min(times), imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=peak)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    """Release the last configuration: its objects, compiled graphs and cached CUDA blocks."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def new_row(name: str, impl: str, batch: int, args, device: torch.device, gflops: float) -> dict:
+    """A result row with every field, the measured ones None until measured."""
+    return dict(model=name, impl=impl, batch=batch, resolution=8 * args.input_size, input_size=args.input_size,
+                mask_ratio=MASK_RATIO if name.startswith("MaskDiT") else 0.0,
+                precision="bf16" if device.type == "cuda" else "fp32", train_gflops_per_img=gflops,
+                step_ms=None, step_ms_min=None, imgs_per_s=None, peak_mem_gb=None, tflops=None, mfu=None,
+                oom=False, error=None)
+
+
+def fill_row(row: dict, args, device: torch.device, matmul_tflops: float) -> None:
+    """Measure the row's configuration into it; an error (out of memory or other) is recorded, not raised."""
+    try:
+        row.update(measure(row["model"], row["impl"], row["batch"], args, device))
+        row["tflops"] = row["train_gflops_per_img"] * row["batch"] / row["step_ms"]  # GFLOP / ms = TFLOP / s
+        row["mfu"] = row["tflops"] / matmul_tflops if matmul_tflops else None
+    except Exception as e:  # one failing configuration must not end the sweep
+        row.update(oom=is_oom(e), error="out of memory" if is_oom(e) else f"{type(e).__name__}: {e}")
+        if not row["oom"]:
+            traceback.print_exc()
+
+
+def sweep(args, device: torch.device, matmul_tflops: float) -> list[dict]:
+    """Every model x implementation x batch (ascending: once a batch runs out of memory the larger ones are
+    marked so without running), memory freed after each; then the speed-up fields."""
+    rows = []
+    for name in args.models:
+        gflops = train_gflops(name, args.input_size, IN_CHANNELS, NUM_CLASSES,
+                              mask_ratio=MASK_RATIO if name.startswith("MaskDiT") else 0.0)
+        for impl in args.impls:
+            oom_at = None
+            for batch in args.batches:
+                row = new_row(name, impl, batch, args, device, gflops)
+                if oom_at is None:
+                    fill_row(row, args, device, matmul_tflops)
+                    free_memory(device)  # after fill_row: a caught exception no longer holds the model
+                    oom_at = batch if row["oom"] else None
+                else:
+                    row.update(oom=True, error=f"out of memory (skipped: batch {oom_at} already ran out)")
+                rows.append(row)
+                print(progress_line(row), flush=True)
+    add_speedups(rows)
+    return rows
+
+
+def progress_line(r: dict) -> str:
+    head = f"{r['model']} {r['impl']} batch {r['batch']}:"
+    if r["step_ms"] is None:
+        return f"{head} {r['error']}"
+    mem = f", {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else ""
+    return f"{head} {r['step_ms']:.1f} ms, {r['imgs_per_s']:.0f} img/s, {r['tflops']:.3g} TFLOP/s{mem}"
+
+
+def _ratio(base: dict | None, row: dict) -> float | None:
+    if base is None or base.get("step_ms") is None or row.get("step_ms") is None:
+        return None
+    return base["step_ms"] / row["step_ms"]
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """``speedup_vs_dit``: MaskDiT rows against DiT of the same size, impl and batch (None for DiT rows);
+    ``speedup_vs_torch_eager``: every row against eager ``torch`` for its model and batch.  Ratios of
+    step times (= ratios of images/s); None where either side has no time (out of memory, not run)."""
+    index = {(r["model"], r["impl"], r["batch"]): r for r in rows}
+    for r in rows:
+        dit = None
+        if r["model"].startswith("MaskDiT-"):
+            dit = index.get((r["model"].replace("MaskDiT-", "DiT-", 1), r["impl"], r["batch"]))
+        r["speedup_vs_dit"] = _ratio(dit, r)
+        r["speedup_vs_torch_eager"] = _ratio(index.get((r["model"], "torch", r["batch"])), r)
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> str:
+    cuda = any(r["precision"] == "bf16" for r in rows)
+    timing = "median of CUDA-event step times" if cuda else "median of time.perf_counter step times"
+    lines = [f"## Training step: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
+             f"{args.input_size}x{args.input_size}x{IN_CHANNELS} latents ({8 * args.input_size}x"
+             f"{8 * args.input_size} images), {NUM_CLASSES} classes; {'bf16 autocast' if cuda else 'fp32'}; "
+             f"step = EDM loss fwd + bwd + fused AdamW{' + EMA' if args.ema else ''}; MaskDiT ratio {MASK_RATIO}; "
+             f"{args.warmup} warm-up then {args.steps} timed steps, {timing}.",
+             f"MFU against the measured {matmul[1]}: {matmul[0]:.3g} TFLOP/s.  TFLOP/s counts the model's "
+             "matrix products and attention (maskdit.flops.train_gflops).  Speed-ups are step-time ratios.", "",
+             "| model | impl | batch | res | step ms | img/s | peak GB | TFLOP/s | MFU | vs DiT | vs torch eager |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        head = f"| {r['model']} | {r['impl']} | {r['batch']} | {r['resolution']} |"
+        if r["step_ms"] is None:
+            lines.append(f"{head} {'OOM' if r['oom'] else 'error'} | | | | | | |")
+            continue
+        lines.append(f"{head} {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} | {_fmt(r['peak_mem_gb'], '.2f')} | "
+                     f"{r['tflops']:.3g} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
+                     f"{_fmt(r['speedup_vs_dit'], '.2f', 'x')} | {_fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} |")
+    errors = [r for r in rows if r["error"] and not r["oom"]]
+    if errors:
+        lines += ["", "Errors:"] + [f"- {r['model']} {r['impl']} batch {r['batch']}: {r['error'][:200]}"
+                                    for r in errors]
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out: str) -> list[str]:
+    """Throughput and peak memory against batch size, a line per model + impl; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG plots (pip install matplotlib)")
+        return []
+    os.makedirs(out, exist_ok=True)
+    paths, lines = [], {(r["model"], r["impl"]): [] for r in rows}
+    for r in rows:
+        lines[(r["model"], r["impl"])].append(r)
+    for key, ylabel, name in (("imgs_per_s", "images / s", "train_step_throughput.png"),
+                              ("peak_mem_gb", "peak memory (GB)", "train_step_memory.png")):
+        if all(r[key] is None for r in rows):
+            print(f"no {key} values: {name} not drawn")
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (model, impl), group in lines.items():  # colour: implementation; dashed: DiT, solid: MaskDiT
+            pts = [(r["batch"], r[key]) for r in group if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{IMPLS.index(impl)}", label=f"{model} {impl}",
+                        linestyle="-" if model.startswith("MaskDiT") else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
+        ax.set(xlabel="batch size", ylabel=ylabel, title=f"Training step: {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = environment()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        print("No CUDA device: the GPU tables (bf16, CUDA events, peak memory, triton and compiled rows) need "
+              f"CUDA. Running the reduced CPU benchmark instead: {' vs '.join(args.models)}, "
+              f"{args.input_size}x{args.input_size} latents, {', '.join(args.impls)}, fp32, "
+              f"batch {' '.join(map(str, args.batches))}, {args.steps} timed steps.", flush=True)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    matmul = matmul_rate(device)
+    print(f"matmul rate: {matmul[0]:.3g} TFLOP/s ({matmul[1]})", flush=True)
+    rows = sweep(args, device, matmul[0])
+    settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
+                    warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
+                    mask_ratio=MASK_RATIO, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
+                    precision="bf16 autocast" if device.type == "cuda" else "fp32",
+                    timing="median of per-step CUDA events" if device.type == "cuda" else
+                    "median of per-step time.perf_counter", cpu_threads=torch.get_num_threads())
+    payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
+    md = markdown(env, matmul, args, rows)
+    print(md)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    paths = write_results(out, "train_step", payload, md)
+    paths += tuple(plots(rows, out))
+    print("wrote", *paths)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

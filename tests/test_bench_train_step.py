@@ -1,0 +1,101 @@
+"""bench/train_step.py: a tiny real run of its CPU path, and the sweep's bookkeeping (speed-ups, out of memory)."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from bench import train_step
+
+FIELDS = ("model", "impl", "batch", "resolution", "step_ms", "imgs_per_s", "peak_mem_gb", "tflops", "mfu",
+          "speedup_vs_dit", "speedup_vs_torch_eager", "oom", "error")
+
+
+def _close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: on a busy 2-core machine two OpenMP threads can make these tiny steps 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_writes_consistent_results(tmp_path, one_thread):
+    payload = train_step.main(["--models", "DiT-T/2", "MaskDiT-T/2", "--impls", "torch", "--batches", "4",
+                               "--steps", "2", "--warmup", "1", "--input-size", "8", "--out", str(tmp_path)])
+    with open(tmp_path / "train_step.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(payload["rows"]))
+    for key in ("device", "torch", "triton", "cuda", "date", "command", "matmul_tflops", "settings"):
+        assert key in saved
+    assert saved["matmul_tflops"] > 0
+    rows = {r["model"]: r for r in saved["rows"]}
+    assert set(rows) == {"DiT-T/2", "MaskDiT-T/2"}
+    for r in rows.values():
+        assert all(k in r for k in FIELDS)
+        assert (r["impl"], r["batch"], r["resolution"], r["oom"], r["error"]) == ("torch", 4, 64, False, None)
+        assert r["step_ms"] > 0 and _close(r["imgs_per_s"], 4 / (r["step_ms"] * 1e-3))
+        assert _close(r["tflops"], r["train_gflops_per_img"] * 4 / r["step_ms"])
+        assert _close(r["mfu"], r["tflops"] / saved["matmul_tflops"])
+        assert r["speedup_vs_torch_eager"] == 1.0
+        if not torch.cuda.is_available():
+            assert r["peak_mem_gb"] is None
+    assert rows["DiT-T/2"]["speedup_vs_dit"] is None
+    assert _close(rows["MaskDiT-T/2"]["speedup_vs_dit"], rows["DiT-T/2"]["step_ms"] / rows["MaskDiT-T/2"]["step_ms"])
+    md = (tmp_path / "train_step.md").read_text()
+    assert "| model | impl | batch |" in md and "| MaskDiT-T/2 | torch | 4 | 64 |" in md
+    png = os.path.exists(tmp_path / "train_step_throughput.png")
+    try:
+        import matplotlib  # noqa: F401
+        assert png
+    except ImportError:
+        assert not png
+
+
+def test_sweep_records_oom_and_speedups(monkeypatch):
+    """Step times made up by a fake measurement: MaskDiT triton runs out of memory at batch 8, so batch 16
+    is skipped as out of memory; speed-ups are the step-time ratios and None where a side is missing."""
+    step_ms = {("DiT-T/2", "torch"): 10.0, ("DiT-T/2", "triton"): 8.0,
+               ("MaskDiT-T/2", "torch"): 6.0, ("MaskDiT-T/2", "triton"): 4.0}
+    calls = []
+
+    def fake_measure(name, impl, batch, args, device):
+        calls.append((name, impl, batch))
+        if (name, impl) == ("MaskDiT-T/2", "triton") and batch >= 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ms = step_ms[(name, impl)] * batch
+        return dict(step_ms=ms, step_ms_min=ms, imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=0.1 * batch)
+
+    monkeypatch.setattr(train_step, "measure", fake_measure)
+    args = train_step.parse_args(["--models", "DiT-T/2", "MaskDiT-T/2", "--impls", "torch", "triton",
+                                  "--batches", "16", "4", "8", "--input-size", "8"])
+    rows = train_step.sweep(args, torch.device("cpu"), matmul_tflops=2.0)
+    assert ("MaskDiT-T/2", "triton", 16) not in calls and len(calls) == 11
+    index = {(r["model"], r["impl"], r["batch"]): r for r in rows}
+    assert len(index) == 12
+    for key in (("MaskDiT-T/2", "triton", 8), ("MaskDiT-T/2", "triton", 16)):
+        r = index[key]
+        assert r["oom"] and "out of memory" in r["error"]
+        assert r["step_ms"] is None and r["speedup_vs_dit"] is None and r["speedup_vs_torch_eager"] is None
+    r = index[("MaskDiT-T/2", "triton", 4)]
+    assert r["speedup_vs_dit"] == pytest.approx(8.0 / 4.0) and r["speedup_vs_torch_eager"] == pytest.approx(6.0 / 4.0)
+    assert r["mfu"] == pytest.approx(r["tflops"] / 2.0)
+    assert index[("MaskDiT-T/2", "torch", 16)]["speedup_vs_dit"] == pytest.approx(10.0 / 6.0)
+    assert index[("DiT-T/2", "triton", 8)]["speedup_vs_torch_eager"] == pytest.approx(10.0 / 8.0)
+    md = train_step.markdown(dict(device="test", torch="x", triton="y", cuda=None, date="today"), (2.0, "fake"),
+                             args, rows)
+    assert md.count("| OOM |") == 2 and "Errors:" not in md
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    row = dict(model="DiT-T/2", impl="torch", batch=4, imgs_per_s=1.0, peak_mem_gb=None)
+    assert train_step.plots([row], str(tmp_path)) == []
+    assert os.listdir(tmp_path) == []
