@@ -6,6 +6,10 @@
 Writes PREFIX.png (a grid: one row per class with --num-per-class) and PREFIX.npz holding
 ``images`` (N, H, W, C) uint8 and ``labels`` (N,).  Image i's noise depends only on --seed and i, so
 results do not depend on --batch-size.
+
+A model trained on VAE latents (--dataset latents:DIR) samples latents; they are decoded to images with the
+VAE recorded in DIR/meta.json, or the one given by --vae (a local folder or a hub name; needs diffusers).
+--vae also decodes the samples of a checkpoint without a training config (e.g. converted official weights).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.edm import EDMPrecond, edm_sample
 from maskdit.images import save_grid, to_uint8
+from maskdit.latents import LATENT_PREFIX, decode_latents, load_vae, read_meta, vae_scale
 from maskdit.models import DiT
 
 
@@ -37,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to use (default ema)")
     p.add_argument("--max-classes", type=int, default=None, help="with --num-per-class, only the first classes")
     p.add_argument("--device", default="auto")
+    p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub name); default: "
+                   "the VAE in the latent folder's meta.json when the model was trained on latents")
     p.add_argument("--out", default="samples", help="output prefix: writes PREFIX.png and PREFIX.npz")
     return p.parse_args(argv)
 
@@ -45,6 +52,30 @@ def image_noise(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch
     """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
                         for i in index])
+
+
+def latent_decoder(ckpt: dict, vae: str | None, device: torch.device):
+    """A function latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] when the checkpoint was trained on
+    latents (dataset ``latents:DIR``) or ``vae`` is given; None for pixel models.  The VAE defaults to the one
+    in DIR/meta.json, the scale to the one the latents were made with (else the VAE's own, 0.18215 for SD)."""
+    spec = str(ckpt["config"].get("train", {}).get("dataset") or "")
+    meta = None
+    if spec.startswith(LATENT_PREFIX):
+        try:
+            meta = read_meta(spec[len(LATENT_PREFIX):])
+        except ValueError as e:
+            if vae is None:
+                raise ValueError(f"the checkpoint was trained on {spec!r}, whose meta.json names the VAE, but {e}: "
+                                 "pass --vae PATH_OR_HUB_NAME (the VAE that encoded those latents)") from None
+    elif vae is None:
+        return None
+    model = load_vae(vae or meta["vae"], device)
+    channels = ckpt["config"]["model"]["in_channels"]
+    if model.config.latent_channels != channels:
+        raise ValueError(f"the VAE has {model.config.latent_channels} latent channels, the model {channels}: "
+                         "--vae only decodes models trained on that VAE's latents")
+    scale = (meta or {}).get("scale") or vae_scale(model)
+    return lambda z: decode_latents(model, z, scale)
 
 
 def main(argv=None) -> tuple[str, str]:
@@ -58,6 +89,7 @@ def main(argv=None) -> tuple[str, str]:
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
     net = EDMPrecond(model)
+    decode = latent_decoder(ckpt, args.vae, device)
 
     if args.labels is not None:
         bad = [y for y in args.labels if not 0 <= y < max(model.num_classes, 1)]
@@ -80,6 +112,8 @@ def main(argv=None) -> tuple[str, str]:
         noise = image_noise(args.seed, idx, shape).to(device)
         y = labels[idx].to(device) if model.num_classes else None
         out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale)
+        if decode is not None:
+            out = decode(out)
         images.append(to_uint8(out))
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
@@ -87,7 +121,7 @@ def main(argv=None) -> tuple[str, str]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     png, npz = args.out + ".png", args.out + ".npz"
     rows = len(labels) // per if args.labels is None else 1
-    save_grid(images, rows=rows, path=png, scale=max(1, 64 // model.input_size))
+    save_grid(images, rows=rows, path=png, scale=max(1, 64 // images.shape[1]))
     np.savez(npz, images=images, labels=labels.numpy())
     print(f"wrote {png} and {npz}")
     return png, npz
@@ -96,5 +130,5 @@ def main(argv=None) -> tuple[str, str]:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, ImportError) as e:  # ImportError: the VAE needs diffusers, which is not installed
         sys.exit(f"error: {e}")

@@ -3,8 +3,11 @@
     python train.py                      # a tiny MaskDiT on the bundled digits, a few minutes on a CPU
     python train.py --model MaskDiT-B/2 --dataset path/to/images --image-size 64 --precision bf16
     python train.py --resume runs/NAME   # continue a run exactly where its last checkpoint left it
+    torchrun --nproc_per_node=8 train.py --model MaskDiT-XL/2 ...   # DDP (add --fsdp to shard the model)
 
 A run folder (printed at start) receives checkpoint-<step>.pt files, log.jsonl and samples.png.
+With N processes the global batch is --batch-size x N x --grad-accum; it alone defines the data stream and
+the random draws, so N processes train like one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from maskdit import distributed
 from maskdit.backends import BACKENDS
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig, model_config, parse_model_name
@@ -32,15 +36,18 @@ from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
 from maskdit.training import EMA, ema_decay_at, make_optimizer
 
 DEFAULTS = dict(
-    model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, steps=1000,
+    model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, grad_accum=1, steps=1000,
     lr=None, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.999, ema_warmup=True,
     mask_ratio=0.5, mask_schedule="constant", mask_cosine_power=4.0, mask_ratio_dist="none", mask_schedule_start=0,
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile=False,
+    fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
 )
 # Settings that define the network and its data: fixed for the life of a run.
 FIXED_ON_RESUME = ("model", "dataset", "image_size")
+# Settings of one launch, not inherited by a resume: a sharded run may continue unsharded and vice versa.
+PER_LAUNCH = ("fsdp", "time_budget")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help=f"network name, e.g. MaskDiT-XL/2, DiT-B/4 (default {DEFAULTS['model']})")
     p.add_argument("--dataset", help="'digits' (bundled) or an image folder root/<class>/<images>")
     p.add_argument("--image-size", type=int, help="training resolution (default 16)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process and micro-batch (default 64)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimizer step (default 1); the "
+                                                  "global batch is batch size x processes x grad accum")
     p.add_argument("--steps", type=int, help="train until this many steps in total (default 1000)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-4, the official recipe; 1e-3 for the "
                                             "CPU-sized T models, which 1e-4 trains too slowly for a demo)")
@@ -77,6 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKENDS,
                    help="'triton' fused kernels, 'torch' plain PyTorch, 'auto' (default): triton on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
+                   help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
+    p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
+                                                  "steps; it is always reported at the end of a digits run")
+    p.add_argument("--eval-every-seconds", type=float, help="... or every S seconds of training time (checked at "
+                                                            "log steps)")
+    p.add_argument("--eval-per-class", type=int, help="samples per class of the digits metric (default 10, with "
+                                                      "10 Heun steps: about 15 s on 2 CPU cores)")
+    p.add_argument("--time-budget", type=float, help="stop after S seconds of training time (evaluation and "
+                                                     "checkpoints excluded; checked at log steps; 0: no limit)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="also log to TensorBoard in the run folder (needs the tensorboard package)")
     p.add_argument("--grid-per-class", type=int, help="samples per class row in samples.png (default 10; 0: none)")
     p.add_argument("--sample-steps", type=int, help="Heun steps for samples.png (default 40)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale for samples.png (default 1.5)")
@@ -95,7 +116,7 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
             if key in given and given[key] != saved[key]:
                 raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
                                  f"{saved[key]!r}; it cannot change within a run")
-        cfg.update(saved)
+        cfg.update({k: v for k, v in saved.items() if k not in PER_LAUNCH})
         if any(k in given for k in ("mask_schedule", "mask_ratio", "mask_cosine_power")):
             cfg["mask_schedule_start"] = ckpt["step"]  # a new schedule (e.g. unmasking tuning) starts now
     cfg.update(given)
@@ -111,6 +132,9 @@ def validate(cfg: dict) -> None:
     checks = [
         (0 <= cfg["mask_ratio"] < 1, f"--mask-ratio must be in [0, 1), got {cfg['mask_ratio']}"),
         (cfg["batch_size"] >= 1, f"--batch-size must be >= 1, got {cfg['batch_size']}"),
+        (cfg["grad_accum"] >= 1, f"--grad-accum must be >= 1, got {cfg['grad_accum']}"),
+        (not (cfg["fsdp"] and cfg["precision"] == "fp16"),
+         "--fsdp supports --precision fp32 and bf16, not fp16 (its grad scaler would see only local shards)"),
         (cfg["steps"] >= 0, f"--steps must be >= 0, got {cfg['steps']}"),
         (cfg["lr"] > 0, f"--lr must be positive, got {cfg['lr']}"),
         (0 <= cfg["ema_decay"] < 1, f"--ema-decay must be in [0, 1), got {cfg['ema_decay']}"),
@@ -129,8 +153,15 @@ def validate(cfg: dict) -> None:
                          f"of {cfg['model']}")
     if cfg["mask_ratio"] > 0 and num_kept((cfg["image_size"] // patch) ** 2, cfg["mask_ratio"]) < 1:
         raise ValueError(f"--mask-ratio {cfg['mask_ratio']} keeps no token at image size {cfg['image_size']}")
+    if (cfg["eval_every"] > 0 or cfg["eval_every_seconds"] > 0) and cfg["dataset"] != "digits":
+        raise ValueError("--eval-every/--eval-every-seconds use the digits metric: they need --dataset digits")
     mask_ratio_schedule(cfg["mask_schedule"], cfg["mask_ratio"], cfg["mask_cosine_power"])
     ratio_distribution(cfg["mask_ratio_dist"])
+    if cfg["tensorboard"]:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -142,8 +173,9 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device) -> None:
-    """A PNG grid from the EMA weights with CFG: one row per class (up to grid_max_classes)."""
+def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device, decode=None) -> None:
+    """A PNG grid from the EMA weights with CFG: one row per class (up to grid_max_classes); ``decode`` maps
+    latents to images (VAE) for latent datasets."""
     classes = min(ema_model.num_classes, cfg["grid_max_classes"])
     per = cfg["grid_per_class"]
     labels = torch.arange(classes, device=device).repeat_interleave(per)
@@ -151,7 +183,18 @@ def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device) -> 
     shape = (len(labels), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
     noise = torch.randn(shape, generator=g, device=device)
     images = edm_sample(EDMPrecond(ema_model), noise, labels, num_steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"])
-    save_grid(to_uint8(images), rows=classes, path=path, scale=max(1, 64 // ema_model.input_size))
+    if decode is not None:
+        images = decode(images)
+    save_grid(to_uint8(images), rows=classes, path=path, scale=max(1, 64 // images.shape[-1]))
+
+
+def evaluate_digits(ema_model: DiT, cfg: dict, device: torch.device) -> dict:
+    """The digits metric of the EMA weights: Frechet distance of a digits classifier's features and the
+    class accuracy of guided samples."""
+    from maskdit.digits_metric import digits_quality
+
+    return digits_quality(ema_model, device=device, num_per_class=cfg["eval_per_class"], cfg_scale=cfg["cfg_scale"],
+                          steps=10, seed=cfg["seed"])
 
 
 def main(argv=None) -> str:
@@ -159,39 +202,65 @@ def main(argv=None) -> str:
     ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
     cfg = resolve_config(args, ckpt)
     validate(cfg)
-    device = pick_device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
+    env = distributed.setup(pick_device(cfg["device"]))  # joins the process group under torchrun
+    micro_batch = cfg["batch_size"]
+    if ckpt is not None and args.batch_size is None and args.grad_accum is None:
+        # resumed with another number of processes: keep the global batch by accumulating more or fewer steps
+        saved_global = ckpt["data"]["batch_size"]
+        if saved_global % (micro_batch * env.world_size) == 0:
+            cfg["grad_accum"] = saved_global // (micro_batch * env.world_size)
+    device, accum = env.device, cfg["grad_accum"]
+    global_batch = env.global_batch(micro_batch, accum)
+    fsdp = cfg["fsdp"] and env.distributed
 
+    def say(*msg):  # rank 0 alone prints, logs and writes files
+        if env.is_main:
+            print(*msg, flush=True)
+
+    torch.manual_seed(cfg["seed"])
     dataset = make_dataset(cfg["dataset"], cfg["image_size"])
+    latent = getattr(dataset, "is_latent", False)  # VAE moments, resampled into latents every step
+    periodic_eval = cfg["eval_every"] > 0 or cfg["eval_every_seconds"] > 0
+    # digits runs report the metric at the end, with the sample grid, and periodically when asked
+    evaluate = cfg["dataset"] == "digits" and (periodic_eval or cfg["grid_per_class"] > 0)
+    evaluate = evaluate and not fsdp  # the metric needs the unsharded EMA network
+    if global_batch > len(dataset):
+        raise ValueError(f"the global batch {global_batch} (--batch-size {micro_batch} x {env.world_size} processes "
+                         f"x --grad-accum {accum}) is larger than the dataset ({len(dataset)} images)")
     if ckpt is not None:
         model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
     else:
-        model_cfg = model_config(cfg["model"], input_size=cfg["image_size"], in_channels=dataset.channels,
+        size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
+        model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
                                  num_classes=dataset.num_classes)
     model = DiT(model_cfg, backend=cfg["backend"]).to(device)
-    ema_model = copy.deepcopy(model).eval()
-    ema = EMA(model, ema_model)
+    n_params = sum(p.numel() for p in model.parameters())
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     net = EDMPrecond(model)
     loss_fn = EDMLoss(mae_coef=cfg["mae_coef"])
-
-    def batch_loss(images, labels, ids_keep, sigma, noise):
-        return loss_fn(net, images, labels, ids_keep, sigma=sigma, noise=noise).mean()
-
+    # The module whose forward gives the per-sample loss: itself, DDP around it, or FSDP2 (blocks + root).
+    train_module = distributed.wrap(distributed.LossModule(net, loss_fn), env, fsdp=fsdp)
+    if fsdp:  # the EMA is sharded like the model and averaged shard by shard
+        distributed.shard(ema_model, ema_model)
+        ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model))
+    else:  # every process holds the same all-reduced weights and updates the same EMA
+        ema = EMA(model, ema_model)
     if cfg["compile"]:
-        batch_loss = torch.compile(batch_loss)
+        train_module = torch.compile(train_module)
     optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
+    # One stream of noise/mask/label-dropout draws, the same on every process (each keeps its rows).
     gen = torch.Generator(device).manual_seed(cfg["seed"])
     host_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # per-sample ratio draws: host-side, no sync
     schedule = mask_ratio_schedule(cfg["mask_schedule"], cfg["mask_ratio"], cfg["mask_cosine_power"])
     ratio_dist = ratio_distribution(cfg["mask_ratio_dist"])
 
     step, nonfinite_total = 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:  # every process loads the complete state (and shards it under FSDP)
+        distributed.load_full_state_dict(model, ckpt["model"])
+        distributed.load_full_state_dict(ema_model, ckpt["ema"])
+        distributed.load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         for group in optimizer.param_groups:  # flags may change lr / betas / weight decay on resume
             group.update(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
         if scaler is not None and ckpt.get("scaler"):
@@ -203,97 +272,148 @@ def main(argv=None) -> str:
 
     run_dir = args.out or (os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume))) if args.resume else
                            os.path.join("runs", time.strftime("%Y%m%d-%H%M%S-") + cfg["model"].replace("/", "_")))
+    run_dir = distributed.broadcast_object(run_dir)  # rank 0's clock names the folder
     if not args.resume and latest_checkpoint(run_dir):
         raise ValueError(f"--out {run_dir!r} already holds checkpoints; continue it with --resume {run_dir} "
                          "or choose another --out")
-    os.makedirs(run_dir, exist_ok=True)
-    print(f"run folder: {run_dir}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
-          f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    say(f"run folder: {run_dir}")
+    say(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
+        f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
+    if env.distributed or accum > 1:
+        say(f"global batch {global_batch} = batch {micro_batch} x {env.world_size} processes x {accum} accumulated"
+            + (" (FSDP)" if fsdp else " (DDP)" if env.distributed else ""))
+    if cfg["fsdp"] and not env.distributed:
+        say("--fsdp: a single process has nothing to shard; it trains unsharded")
 
-    # Data stream position: batch b of the epoch-seeded stream.  A changed batch size restarts at the
-    # next epoch boundary of the images seen so far.
-    data_state = ckpt["data"] if ckpt is not None else \
-        {"batch_size": cfg["batch_size"], "batches_done": 0, "images_done": 0}
-    if data_state["batch_size"] == cfg["batch_size"]:
+    # Data stream position: global batch b of the epoch-seeded stream (each process reads its parts of it).
+    # The same global batch continues exactly, whatever the number of processes or accumulation steps; a
+    # changed global batch restarts at the next epoch boundary of the images seen so far.
+    data_state = ckpt["data"] if ckpt is not None else {"batch_size": global_batch, "batches_done": 0,
+                                                        "images_done": 0}
+    if data_state["batch_size"] == global_batch:
         start_batch = data_state["batches_done"]
     else:
+        say(f"the global batch changes from {data_state['batch_size']} to {global_batch}: the data stream "
+            "continues at the next epoch boundary")
         epoch_images = (len(dataset) // data_state["batch_size"]) * data_state["batch_size"]
-        start_batch = math.ceil(data_state["images_done"] / epoch_images) * (len(dataset) // cfg["batch_size"])
-    data = batch_iterator(dataset, cfg["batch_size"], cfg["seed"], start_batch, num_workers=cfg["num_workers"])
+        start_batch = math.ceil(data_state["images_done"] / epoch_images) * (len(dataset) // global_batch)
+    data = batch_iterator(dataset, global_batch, cfg["seed"], start_batch, num_workers=cfg["num_workers"],
+                          num_parts=env.world_size * accum, parts=env.parts(accum))
     batches_done, images_done = start_batch, data_state["images_done"]
 
     def save_checkpoint():
+        # Gathering sharded state is collective: every process takes part, rank 0 writes.
         state = {
-            "model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": distributed.full_state_dict(model), "ema": distributed.full_state_dict(ema_model),
+            "optimizer": distributed.full_optimizer_state_dict(model, optimizer),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "rng": {"generator": gen.get_state(), "host": host_gen.get_state(), "torch": torch.get_rng_state()},
-            "data": {"batch_size": cfg["batch_size"], "batches_done": batches_done, "images_done": images_done},
+            "data": {"batch_size": global_batch, "batches_done": batches_done, "images_done": images_done,
+                     "micro_batch": micro_batch, "world_size": env.world_size, "grad_accum": accum},
             "config": {"model": model_cfg.to_dict(), "train": cfg},
             "nonfinite_total": nonfinite_total + int(bad_total.item()),
             "class_names": dataset.class_names,
         }
         path = checkpoint_path(run_dir, step)
-        atomic_save(state, path)
+        if env.is_main:
+            atomic_save(state, path)
+        distributed.barrier()  # no process runs ahead of (or exits before) a checkpoint it may need
         return path
 
-    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if env.is_main else None
+    tb = None
+    if cfg["tensorboard"] and env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(run_dir)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    num_classes = model.num_classes
+    num_classes, num_tokens = model.num_classes, model.num_tokens
+    image_shape = (model.in_channels, model.input_size, model.input_size)
     # Running sums kept on the device: the loop never waits for the GPU except at log steps.
     loss_sum = torch.zeros((), device=device)
     good_steps = torch.zeros((), device=device)
     bad_total = torch.zeros((), device=device)
     streak = torch.zeros((), device=device)
     worst_streak = torch.zeros((), device=device)
-    model.train()
-    bar = tqdm(total=cfg["steps"], initial=step, desc="train", dynamic_ncols=True, disable=None)
+    train_module.train()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="train", dynamic_ncols=True,
+               disable=None if env.is_main else True)
     t_log, images_since_log = time.perf_counter(), 0
+    # Training time: wall clock minus evaluations and checkpoints, for --time-budget and the eval records.
+    t_start, t_excluded, next_eval_seconds = time.perf_counter(), 0.0, cfg["eval_every_seconds"]
 
-    while step < cfg["steps"]:
-        images, labels = next(data)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        b = images.shape[0]
-        drop = torch.rand(b, generator=gen, device=device) < cfg["label_dropout"]
-        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    def train_seconds():
+        return time.perf_counter() - t_start - t_excluded
+
+    def run_eval():
+        """Digits metric on rank 0 (the others wait), written to log.jsonl; its time is not training time."""
+        nonlocal t_excluded
+        t0 = time.perf_counter()
+        if env.is_main:
+            record = {"step": step, "train_seconds": train_seconds(), **evaluate_digits(ema_model, cfg, device)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            say(f"step {step}: digits FD {record['digits_fd']:.3f}, class accuracy {record['class_accuracy']:.3f}")
+        distributed.barrier()
+        t_excluded += time.perf_counter() - t0
+
+    out_of_time = False
+    while step < cfg["steps"] and not out_of_time:
+        # Per-sample draws for the whole GLOBAL batch, identical on every process; each process keeps the
+        # rows of its micro-batches (env.rows), the rows the data sampler gives it.
+        drop = torch.rand(global_batch, generator=gen, device=device) < cfg["label_dropout"]
         start = cfg["mask_schedule_start"]
         ratio = schedule(min(max((step - start) / max(cfg["steps"] - start, 1), 0.0), 1.0))
-        ratios = ratio_dist(b, ratio, host_gen)
+        ratios = ratio_dist(global_batch, ratio, host_gen)
         ids_keep = None
         if max(ratios if isinstance(ratios, list) else [ratios]) > 0:  # a ratio of 0 takes the unmasked path
-            ids_keep = random_mask(b, model.num_tokens, ratios, generator=gen, device=device).ids_keep
-            # packed here, outside the compiled forward: only tensors and a few ints enter the graph
-            ids_keep = token_layout(ids_keep, b, model.num_tokens, device)
-        sigma = loss_fn.sample_sigma(b, device, gen)
-        noise = torch.randn(images.shape, generator=gen, device=device)
-        with autocast:
-            loss = batch_loss(images, labels, ids_keep, sigma, noise)
+            ids_keep = random_mask(global_batch, num_tokens, ratios, generator=gen, device=device).ids_keep
+        sigma = loss_fn.sample_sigma(global_batch, device, gen)
+        noise = torch.randn((global_batch, *image_shape), generator=gen, device=device)
+        latent_eps = torch.randn((global_batch, *image_shape), generator=gen, device=device) if latent else None
 
         optimizer.zero_grad(set_to_none=True)
-        bad = ~torch.isfinite(loss.detach())
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            rows = env.rows(micro, micro_batch, accum)
+            images, labels = next(data)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if latent:  # z = (mean + exp(logvar / 2) * eps) * 0.18215, a fresh draw every step
+                images = dataset.prepare_batch(images, eps=latent_eps[rows])
+            labels = torch.where(drop[rows], torch.full_like(labels, num_classes), labels)
+            # packed here, outside the compiled forward: only tensors and a few ints enter the graph
+            layout = None if ids_keep is None else token_layout(ids_keep[rows], micro_batch, num_tokens, device)
+            with distributed.grad_sync(train_module, sync=micro == accum - 1):  # reduce on the last one only
+                with autocast:
+                    loss = train_module(images, labels, layout, sigma[rows], noise[rows]).mean() / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.detach().float()
+        # The global batch's mean loss on every process (an all-reduce, no host sync), so that all
+        # processes make the same skip decision.
+        step_loss = distributed.mean_over_ranks(step_loss)
+        bad = ~torch.isfinite(step_loss)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (no sync)
             optimizer.step()
             del optimizer.found_inf
         decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
         ema.update((1 - decay) * (~bad).float())
 
-        loss_sum += torch.where(bad, 0.0, loss.detach().float())
+        loss_sum += torch.where(bad, 0.0, step_loss)
         good_steps += (~bad).float()
         bad_total += bad.float()
         streak = (streak + 1) * bad.float()
         worst_streak = torch.maximum(worst_streak, streak)
         step += 1
         batches_done += 1
-        images_done += b
-        images_since_log += b
+        images_done += global_batch
+        images_since_log += global_batch
         bar.update(1)
 
         last = step == cfg["steps"]
@@ -306,31 +426,70 @@ def main(argv=None) -> str:
             record = {"step": step, "loss": mean_loss, "imgs_per_s": rate, "nonfinite": n_bad,
                       "nonfinite_total": nonfinite_total, "lr": cfg["lr"], "mask_ratio": ratio,
                       "time": time.time()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            if bar.disable:  # not a terminal: plain log lines instead of the bar
-                print(f"step {step}/{cfg['steps']}  loss {mean_loss:.4f}  {rate:.0f} img/s", flush=True)
+            if env.is_main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if tb is not None:
+                    for key in ("loss", "imgs_per_s", "mask_ratio", "lr"):
+                        tb.add_scalar(key, record[key], step)
+                    tb.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                if bar.disable:  # not a terminal: plain log lines instead of the bar
+                    print(f"step {step}/{cfg['steps']}  loss {mean_loss:.4f}  {rate:.0f} img/s", flush=True)
             for t in (loss_sum, good_steps, bad_total, worst_streak):
                 t.zero_()
             t_log, images_since_log = now, 0
-            if worst >= cfg["max_nonfinite"]:
+            # time-based decisions are rank 0's, shared with the others (log steps only: no per-step sync)
+            out_of_time, eval_due = distributed.broadcast_object(
+                (0 < cfg["time_budget"] <= train_seconds(),
+                 0 < next_eval_seconds <= train_seconds()))
+            if evaluate and eval_due:
+                run_eval()
+                next_eval_seconds = train_seconds() + cfg["eval_every_seconds"]
+            if out_of_time:
+                say(f"time budget of {cfg['time_budget']:.0f} s of training reached at step {step}")
+                last = True
+            if worst >= cfg["max_nonfinite"]:  # the same on every process: the losses were all-reduced
                 path = save_checkpoint()
                 bar.close()
+                distributed.cleanup()
                 raise SystemExit(f"stopping at step {step}: {int(worst)} non-finite losses in a row "
                                  f"({nonfinite_total} in all); their updates were skipped. Checkpoint: {path}. "
                                  "Try a lower --lr or --precision fp32/bf16.")
+        if evaluate and cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and not last:
+            run_eval()
         if step % cfg["ckpt_every"] == 0 or last:
+            t0 = time.perf_counter()
             save_checkpoint()
+            t_excluded += time.perf_counter() - t0
+    if evaluate and step > 0:  # the final quality of a digits run
+        run_eval()
     bar.close()
-    log.close()
-    if step == 0 or not os.path.exists(checkpoint_path(run_dir, step)):
+    if env.is_main:
+        log.close()
+        if tb is not None:
+            tb.close()
+    if distributed.broadcast_object(step == 0 or not os.path.exists(checkpoint_path(run_dir, step))):
         save_checkpoint()
-    print(f"checkpoint: {checkpoint_path(run_dir, step)}")
+    say(f"checkpoint: {checkpoint_path(run_dir, step)}")
     if cfg["grid_per_class"] > 0:
-        grid = os.path.join(run_dir, "samples.png")
-        save_samples(ema_model, cfg, grid, device)
-        print(f"samples (EMA, cfg {cfg['cfg_scale']}, a row per class): {grid}")
+        sample_model = ema_model
+        if fsdp:  # gather the EMA (collective) into an unsharded network on rank 0
+            ema_state = distributed.full_state_dict(ema_model)
+            if env.is_main:
+                sample_model = DiT(model_cfg, backend=cfg["backend"]).to(device).eval()
+                sample_model.load_state_dict(ema_state)
+        if env.is_main:
+            grid = os.path.join(run_dir, "samples.png")
+            decode = None
+            if latent:  # decode the sampled latents with the dataset's VAE
+                from maskdit.latents import decode_latents, load_vae
+
+                vae = load_vae(dataset.vae, device)
+                decode = lambda z: decode_latents(vae, z, dataset.scale)  # noqa: E731
+            save_samples(sample_model, cfg, grid, device, decode)
+            print(f"samples (EMA, cfg {cfg['cfg_scale']}, a row per class): {grid}")
+    distributed.cleanup()
     return run_dir
 
 

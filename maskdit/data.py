@@ -1,4 +1,4 @@
-"""Datasets (bundled digits, image folders) and a resumable, epoch-seeded shuffling batch sampler."""
+"""Datasets (bundled digits, image folders, VAE latents) and a resumable, epoch-seeded shuffling batch sampler."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .latents import LATENT_PREFIX, read_meta, sample_latents
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -102,8 +104,79 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def make_dataset(spec: str, image_size: int):
-    """``"digits"`` or the path of an image folder."""
+class LatentDataset(torch.utils.data.Dataset):
+    """VAE moments written by ``python -m maskdit.prepare_latents`` (``root/meta.json`` and .npy shards, read
+    memory-mapped).  An item is (moments (2C, h, w) float32, label).  The moments are not the model's input:
+    a training loop turns each batch into latents with ``prepare_batch`` (a fresh draw every step, the official
+    recipe), when the dataset has ``is_latent``.
+
+    The model's input is C x h x h: ``channels`` = C (4 for SD's VAE) and ``image_size`` = h (32 at 256x256);
+    ``resolution`` is the pixel size h * 8.  The optional ``image_size`` argument is only checked: None, h or
+    the pixel resolution are accepted, anything else is a ValueError.
+    """
+
+    is_latent = True
+
+    def __init__(self, root: str, image_size: int | None = None):
+        meta = read_meta(root)
+        shards = sorted(meta.get("shards", []), key=lambda e: e["index"])
+        if not meta.get("complete") or not shards:
+            raise ValueError(f"latent folder {root!r} is incomplete ({len(shards)} of {meta.get('num_shards')} "
+                             "shards): rerun python -m maskdit.prepare_latents with the same arguments to finish it")
+        self.root, self.meta = root, meta
+        self.class_names = list(meta["classes"])
+        self.num_classes = len(self.class_names)
+        self.channels, self.image_size = meta["channels"], meta["latent_size"]
+        self.resolution, self.scale, self.vae = meta["resolution"], meta["scale"], meta["vae"]
+        if image_size not in (None, self.image_size, self.resolution):
+            raise ValueError(f"image size {image_size} does not fit the latents in {root!r}: they are "
+                             f"{self.channels}x{self.image_size}x{self.image_size}, encoded from {self.resolution}x"
+                             f"{self.resolution} images (give {self.image_size}, {self.resolution} or nothing)")
+        self.paths, self._arrays, labels = [], [], []
+        for e in shards:
+            path = os.path.join(root, e["moments"])
+            try:
+                x = np.load(path, mmap_mode="r")
+                y = np.load(os.path.join(root, e["labels"]))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot read latent shard {path!r}: {err}") from None
+            if x.shape != (e["count"], 2 * self.channels, self.image_size, self.image_size) or len(y) != e["count"]:
+                raise ValueError(f"latent shard {path!r} has shape {x.shape} and {len(y)} labels, meta.json says "
+                                 f"{e['count']} x {2 * self.channels}x{self.image_size}x{self.image_size}")
+            self.paths.append(path)
+            self._arrays.append(x)
+            labels.append(y)
+        self.offsets = np.cumsum([0] + [len(y) for y in labels])
+        self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+    def __getstate__(self):  # DataLoader workers started by spawn re-open the files instead of copying them
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} latents")
+        i %= len(self)
+        if self._arrays is None:
+            self._arrays = [np.load(p, mmap_mode="r") for p in self.paths]
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        x = np.array(self._arrays[k][i - self.offsets[k]], dtype=np.float32)  # a copy out of the memory map
+        return torch.from_numpy(x), self.labels[i]
+
+    def prepare_batch(self, moments: torch.Tensor, generator: torch.Generator | None = None,
+                      eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Moments (N, 2C, h, w) -> latents z (N, C, h, w) = (mean + exp(logvar/2) * eps) * scale, on their device
+        (``eps`` given, or drawn from ``generator``)."""
+        return sample_latents(moments, generator, self.scale, eps)
+
+
+def make_dataset(spec: str, image_size: int | None):
+    """``"digits"``, ``"latents:DIR"`` (a ``LatentDataset``; image_size only checked, may be None) or the path
+    of an image folder."""
+    if spec.startswith(LATENT_PREFIX):
+        return LatentDataset(spec[len(LATENT_PREFIX):], image_size)
     if spec == "digits":
         return DigitsDataset(image_size)
     return ImageFolderDataset(spec, image_size)
@@ -111,13 +184,24 @@ def make_dataset(spec: str, image_size: int):
 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of indices from a fresh permutation each epoch, seeded by (seed, epoch); drops the last
-    partial batch.  ``start_batch`` resumes mid-stream: batch b of the stream is always the same."""
+    partial batch.  ``start_batch`` resumes mid-stream: batch b of the stream is always the same.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_batch: int = 0):
+    Shared by several processes: each (global) batch is cut into ``num_parts`` equal contiguous parts and
+    only the parts listed in ``parts`` are yielded, in that order, one list each (process r of W, each
+    accumulating A micro-batches: ``num_parts`` W*A, ``parts`` r*A .. r*A+A-1).  Every process computes the
+    same permutation, so the stream is defined by the global batch whatever the number of processes.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_batch: int = 0, num_parts: int = 1,
+                 parts: list[int] | None = None):
         if batch_size > num_items:
             raise ValueError(f"batch_size {batch_size} is larger than the dataset ({num_items} items)")
+        parts = list(range(num_parts)) if parts is None else list(parts)
+        if num_parts < 1 or batch_size % num_parts or not all(0 <= p < num_parts for p in parts):
+            raise ValueError(f"cannot take parts {parts} of a batch of {batch_size} cut into {num_parts} parts")
         self.num_items, self.batch_size, self.seed, self.start_batch = num_items, batch_size, seed, start_batch
         self.batches_per_epoch = num_items // batch_size
+        self.part_size, self.parts = batch_size // num_parts, parts
 
     def epoch_permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -129,16 +213,20 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             epoch, offset = divmod(b, self.batches_per_epoch)
             perm = self.epoch_permutation(epoch)
             for j in range(offset, self.batches_per_epoch):
-                yield perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+                for part in self.parts:
+                    start = j * self.batch_size + part * self.part_size
+                    yield perm[start:start + self.part_size].tolist()
             b = (epoch + 1) * self.batches_per_epoch
 
     def __len__(self) -> int:  # an endless stream; len is one epoch
-        return self.batches_per_epoch
+        return self.batches_per_epoch * len(self.parts)
 
 
-def batch_iterator(dataset, batch_size: int, seed: int, start_batch: int = 0, num_workers: int = 0):
-    """Endless iterator of (images, labels) batches starting at batch ``start_batch`` of the stream."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch)
+def batch_iterator(dataset, batch_size: int, seed: int, start_batch: int = 0, num_workers: int = 0,
+                   num_parts: int = 1, parts: list[int] | None = None):
+    """Endless iterator of (images, labels) batches starting at batch ``start_batch`` of the stream; with
+    ``num_parts`` / ``parts`` (see ``EpochBatchSampler``) the given parts of each batch, one at a time."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch, num_parts, parts)
     if isinstance(dataset, DigitsDataset):  # in memory: index directly, no worker processes
         for idx in sampler:
             idx = torch.tensor(idx)

@@ -194,3 +194,38 @@ def test_training_runs_with_schedules_and_per_sample_ratios(tmp_path, monkeypatc
         assert len(seen) == 2 and all(isinstance(r, list) and len(r) == 16 for r in seen)
         if "unmasked:0.5" in flags:
             assert all(sorted(r)[:8] == [0.0] * 8 and sorted(r)[8:] == [0.5] * 8 for r in seen)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--fsdp", "--precision", "fp16"], "--fsdp supports --precision fp32 and bf16"),
+    (["--batch-size", "1000", "--grad-accum", "2"], "the global batch 2000"),
+])
+def test_invalid_multi_process_settings_fail_at_start(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, *flags)
+
+
+def test_tensorboard_logs_scalars_or_says_the_package_is_missing(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+            run(tmp_path, "--steps", "2", "--tensorboard")
+        return
+    run(tmp_path, "--steps", "2", "--tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+def test_digits_metric_in_training_and_time_budget(tmp_path, monkeypatch):
+    """--eval-every writes digits-metric records (training time excluded from evaluation); a time budget stops
+    the run at a log step with a checkpoint."""
+    monkeypatch.setenv("MASKDIT_CACHE", str(tmp_path / "cache"))
+    run(tmp_path / "a", "--steps", "4", "--eval-every", "2", "--eval-per-class", "1")
+    evals = [r for r in map(json.loads, open(tmp_path / "a" / "log.jsonl")) if "digits_fd" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["train_seconds"] > 0 and 0 <= r["class_accuracy"] <= 1 for r in evals)
+    run(tmp_path / "b", "--steps", "1000", "--time-budget", "0.001")
+    assert load_checkpoint(str(tmp_path / "b"))["step"] == 2  # the first log step
+    with pytest.raises(ValueError, match="need --dataset digits"):
+        run(tmp_path / "c", "--dataset", str(tmp_path), "--eval-every", "2")

@@ -1,0 +1,330 @@
+"""FID of a checkpoint against reference statistics (the paper's protocol: 50,000 samples, ADM reference batch).
+
+    python -m maskdit.evaluate --ckpt runs/NAME --num-samples 50000 --ref VIRTUAL_imagenet256_labeled.npz
+    torchrun --nproc-per-node 8 -m maskdit.evaluate --ckpt model.pt --ref REF.npz --cfg-scale 1.5 --outdir fid/
+    python -m maskdit.evaluate --write-stats DIR_OF_IMAGES --out STATS.npz --resolution 256
+
+Samples with the EDM Heun sampler and classifier-free guidance.  Sample i has class i % num_classes and the
+noise of sample.py's ``image_noise`` (seed, i), so the samples do not depend on --batch-size or on the number
+of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...  Inception-v3 pool3 features (torch-fidelity,
+an optional dependency) are reduced to their mean and covariance; the per-process sums are added up with
+torch.distributed and rank 0 prints the FID and writes it as JSON.  --outdir also keeps the samples, one uint8 npz
+per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in sample order), and their
+statistics (stats.npz).  Without --ref only the samples are written.
+
+--write-stats computes reference statistics from a folder of images (searched recursively; center-cropped and
+resized like training data, ``maskdit.data.center_crop_resize``) or from an npz of uint8 images (``arr_0`` or
+``images``, used as they are: e.g. ADM's reference batch, to check its statistics against this extractor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
+from maskdit.config import ModelConfig
+from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
+from maskdit.edm import EDMPrecond, edm_sample
+from maskdit.fid import (
+    InceptionFeatures,
+    InceptionUnavailableError,
+    StatsAccumulator,
+    frechet_distance,
+    load_reference_stats,
+    save_stats,
+)
+from maskdit.images import to_uint8
+from maskdit.models import DiT
+from sample import image_noise, latent_decoder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="a checkpoint file or a run folder (its latest checkpoint)")
+    p.add_argument("--ref", help="reference statistics: an npz with 'mu' and 'sigma' (ADM's reference batch, or one "
+                                 "written by --write-stats); without it only the samples are written (--outdir)")
+    p.add_argument("--num-samples", type=int, default=50000, help="samples in all (default 50000)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables guidance (default 1.5)")
+    p.add_argument("--steps", type=int, default=40, help="Heun steps (default 40: 79 network evaluations)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch and process (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to use (default ema)")
+    p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub name); default: the "
+                                               "VAE of the latent folder the model was trained on (see sample.py)")
+    p.add_argument("--outdir", help="write the samples (samples-rank<r>-of-<W>.npz), their stats.npz and fid.json here")
+    p.add_argument("--json", help="where to write the result (default: OUTDIR/fid.json, else next to the checkpoint: "
+                                  "fid-<checkpoint>-n<N>-cfg<s>-steps<k>-<weights>.json)")
+    p.add_argument("--write-stats", metavar="SRC", help="compute reference statistics of SRC (a folder of images or "
+                                                        "an npz of uint8 images) into --out instead of evaluating")
+    p.add_argument("--out", help="with --write-stats: the statistics file to write (npz with mu, sigma)")
+    p.add_argument("--resolution", type=int, default=256, help="with --write-stats from a folder: crop size (256)")
+    p.add_argument("--num-workers", type=int, default=4, help="image loading processes for --write-stats (default 4)")
+    p.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception-v3 weights "
+                                               "(default: the torch hub cache, downloading if needed)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.write_stats is None):
+        p.error("give --ckpt (evaluate a checkpoint) or --write-stats SRC --out STATS.npz (reference statistics)")
+    return args
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts torch.distributed when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu" if device_arg == "auto" else device_arg)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), device
+    device = torch.device("cuda" if cuda and device_arg == "auto" else "cpu" if device_arg == "auto" else device_arg)
+    return 0, 1, device
+
+
+def all_reduce_stats(acc: StatsAccumulator, device: torch.device) -> None:
+    """Sum the accumulators of all processes (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flat = acc.tensors().to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flat)
+        acc.load_tensors(flat)
+
+
+def log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+# --- samples -----------------------------------------------------------------------------------------------------
+
+def samples_path(outdir: str, rank: int, world: int) -> str:
+    return os.path.join(outdir, f"samples-rank{rank:03d}-of-{world:03d}.npz")
+
+
+def load_samples(outdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of every ``samples-rank*-of-W.npz`` in ``outdir``, merged in sample order."""
+    files = sorted(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")))
+    worlds = {f.rsplit("-of-", 1)[1] for f in files}
+    if not files or len(worlds) != 1 or len(files) != int(worlds.pop()[:-4]):
+        raise ValueError(f"{outdir!r} does not hold one complete set of samples-rank<r>-of-<W>.npz files: {files}")
+    parts = [np.load(f) for f in files]
+    indices = np.concatenate([p["indices"] for p in parts])
+    order = np.argsort(indices)
+    images = np.concatenate([p["images"] for p in parts])[order]
+    labels = np.concatenate([p["labels"] for p in parts])[order]
+    return images, labels
+
+
+def result_path(args, ckpt_file: str) -> str:
+    """--json, else OUTDIR/fid.json, else a name that records the settings, next to the checkpoint."""
+    if args.json:
+        return args.json
+    if args.outdir:
+        return os.path.join(args.outdir, "fid.json")
+    stem = os.path.splitext(os.path.basename(ckpt_file))[0]
+    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}-{args.weights}.json"
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
+
+
+def make_extractor(args, device: torch.device, ref_dim: int | None):
+    """The feature extractor (``InceptionFeatures``), built before any sampling so a missing package or
+    weights file fails at once; its dimension must match the reference statistics."""
+    extractor = InceptionFeatures(device=device, weights_path=args.inception_weights)
+    if ref_dim is not None and extractor.dim != ref_dim:
+        raise ValueError(f"the reference statistics have dimension {ref_dim}, the features {extractor.dim}")
+    return extractor
+
+
+def evaluate(args) -> dict | None:
+    """Sample ``args.num_samples`` images across the processes; FID against ``args.ref`` (the result dict,
+    on rank 0; None elsewhere or without --ref)."""
+    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--steps", args.steps, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.ref is None and args.outdir is None:
+        raise ValueError("nothing to do: give --ref STATS.npz (FID) and/or --outdir DIR (keep the samples)")
+    if args.ref is not None and args.num_samples < 2:
+        raise ValueError(f"FID needs --num-samples >= 2, got {args.num_samples}")
+    rank, world, device = setup_distributed(args.device)
+    if args.num_samples < world:
+        raise ValueError(f"--num-samples {args.num_samples} is smaller than the number of processes ({world})")
+    ckpt_file = resolve_checkpoint(args.ckpt)
+    ref = load_reference_stats(args.ref) if args.ref is not None else None  # fail before sampling
+    ckpt = load_checkpoint(ckpt_file)
+    if args.weights not in ckpt:
+        raise ValueError(f"checkpoint {ckpt_file!r} has no {args.weights!r} weights")
+    model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
+    model = DiT(model_cfg)
+    model.load_state_dict(ckpt[args.weights])
+    model.to(device).eval()
+    net = EDMPrecond(model)
+    decode = latent_decoder(ckpt, args.vae, device)
+    if decode is None and model.in_channels not in (1, 3):
+        raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
+                         "to images: pass --vae PATH_OR_HUB_NAME")
+    extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
+
+    indices = torch.arange(rank, args.num_samples, world)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    acc = StatsAccumulator(extractor.dim) if extractor is not None else None
+    kept_images, kept_labels, processed = [], [], 0
+    log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
+              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, device {device}")
+    t0 = time.perf_counter()
+    for batch in indices.split(args.batch_size):
+        noise = image_noise(args.seed, batch, shape).to(device)
+        labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
+        y = labels.to(device) if model.num_classes else None
+        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale)
+        if decode is not None:
+            out = decode(out)
+        images = to_uint8(out)
+        if acc is not None:
+            acc.update(extractor(images))
+        if args.outdir is not None:
+            kept_images.append(images)
+            kept_labels.append(labels.numpy())
+        processed += len(batch)
+        done = min(processed * world, args.num_samples)  # rank 0's progress, for all processes
+        log(rank, f"sampled {done}/{args.num_samples} ({done / (time.perf_counter() - t0):.1f} img/s)")
+
+    if args.outdir is not None:
+        os.makedirs(args.outdir, exist_ok=True)
+        np.savez(samples_path(args.outdir, rank, world), images=np.concatenate(kept_images),
+                 labels=np.concatenate(kept_labels), indices=indices.numpy())
+        log(rank, f"wrote the samples to {args.outdir}")
+    if acc is None:
+        return None
+    all_reduce_stats(acc, device)
+    if rank != 0:
+        return None
+    mu, sigma = acc.statistics()
+    if args.outdir is not None:
+        save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
+    fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    result = {
+        "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
+        "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
+        "seed": args.seed, "ref": os.path.abspath(args.ref), "world_size": world,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = result_path(args, ckpt_file)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result), flush=True)
+    print(f"FID {fid:.4f} ({acc.count} samples) -> {path}", flush=True)
+    return result
+
+
+# --- reference statistics ----------------------------------------------------------------------------------------
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as (size, size, 3) uint8 arrays, center-cropped like the training data."""
+
+    def __init__(self, files: list[str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                return torch.from_numpy(np.array(center_crop_resize(im, self.size)))  # a writable copy
+        except OSError as e:
+            raise ValueError(f"cannot read image file {self.files[i]!r}: {e}") from None
+
+
+def image_files(root: str) -> list[str]:
+    """Every image file under ``root`` (recursively), sorted."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
+def write_stats(args) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reference statistics of the images in ``args.write_stats`` into ``args.out`` ((mu, sigma) on rank 0)."""
+    if args.out is None:
+        raise ValueError("--write-stats needs --out STATS.npz")
+    if args.resolution < 1 or args.batch_size < 1:
+        raise ValueError(f"--resolution and --batch-size must be >= 1, got {args.resolution} and {args.batch_size}")
+    src = args.write_stats
+    rank, world, device = setup_distributed(args.device)
+    if os.path.isdir(src):
+        files = image_files(src)
+        if not files:
+            raise ValueError(f"folder {src!r} holds no images with extensions {IMAGE_EXTENSIONS}")
+        dataset = ImageFiles(files[rank::world], args.resolution)
+        batches = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+        total = len(files)
+    elif os.path.isfile(src) and src.endswith(".npz"):
+        with np.load(src) as f:
+            key = next((k for k in ("arr_0", "images") if k in f.files), None)
+            if key is None:
+                raise ValueError(f"{src!r} has no 'arr_0' or 'images' array of uint8 images: it holds {f.files}")
+            images = f[key]
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"{src!r}[{key!r}] must be (N, H, W, C) uint8, got {images.shape} {images.dtype}")
+        total = len(images)
+        mine = images[rank::world]
+        batches = (mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size))
+    else:
+        raise ValueError(f"--write-stats {src!r} is neither a folder of images nor an .npz file")
+    if total < 2:
+        raise ValueError(f"statistics need at least 2 images, {src!r} has {total}")
+    extractor = make_extractor(args, device, None)
+    acc = StatsAccumulator(extractor.dim)
+    for i, images in enumerate(batches):
+        acc.update(extractor(images))
+        if i % 20 == 0:
+            log(rank, f"features {min(acc.count * world, total)}/{total}")
+    all_reduce_stats(acc, device)
+    if rank != 0:
+        return None
+    mu, sigma = acc.statistics()
+    save_stats(args.out, mu, sigma)
+    print(f"wrote statistics of {acc.count} images (dimension {extractor.dim}) to {args.out}", flush=True)
+    return mu, sigma
+
+
+def main(argv=None):
+    """Run the CLI; returns the result dict (evaluate) or (mu, sigma) (--write-stats) on rank 0."""
+    args = parse_args(argv)
+    started_here = not dist.is_initialized()
+    try:
+        return write_stats(args) if args.write_stats is not None else evaluate(args)
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli(argv=None) -> None:
+    """``main`` with configuration and setup errors as one line (no stack trace)."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ImportError, InceptionUnavailableError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

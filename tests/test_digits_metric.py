@@ -1,0 +1,142 @@
+"""The digits classifier metric: accuracy, Frechet distance separation, caching, digits_quality."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskdit import create_model
+from maskdit import digits_metric as dm
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh cache directory, selected through $MASKDIT_CACHE; the classifier is trained into it once."""
+    path = str(tmp_path_factory.mktemp("maskdit-cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MASKDIT_CACHE", path)
+        dm._LOADED.clear()
+        dm.load_classifier()
+        yield path
+    dm._LOADED.clear()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return dm.heldout_digits()
+
+
+def noise_images(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"uniform": torch.rand(n, 1, 16, 16, generator=g) * 2 - 1,
+            "gaussian": torch.randn(n, 1, 16, 16, generator=g).clamp(-1, 1)}
+
+
+def test_cache_location_and_heldout_accuracy(cache_dir):
+    assert dm.cache_path() == os.path.join(cache_dir, f"digits_classifier-{dm.VERSION}.pt")
+    assert os.path.isfile(dm.cache_path())
+    assert dm.cache_path("/some/dir") == os.path.join("/some/dir", f"digits_classifier-{dm.VERSION}.pt")
+    assert dm.load_classifier().heldout_accuracy >= 0.97
+
+
+def test_cache_is_reused(cache_dir, monkeypatch):
+    path = dm.cache_path()
+    mtime = os.stat(path).st_mtime_ns
+    before = dm.load_classifier().state_dict()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached classifier should have been loaded, not retrained")
+
+    monkeypatch.setattr(dm, "train_classifier", no_training)
+    monkeypatch.setattr(dm, "_LOADED", {})
+    model = dm.load_classifier(cache_dir)  # from the file this time
+    assert os.stat(path).st_mtime_ns == mtime
+    assert model.heldout_accuracy >= 0.97
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_other_version_retrains(tmp_path, monkeypatch):
+    path = os.path.join(str(tmp_path), f"digits_classifier-{dm.VERSION}.pt")
+    torch.save({"version": "v0", "state_dict": {}, "heldout_accuracy": 1.0}, path)
+    calls = []
+
+    def fake_training():
+        calls.append(1)
+        return dm.DigitsClassifier().eval()
+
+    monkeypatch.setattr(dm, "train_classifier", fake_training)
+    monkeypatch.setattr(dm, "_LOADED", {})
+    dm.load_classifier(str(tmp_path))
+    assert calls == [1]
+    assert torch.load(path, weights_only=True)["version"] == dm.VERSION
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []  # the atomic write cleaned up
+
+
+def test_features_and_predictions(cache_dir, heldout):
+    images, labels = heldout
+    feats = dm.features(images)
+    assert feats.shape == (len(images), dm.FEATURE_DIM) and feats.dtype == torch.float32
+    pred = dm.predict(images)
+    assert pred.shape == labels.shape and pred.dtype == torch.int64
+    assert dm.class_accuracy(images, labels) >= 0.97
+    for name, noise in noise_images(len(images)).items():
+        assert abs(dm.class_accuracy(noise, labels) - 0.1) < 0.1, name
+
+
+def test_other_sizes_resized_and_bad_shapes_rejected(cache_dir, heldout):
+    images, labels = heldout
+    big = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    assert dm.class_accuracy(big, labels) >= 0.95
+    assert dm.class_accuracy(images.numpy(), labels) >= 0.97  # numpy arrays are accepted
+    for bad in (images.repeat(1, 3, 1, 1), images[:, 0]):
+        with pytest.raises(ValueError, match="single-channel"):
+            dm.features(bad)
+
+
+def test_frechet_distance_separates_real_from_noise(cache_dir, heldout):
+    images, _ = heldout
+    ref = dm.reference_statistics()
+    assert ref[0].shape == (dm.FEATURE_DIM,) and ref[1].shape == (dm.FEATURE_DIM, dm.FEATURE_DIM)
+    real = dm.digits_fd(images)
+    assert 0 <= real < 10
+    g = torch.Generator().manual_seed(2)
+    fakes = dict(noise_images(len(images)))
+    fakes["blurred"] = F.avg_pool2d(F.pad(images, (2, 2, 2, 2), value=-1.0), 5, stride=1)
+    fakes["shuffled pixels"] = images.flatten(1)[:, torch.randperm(256, generator=g)].reshape_as(images)
+    for name, fake in fakes.items():
+        assert dm.digits_fd(fake) >= 10 * real, name
+
+
+def test_frechet_distance_matches_closed_forms():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    assert dm.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 4 + 9 - 2 * 6)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) * 2 + 0.5
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    covmean = scipy_linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert dm.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert dm.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-8)
+
+
+def test_digits_quality_on_a_tiny_untrained_model(cache_dir):
+    model = create_model("MaskDiT-T/2", input_size=16, in_channels=1, num_classes=10).train()
+    out = dm.digits_quality(model, num_per_class=2, steps=2)
+    assert set(out) == {"digits_fd", "class_accuracy", "num_samples"}
+    assert out["num_samples"] == 20
+    assert math.isfinite(out["digits_fd"]) and out["digits_fd"] >= 0
+    assert 0 <= out["class_accuracy"] <= 1
+    assert model.training  # restored
+    model.eval()
+    one = dm.digits_quality(model, num_per_class=1, steps=1)
+    assert not model.training  # restored
+    split = dm.digits_quality(model, num_per_class=1, steps=1, batch_size=3)  # the noise is batch independent
+    assert split["num_samples"] == 10
+    assert split["digits_fd"] == pytest.approx(one["digits_fd"], rel=1e-4)
+    with pytest.raises(ValueError, match="in_channels=1"):
+        dm.digits_quality(create_model("DiT-T/2", input_size=16, in_channels=3, num_classes=10))

@@ -1,0 +1,272 @@
+"""The VAE latent pipeline: prepare_latents (shards, resume), LatentDataset, per-step resampling, decoding."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+
+import sample  # noqa: E402
+from maskdit.checkpoint import atomic_save  # noqa: E402
+from maskdit.config import model_config  # noqa: E402
+from maskdit.data import ImageFolderDataset, LatentDataset, batch_iterator, make_dataset  # noqa: E402
+from maskdit.latents import SD_SCALE, decode_latents, load_vae, sample_latents  # noqa: E402
+from maskdit.models import DiT  # noqa: E402
+from maskdit.prepare_latents import prepare_latents  # noqa: E402
+
+RES = 32  # pixels; the tiny VAE downsamples by 2 (two blocks), so latents are 4 x 16 x 16
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny randomly initialised AutoencoderKL saved like a hub download (no network)."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=RES)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return str(root)
+
+
+def _prepare(image_dir, out, vae_dir, **kw):
+    args = dict(resolution=RES, vae=vae_dir, batch_size=2, shard_size=2, num_workers=0, device="cpu", progress=False)
+    return prepare_latents(image_dir, str(out), **{**args, **kw})
+
+
+class _CountEncodes:
+    """Counts AutoencoderKL.encode calls; optionally fails on call number ``fail_at``."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.calls, self.fail_at, original = 0, fail_at, diffusers.AutoencoderKL.encode
+
+        def encode(vae, *a, **k):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise KeyboardInterrupt  # a kill in the middle of a shard
+            return original(vae, *a, **k)
+
+        monkeypatch.setattr(diffusers.AutoencoderKL, "encode", encode)
+
+
+def test_prepare_writes_shards_and_meta(tmp_path, image_dir, vae_dir):
+    out = tmp_path / "lat"
+    meta = _prepare(image_dir, out, vae_dir)
+    assert meta["complete"] and meta["num_shards"] == 3 and meta["num_images"] == 6
+    assert (meta["channels"], meta["latent_size"], meta["downsample"], meta["resolution"]) == (4, 16, 2, RES)
+    assert meta["scale"] == SD_SCALE and meta["classes"] == ["cat", "dog"] and meta["vae"] == vae_dir
+    assert json.loads((out / "meta.json").read_text()) == meta
+    for k in range(3):
+        x = np.load(out / f"shard-{k:05d}.npy", mmap_mode="r")
+        assert x.shape == (2, 8, 16, 16) and x.dtype == np.float32
+        assert np.load(out / f"labels-{k:05d}.npy").tolist() == [[0, 0], [0, 1], [1, 1]][k]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+    # the stored moments are the VAE posterior of the ADM-cropped image, mean then logvar
+    vae = load_vae(vae_dir)
+    img, _ = ImageFolderDataset(image_dir, RES)[3]
+    dist = vae.encode(img[None]).latent_dist
+    stored = torch.from_numpy(np.load(out / "shard-00001.npy")[1])
+    torch.testing.assert_close(stored, torch.cat([dist.mean, dist.logvar], 1)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_dataset(tmp_path, image_dir, vae_dir):
+    out = tmp_path / "lat"
+    _prepare(image_dir, out, vae_dir, dtype="float16")
+    ds = make_dataset(f"latents:{out}", None)
+    assert isinstance(ds, LatentDataset) and ds.is_latent
+    assert (len(ds), ds.channels, ds.image_size, ds.resolution, ds.num_classes) == (6, 4, 16, RES, 2)
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    x, y = ds[5]
+    assert x.shape == (8, 16, 16) and x.dtype == torch.float32 and y.item() == 1
+    torch.testing.assert_close(x, torch.from_numpy(np.load(out / "shard-00002.npy")[1].astype(np.float32)))
+    torch.testing.assert_close(ds[-1][0], x)
+    with pytest.raises(IndexError):
+        ds[6]
+    # image_size: None, the latent size or the pixel resolution; anything else names both
+    assert make_dataset(f"latents:{out}", 16).image_size == make_dataset(f"latents:{out}", RES).image_size == 16
+    with pytest.raises(ValueError, match="give 16, 32 or nothing"):
+        make_dataset(f"latents:{out}", 24)
+    with pytest.raises(ValueError, match="does not exist"):
+        make_dataset(f"latents:{tmp_path / 'nope'}", None)
+
+    moments, labels = next(batch_iterator(ds, 4, seed=0))  # the DataLoader path
+    assert moments.shape == (4, 8, 16, 16) and labels.dtype == torch.int64
+    z = ds.prepare_batch(moments, torch.Generator().manual_seed(0))
+    assert z.shape == (4, 4, 16, 16) and z.dtype == torch.float32
+
+
+def test_resume_encodes_only_missing_shards(tmp_path, image_dir, vae_dir, monkeypatch, capsys):
+    out = tmp_path / "lat"
+    _prepare(image_dir, out, vae_dir)
+    files = [out / f"shard-{k:05d}.npy" for k in range(3)]
+    before = [np.load(f) for f in files]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    files[1].unlink()
+    with pytest.raises(ValueError, match="cannot read latent shard"):
+        LatentDataset(str(out))
+
+    (out / ".tmp-abc123shard-00001.npy").write_bytes(b"partial")  # left by a killed run
+    count = _CountEncodes(monkeypatch)
+    meta = _prepare(image_dir, out, vae_dir)
+    assert not (out / ".tmp-abc123shard-00001.npy").exists()
+    assert count.calls == 1 and meta["complete"]  # batch 2 = shard 2: one encode call for the one missing shard
+    assert [files[0].stat().st_mtime_ns, files[2].stat().st_mtime_ns] == [mtimes[0], mtimes[2]]
+    np.testing.assert_array_equal(np.load(files[1]), before[1])
+
+    _prepare(image_dir, out, vae_dir)  # complete: nothing to do
+    assert count.calls == 1 and "already encoded" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="other settings.*dtype"):
+        _prepare(image_dir, out, vae_dir, dtype="float16")
+
+
+def test_interrupted_run_resumes(tmp_path, image_dir, vae_dir, monkeypatch):
+    out = tmp_path / "lat"
+    count = _CountEncodes(monkeypatch, fail_at=2)  # shard 0 is written, the kill hits shard 1
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(image_dir, out, vae_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    assert not meta["complete"] and [e["index"] for e in meta["shards"]] == [0]
+    with pytest.raises(ValueError, match="incomplete"):
+        LatentDataset(str(out))
+    count.fail_at, count.calls = None, 0
+    _prepare(image_dir, out, vae_dir)
+    assert count.calls == 2 and len(LatentDataset(str(out))) == 6
+
+
+def test_sample_latents_statistics():
+    mean, std = 1.5, 2.0
+    moments = torch.cat([torch.full((4, 4, 32, 32), mean), torch.full((4, 4, 32, 32), math.log(std ** 2))], 1)
+    z = sample_latents(moments, torch.Generator().manual_seed(0))
+    assert z.shape == (4, 4, 32, 32)
+    assert abs(z.mean().item() - mean * SD_SCALE) < 0.02 and abs(z.std().item() - std * SD_SCALE) < 0.01
+    # exactly (mean + exp(logvar/2) * eps) * scale with eps from the generator; logvar clamped to [-30, 20]
+    m = torch.randn(2, 8, 4, 4)
+    m[:, 4:] = torch.tensor([-50.0, 0.5, 25.0, -1.0]).view(1, 4, 1, 1)
+    eps = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    want = (m[:, :4] + torch.exp(m[:, 4:].clamp(-30, 20) / 2) * eps) * SD_SCALE
+    torch.testing.assert_close(sample_latents(m, torch.Generator().manual_seed(3)), want)
+    assert not torch.equal(sample_latents(m), sample_latents(m))  # a fresh draw each call
+
+
+def test_decode_helper(tmp_path, image_dir, vae_dir):
+    out = tmp_path / "lat"
+    _prepare(image_dir, out, vae_dir)
+    model_cfg = model_config("DiT-T/2", input_size=16, in_channels=4, num_classes=2).to_dict()
+    ckpt = {"config": {"model": model_cfg, "train": {"dataset": f"latents:{out}"}}}
+    decode = sample.latent_decoder(ckpt, None, torch.device("cpu"))  # the VAE named in meta.json
+    z = torch.randn(3, 4, 16, 16)
+    images = decode(z)
+    assert images.shape == (3, 3, RES, RES) and images.min() >= -1 and images.max() <= 1
+    vae = load_vae(vae_dir)
+    torch.testing.assert_close(images, vae.decode(z / SD_SCALE).sample.clamp(-1, 1))  # z / 0.18215 -> decode
+    torch.testing.assert_close(images, decode_latents(vae, z))
+    pixel = {"config": {"model": {**model_cfg, "in_channels": 3}, "train": {"dataset": "digits"}}}
+    assert sample.latent_decoder(pixel, None, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="latent channels"):
+        sample.latent_decoder(pixel, vae_dir, torch.device("cpu"))
+    gone = {"config": {"model": model_cfg, "train": {"dataset": f"latents:{tmp_path / 'elsewhere'}"}}}
+    with pytest.raises(ValueError, match="pass --vae"):
+        sample.latent_decoder(gone, None, torch.device("cpu"))
+    assert sample.latent_decoder(gone, vae_dir, torch.device("cpu")) is not None
+
+
+def test_sample_cli_decodes_latents(tmp_path, image_dir, vae_dir):
+    out = tmp_path / "lat"
+    _prepare(image_dir, out, vae_dir)
+    cfg = model_config("MaskDiT-T/2", input_size=16, in_channels=4, num_classes=2)
+    model = DiT(cfg)
+    ckpt = tmp_path / "ckpt.pt"
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "step": 0,
+                 "config": {"model": cfg.to_dict(), "train": {"dataset": f"latents:{out}"}}}, str(ckpt))
+    png, npz = sample.main(["--ckpt", str(ckpt), "--num-per-class", "1", "--steps", "2", "--device", "cpu",
+                            "--out", str(tmp_path / "s")])
+    data = np.load(npz)
+    assert data["images"].shape == (2, RES, RES, 3) and data["images"].dtype == np.uint8
+    assert Image.open(png).size[0] > RES
+
+
+def test_hub_failure_is_one_clear_line(monkeypatch, tmp_path, image_dir):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(*a, **k):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.\nmore detail")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
+    with pytest.raises(ValueError, match="could not load the VAE weights 'stabilityai/sd-vae-ft-ema'") as e:
+        load_vae("stabilityai/sd-vae-ft-ema")
+    assert "\n" not in str(e.value) and "offline" in str(e.value) and "--vae PATH" in str(e.value)
+    with pytest.raises(ValueError, match="could not load"):  # the command fails the same way, before encoding
+        prepare_latents(image_dir, str(tmp_path / "lat"), resolution=RES, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_vae(str(tmp_path / "no-vae-here"))
+
+
+def test_bad_input_and_missing_diffusers(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--images: dataset folder .*missing.* does not exist"):
+        prepare_latents(str(tmp_path / "missing"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        prepare_latents(str(tmp_path / "empty"), str(tmp_path / "out"), progress=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'maskdit\[latents\]'"):
+        load_vae("stabilityai/sd-vae-ft-ema")
+
+
+def test_cli_error_and_no_diffusers_import(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.modules['diffusers'] = None\n"  # importing any of these must not need diffusers
+            "import maskdit, maskdit.data, maskdit.latents, sample\n"
+            "sys.argv = ['prepare_latents', '--images', sys.argv[1], '--out', sys.argv[2]]\n"
+            "import runpy; runpy.run_module('maskdit.prepare_latents', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing"), str(tmp_path / "out")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: --images: dataset folder {str(tmp_path / 'missing')!r} does not exist"
+
+
+def test_train_on_latents_end_to_end(tmp_path, image_dir, vae_dir):
+    """prepare -> train.py --dataset latents:DIR (fresh latents every step) -> grid and sample.py decode."""
+    import train
+
+    out = tmp_path / "lat"
+    _prepare(image_dir, out, vae_dir)
+    run = tmp_path / "run"
+    train.main(["--dataset", f"latents:{out}", "--image-size", "16", "--batch-size", "2", "--steps", "2",
+                "--log-every", "1", "--grid-per-class", "1", "--sample-steps", "2", "--device", "cpu",
+                "--out", str(run)])
+    grid = Image.open(run / "samples.png")
+    assert grid.mode == "RGB" and grid.size[0] >= 2 * RES  # decoded 32x32 RGB images, a row per class
+    ckpt = torch.load(run / "checkpoint-0000002.pt", weights_only=False)
+    assert ckpt["config"]["model"]["input_size"] == 16 and ckpt["config"]["model"]["in_channels"] == 4
+    png, npz = sample.main(["--ckpt", str(run), "--num-per-class", "1", "--steps", "2", "--device", "cpu",
+                            "--out", str(tmp_path / "s")])
+    assert np.load(npz)["images"].shape == (2, RES, RES, 3)
+
+
+def test_latent_batches_are_resampled_every_step():
+    moments = torch.randn(3, 8, 4, 4)
+    a, b = sample_latents(moments, torch.Generator().manual_seed(0)), sample_latents(moments)
+    assert not torch.equal(a, b)
+    eps = torch.randn(3, 4, 4, 4)
+    mean, logvar = moments.chunk(2, dim=1)
+    torch.testing.assert_close(sample_latents(moments, eps=eps), (mean + torch.exp(logvar / 2) * eps) * SD_SCALE)
