@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 RUN    ?= runs/digits
 
-.PHONY: install test train sample lint bench bench-kernels gpu-check gpu-deps clean
+.PHONY: install test train sample lint bench bench-kernels quality gpu-check gpu-deps clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kernels.py
+
+# Time to quality on the digits: DiT vs MaskDiT, same wall-clock budget, the digits metric over time.
+quality: install
+	$(PY) bench/quality.py
 
 bench-kernels: install
 	$(PY) bench/kernels.py

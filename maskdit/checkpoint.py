@@ -15,20 +15,20 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str, write) -> None:
+    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it over ``path``.
 
     A kill at any moment leaves either the previous file or the new one, never a partial file.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +41,11 @@ def atomic_save(obj, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` with ``atomic_write``: crash-safe checkpoints."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:

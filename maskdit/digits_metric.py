@@ -11,12 +11,13 @@ in [-1, 1], the ``DigitsDataset`` format; other sizes are bilinearly resized to 
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoint import atomic_save
 
 VERSION = "v1"  # bump when the architecture, the training recipe or the preprocessing changes
 IMAGE_SIZE = 16
@@ -150,22 +151,6 @@ def cache_path(cache_dir: str | None = None) -> str:
     return os.path.join(os.path.expanduser(cache_dir), f"digits_classifier-{VERSION}.pt")
 
 
-def _save_atomic(obj, path: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".digits_classifier-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_cached(path: str) -> DigitsClassifier | None:
     """The cached classifier, or None when the file is missing, unreadable or of another version."""
     try:
@@ -188,7 +173,7 @@ def load_classifier(cache_dir: str | None = None) -> DigitsClassifier:
         model = _load_cached(path)
         if model is None:
             model = train_classifier()
-            _save_atomic({"version": VERSION, "state_dict": model.state_dict(),
+            atomic_save({"version": VERSION, "state_dict": model.state_dict(),
                           "heldout_accuracy": model.heldout_accuracy}, path)
         model.requires_grad_(False)
         _LOADED[path] = model

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 
 import torch
@@ -117,21 +116,3 @@ def read_meta(root: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path!r}: {e}") from None
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(binary file)`` on a temporary file next to ``path``, fsync, then rename it over ``path``:
-    a kill leaves the old file or the new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from maskdit.checkpoint import atomic_write
 from maskdit.data import ImageFolderDataset
 from maskdit.latents import (
     DEFAULT_VAE,
     META_NAME,
-    atomic_write,
     encode_moments,
     load_vae,
     meta_path,
