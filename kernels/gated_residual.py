@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+from .ln_modulate import _ln_modulate_row, _ln_modulate_row_bwd
 
 LN_EPS = 1e-6
 BWD_ROWS = 32  # tokens per backward program
@@ -41,13 +42,9 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
     # x_new rounded to its storage dtype: the statistics below (and the backward's x_hat) use what is stored
     xn_st = (x + gate * h).to(XN.dtype.element_ty)
     tl.store(XN + row * stride_xn + cols, xn_st, mask=cmask)
-    xn = xn_st.to(tl.float32)
-    mean = tl.sum(xn, axis=0) / D
-    xc = tl.where(cmask, xn - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
     shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = xc * rstd * (1.0 + scale) + shift
+    y, mean, rstd = _ln_modulate_row(xn_st.to(tl.float32), cmask, D, eps, shift, scale)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -83,11 +80,10 @@ def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX,
             mean = tl.load(MEAN + r)
             rstd = tl.load(RSTD + r)
             scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-            xhat = tl.where(cmask, (xn - mean) * rstd, 0.0)
+            dln, xhat = _ln_modulate_row_bwd(dy, xn, mean, rstd, scale, cmask, D)
             acc_shift += dy
             acc_scale += dy * xhat
-            g = dy * (1.0 + scale)
-            dxn += rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
+            dxn += dln
         acc_gate += dxn * h
         tl.store(DX + r * stride_dx + cols, dxn.to(DX.dtype.element_ty), mask=vmask)
         tl.store(DH + r * stride_dh + cols, (dxn * gate).to(DH.dtype.element_ty), mask=vmask)

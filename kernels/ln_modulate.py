@@ -22,19 +22,33 @@ BWD_ROWS = 32  # tokens per backward program
 
 
 @triton.jit
+def _ln_modulate_row(x, cmask, D, eps, shift, scale):
+    """LayerNorm of one fp32 row ``x`` (zero in masked columns), modulated: (y, mean, rstd)."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(cmask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    return xc * rstd * (1.0 + scale) + shift, mean, rstd
+
+
+@triton.jit
+def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
+    """The gradient of one row's LN(x) * (1 + scale) + shift w.r.t. x, and x_hat (for the dscale sums)."""
+    xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+    g = dy * (1.0 + scale)
+    return rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D)), xhat
+
+
+@triton.jit
 def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, stride_y, stride_shift,
                             stride_scale, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(cmask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
     s = tl.load(SEG + row).to(tl.int64)
     shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = xc * rstd * (1.0 + scale) + shift
+    y, mean, rstd = _ln_modulate_row(x, cmask, D, eps, shift, scale)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -59,11 +73,9 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T
         mean = tl.load(MEAN + r)
         rstd = tl.load(RSTD + r)
         scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-        xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+        dx, xhat = _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D)
         acc_shift += dy
         acc_scale += dy * xhat
-        g = dy * (1.0 + scale)
-        dx = rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D))
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask & valid)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
