@@ -23,9 +23,9 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import EDMPrecond, edm_sample
+from maskdit.edm import EDMPrecond, edm_sample, image_noise
 from maskdit.images import save_grid, to_uint8
-from maskdit.latents import LATENT_PREFIX, decode_latents, load_vae, read_meta, vae_scale
+from maskdit.latents import latent_decoder
 from maskdit.models import DiT
 
 
@@ -46,36 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the VAE in the latent folder's meta.json when the model was trained on latents")
     p.add_argument("--out", default="samples", help="output prefix: writes PREFIX.png and PREFIX.npz")
     return p.parse_args(argv)
-
-
-def image_noise(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in index])
-
-
-def latent_decoder(ckpt: dict, vae: str | None, device: torch.device):
-    """A function latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] when the checkpoint was trained on
-    latents (dataset ``latents:DIR``) or ``vae`` is given; None for pixel models.  The VAE defaults to the one
-    in DIR/meta.json, the scale to the one the latents were made with (else the VAE's own, 0.18215 for SD)."""
-    spec = str(ckpt["config"].get("train", {}).get("dataset") or "")
-    meta = None
-    if spec.startswith(LATENT_PREFIX):
-        try:
-            meta = read_meta(spec[len(LATENT_PREFIX):])
-        except ValueError as e:
-            if vae is None:
-                raise ValueError(f"the checkpoint was trained on {spec!r}, whose meta.json names the VAE, but {e}: "
-                                 "pass --vae PATH_OR_HUB_NAME (the VAE that encoded those latents)") from None
-    elif vae is None:
-        return None
-    model = load_vae(vae or meta["vae"], device)
-    channels = ckpt["config"]["model"]["in_channels"]
-    if model.config.latent_channels != channels:
-        raise ValueError(f"the VAE has {model.config.latent_channels} latent channels, the model {channels}: "
-                         "--vae only decodes models trained on that VAE's latents")
-    scale = (meta or {}).get("scale") or vae_scale(model)
-    return lambda z: decode_latents(model, z, scale)
 
 
 def main(argv=None) -> tuple[str, str]:

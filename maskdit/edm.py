@@ -164,3 +164,9 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next.float()
+
+
+def image_noise(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                        for i in index])

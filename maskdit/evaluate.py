@@ -34,7 +34,7 @@ import torch.distributed as dist
 from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
-from maskdit.edm import EDMPrecond, edm_sample
+from maskdit.edm import EDMPrecond, edm_sample, image_noise
 from maskdit.fid import (
     InceptionFeatures,
     InceptionUnavailableError,
@@ -44,8 +44,8 @@ from maskdit.fid import (
     save_stats,
 )
 from maskdit.images import to_uint8
+from maskdit.latents import latent_decoder
 from maskdit.models import DiT
-from sample import image_noise, latent_decoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -116,3 +116,27 @@ def read_meta(root: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path!r}: {e}") from None
+
+
+def latent_decoder(ckpt: dict, vae: str | None, device: torch.device):
+    """A function latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] when the checkpoint was trained on
+    latents (dataset ``latents:DIR``) or ``vae`` is given; None for pixel models.  The VAE defaults to the one
+    in DIR/meta.json, the scale to the one the latents were made with (else the VAE's own, 0.18215 for SD)."""
+    spec = str(ckpt["config"].get("train", {}).get("dataset") or "")
+    meta = None
+    if spec.startswith(LATENT_PREFIX):
+        try:
+            meta = read_meta(spec[len(LATENT_PREFIX):])
+        except ValueError as e:
+            if vae is None:
+                raise ValueError(f"the checkpoint was trained on {spec!r}, whose meta.json names the VAE, but {e}: "
+                                 "pass --vae PATH_OR_HUB_NAME (the VAE that encoded those latents)") from None
+    elif vae is None:
+        return None
+    model = load_vae(vae or meta["vae"], device)
+    channels = ckpt["config"]["model"]["in_channels"]
+    if model.config.latent_channels != channels:
+        raise ValueError(f"the VAE has {model.config.latent_channels} latent channels, the model {channels}: "
+                         "--vae only decodes models trained on that VAE's latents")
+    scale = (meta or {}).get("scale") or vae_scale(model)
+    return lambda z: decode_latents(model, z, scale)
