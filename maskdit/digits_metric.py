@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import atomic_save
+from .fid import feature_statistics, frechet_distance
 
 VERSION = "v1"  # bump when the architecture, the training recipe or the preprocessing changes
 IMAGE_SIZE = 16
@@ -212,38 +213,10 @@ def predict(images, cache_dir: str | None = None) -> torch.Tensor:
     return load_classifier(cache_dir).head(features(images, cache_dir)).argmax(1)
 
 
-def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) in float64 of (N, F) features (N >= 2)."""
-    f = torch.as_tensor(feats).detach().cpu().double().numpy()
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"need (N, F) features with N >= 2, got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
 def reference_statistics(cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of all 1,797 real digits (cached with the classifier)."""
     model = load_classifier(cache_dir)
     return model.ref_mu.numpy().copy(), model.ref_sigma.numpy().copy()
-
-
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (negative eigenvalues clipped to 0)."""
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
-
-    Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), a symmetric PSD form, so eigh suffices.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: {mu1.shape}, {s1.shape} vs {mu2.shape}, {s2.shape}")
-    r1 = _sqrtm_psd(s1)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def digits_fd(images, cache_dir: str | None = None) -> float:
