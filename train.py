@@ -33,7 +33,7 @@ from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import DiT
 from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
-from maskdit.training import EMA, ema_decay_at, make_optimizer
+from maskdit.training import COMPILE_MODES, EMA, compile_blocks, ema_decay_at, make_optimizer
 
 DEFAULTS = dict(
     model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, grad_accum=1, steps=1000,
@@ -41,7 +41,7 @@ DEFAULTS = dict(
     mask_ratio=0.5, mask_schedule="constant", mask_cosine_power=4.0, mask_ratio_dist="none", mask_schedule_start=0,
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
-    grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile=False,
+    grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
 )
 # Settings that define the network and its data: fixed for the life of a run.
@@ -85,7 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", choices=BACKENDS,
                    help="'triton' fused kernels, 'torch' plain PyTorch, 'auto' (default): triton on CUDA")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training forward")
+    p.add_argument("--compile", nargs="?", const="full", choices=COMPILE_MODES,
+                   help="torch.compile the training forward: 'full' (the whole loss function; the default when "
+                        "the flag has no value) or 'regional' (each transformer block, the blocks of a stack "
+                        "sharing their compiled graphs: much shorter compile time, no fusion across blocks); "
+                        "default none")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="eager training")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -121,6 +126,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
             cfg["mask_schedule_start"] = ckpt["step"]  # a new schedule (e.g. unmasking tuning) starts now
     cfg.update(given)
     cfg["betas"] = tuple(cfg["betas"])
+    if isinstance(cfg["compile"], bool):  # checkpoints written before the compile modes
+        cfg["compile"] = "full" if cfg["compile"] else "none"
     if cfg["lr"] is None:
         cfg["lr"] = 1e-3 if parse_model_name(cfg["model"])[1] == "T" else 1e-4
     return cfg
@@ -245,8 +252,10 @@ def main(argv=None) -> str:
         ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model))
     else:  # every process holds the same all-reduced weights and updates the same EMA
         ema = EMA(model, ema_model)
-    if cfg["compile"]:
+    if cfg["compile"] == "full":
         train_module = torch.compile(train_module)
+    elif cfg["compile"] == "regional":
+        compile_blocks(model)
     optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None

@@ -1,7 +1,8 @@
 """Kernel benchmark: each fused op against its eager PyTorch reference and ``torch.compile`` of that
 reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
 D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
-memory and time of one MaskDiT-XL/2 training step with each backend.
+memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
+and 16 warps per program (to check the launchers' choice).  Results are rewritten after every stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -13,6 +14,7 @@ script runs at tiny shapes on the reference ops only, to check that it works.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
@@ -22,6 +24,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import bench_ms, copy_bandwidth_gbs, device_slug, environment, write_results  # noqa: E402
+
+
+def _kernel_module(name: str):
+    """A module of ``kernels/`` (the package's attributes of the same names are its functions)."""
+    return importlib.import_module(f"kernels.{name}")
 
 
 def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) -> list[dict]:
@@ -42,14 +49,15 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
 
     x = rnd(t_enc, d, grad=True)
     specs.append(dict(
-        name="ln_modulate", shape=f"x ({t_enc}, {d}) fp32 -> bf16",
+        name="ln_modulate", module=_kernel_module("ln_modulate"), shape=f"x ({t_enc}, {d}) fp32 -> bf16",
         fused=lambda: kernels.ln_modulate(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
         reference=lambda: kernels.ln_modulate_reference(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
         leaves=[x, mod], fwd_bytes=t_enc * d * (4 + 2) + 8 * t_enc, bwd_bytes=t_enc * d * (4 + 2 + 4) + 8 * t_enc))
 
     h = rnd(t_enc, d, dtype=bf, grad=True)
     specs.append(dict(
-        name="gated_residual_ln_modulate", shape=f"x ({t_enc}, {d}) fp32, h bf16 -> fp32, bf16",
+        name="gated_residual_ln_modulate", module=_kernel_module("gated_residual"),
+        shape=f"x ({t_enc}, {d}) fp32, h bf16 -> fp32, bf16",
         fused=lambda: kernels.gated_residual_ln_modulate(x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d],
                                                          mod[:, 4 * d:5 * d], seg, out_dtype=bf),
         reference=lambda: kernels.gated_residual_ln_modulate_reference(
@@ -62,7 +70,8 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
     weight, bias = rnd(d, p * p * c, grad=True, scale=0.1), rnd(d, grad=True)
     pos = rnd(L, d)
     specs.append(dict(
-        name="embed_kept_patches", shape=f"x ({n}, {c}, {img.shape[2]}, {img.shape[3]}) -> ({t_enc}, {d}) fp32",
+        name="embed_kept_patches", module=_kernel_module("patch_embed"),
+        shape=f"x ({n}, {c}, {img.shape[2]}, {img.shape[3]}) -> ({t_enc}, {d}) fp32",
         fused=lambda: kernels.embed_kept_patches(img, ids, seg, weight, bias, pos, p),
         reference=lambda: kernels.embed_kept_patches_reference(img, ids, seg, weight, bias, pos, p),
         leaves=[weight, bias], fwd_bytes=t_enc * (p * p * c * 4 + d * 4 + 12) + L * d * 4,
@@ -71,7 +80,7 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
     xk = rnd(t_enc, dd, grad=True)
     mask_token, dpos = rnd(dd, grad=True), rnd(L, dd)
     specs.append(dict(
-        name="insert_mask_tokens", shape=f"({t_enc}, {dd}) -> ({n}, {L}, {dd}) fp32",
+        name="insert_mask_tokens", module=_kernel_module("unmask"), shape=f"({t_enc}, {dd}) -> ({n}, {L}, {dd}) fp32",
         fused=lambda: kernels.insert_mask_tokens(xk, ids, seg, mask_token, dpos, n),
         reference=lambda: kernels.insert_mask_tokens_reference(xk, ids, seg, mask_token, dpos, n),
         leaves=[xk, mask_token], fwd_bytes=(t_enc + t_dec) * dd * 4 + L * dd * 4 + 12 * t_enc,
@@ -85,7 +94,7 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
     masked = torch.ones(n, L, dtype=torch.bool, device=device)
     masked.view(-1)[(ids + torch.arange(n, device=device).repeat_interleave(k) * L)] = False
     specs.append(dict(
-        name="edm_loss", shape=f"F ({n}, {L}, {pp}) bf16, images fp32",
+        name="edm_loss", module=_kernel_module("edm_loss"), shape=f"F ({n}, {L}, {pp}) bf16, images fp32",
         fused=lambda: kernels.edm_loss(f_tok, y, noisy, sigma, masked, p),
         reference=lambda: kernels.edm_loss_reference(f_tok, y, noisy, sigma, masked, p),
         leaves=[f_tok], fwd_bytes=t_dec * pp * 2 + 2 * y.numel() * 4 + t_dec,
@@ -129,6 +138,29 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
+def warps_rows(specs, choices=(4, 8, 16)) -> list[dict]:
+    """The fused ops' time with each warp count per program forced (``kernels._common.num_warps`` picks
+    one from the block size; this measures whether that choice is right)."""
+    rows = []
+    for spec in specs:
+        module = spec["module"]
+        if not hasattr(module, "num_warps"):
+            continue
+        chosen = module.num_warps
+        for warps in choices:
+            row = dict(op=spec["name"], warps=warps)
+            module.num_warps = lambda _elements, w=warps: w
+            try:
+                row["fwd_ms"], row["bwd_ms"] = time_op(spec["fused"], spec["leaves"])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            finally:
+                module.num_warps = chosen
+            rows.append(row)
+    return rows
+
+
 def _measure_step(backend: str, batch: int, device) -> dict:
     """Peak activation memory (GB above the memory held between steps) and median time of one
     MaskDiT-XL/2 forward + backward with the EDM loss under bf16 autocast."""
@@ -152,7 +184,7 @@ def _measure_step(backend: str, batch: int, device) -> dict:
     step()
     torch.cuda.synchronize()
     return dict(activation_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
-                step_ms=bench_ms(step, warmup=3, rep=30))
+                step_ms=bench_ms(step, warmup=200, rep=1500))  # do_bench's budgets in ms: ~20+ steps
 
 
 def train_step_rows(batch: int, device) -> list[dict]:
@@ -170,7 +202,7 @@ def train_step_rows(batch: int, device) -> list[dict]:
     return rows
 
 
-def markdown(env, bandwidth, rows, step_rows) -> str:
+def markdown(env, bandwidth, rows, step_rows, warp_rows=()) -> str:
     lines = [f"## Fused kernels: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"measured copy bandwidth {bandwidth:.0f} GB/s (read+write); timing: median of "
@@ -194,6 +226,12 @@ def markdown(env, bandwidth, rows, step_rows) -> str:
             else:
                 lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
                              f"{r['step_ms']:.1f} |")
+    if warp_rows:
+        lines += ["", "Fused ops with the warps per program forced (default: `kernels._common.num_warps`):", "",
+                  "| op | warps | fwd ms | bwd ms |", "|---|---:|---:|---:|"]
+        for r in warp_rows:
+            timing = f"error: {r['error'][:80]} |" if "error" in r else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}"
+            lines.append(f"| {r['op']} | {r['warps']} | {timing} |")
     return "\n".join(lines)
 
 
@@ -202,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--step-batch", type=int, default=32, help="batch of the training-step measurement (0: skip)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    parser.add_argument("--no-warps-sweep", dest="warps_sweep", action="store_false",
+                        help="skip timing the fused ops at 4, 8 and 16 warps per program")
     args = parser.parse_args(argv)
     env = environment()
     cuda = torch.cuda.is_available()
@@ -212,13 +252,26 @@ def main(argv=None):
         print("no CUDA: timing the PyTorch references at tiny shapes only")
         shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
     bandwidth = copy_bandwidth_gbs()
-    rows = kernel_rows(op_specs(**shapes, device=device), bandwidth, with_fused=cuda)
-    step_rows = train_step_rows(args.step_batch, device) if cuda and args.step_batch > 0 else []
-    payload = dict(env, copy_bandwidth_gbs=bandwidth, shapes=shapes, kernels=rows, train_step=step_rows)
-    md = markdown(env, bandwidth, rows, step_rows)
-    print(md)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
-    paths = write_results(out, "kernels", payload, md)
+    results = dict(rows=[], step_rows=[], warp_rows=[])
+
+    def save():  # after every stage, so a run cut short by a time limit keeps what it measured
+        payload = dict(env, copy_bandwidth_gbs=bandwidth, shapes=shapes, kernels=results["rows"],
+                       train_step=results["step_rows"], warps=results["warp_rows"])
+        return write_results(out, "kernels", payload, markdown(env, bandwidth, results["rows"],
+                                                                results["step_rows"], results["warp_rows"]))
+
+    specs = op_specs(**shapes, device=device)
+    for spec in specs:
+        results["rows"] += kernel_rows([spec], bandwidth, with_fused=cuda)
+        save()
+    if cuda and args.step_batch > 0:
+        results["step_rows"] = train_step_rows(args.step_batch, device)
+        save()
+    if cuda and args.warps_sweep:
+        results["warp_rows"] = warps_rows(specs)
+    paths = save()
+    print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["warp_rows"]))
     print("wrote", *paths)
 
 

@@ -10,7 +10,9 @@ compiles with ``--compile``), ``zero_grad(set_to_none=True)``, backward, the fus
 ``train.py``'s no-sync non-finite guard) and the EMA update (``--no-ema`` leaves it out).  DiT rows mask nothing.
 
 Implementations: ``torch`` (plain PyTorch ops, eager), ``torch+compile``, ``triton`` (fused kernels, eager),
-``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile`` (default mode).
+``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile`` (default mode).  Optional:
+``torch+regional``, ``triton+regional`` (``maskdit.training.compile_blocks``: each transformer block compiled,
+the blocks of a stack sharing their graphs; compile time of a couple of blocks, no fusion across blocks).
 
 Method (CUDA): build the model on the GPU, run ``--warmup`` steps (compilation and autotuning happen
 here), then time ``--steps`` steps one by one with CUDA events and report the median.  Peak memory is
@@ -57,15 +59,15 @@ from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
 from maskdit.masking import random_mask, token_layout  # noqa: E402
 from maskdit.models import create_model  # noqa: E402
-from maskdit.training import EMA  # noqa: E402
+from maskdit.training import EMA, compile_blocks  # noqa: E402
 
-IMPLS = ("torch", "torch+compile", "triton", "triton+compile")
+IMPLS = ("torch", "torch+compile", "triton", "triton+compile", "torch+regional", "triton+regional")
 MASK_RATIO = 0.5
 IN_CHANNELS, NUM_CLASSES = 4, 1000
 EMA_DECAY = 0.9999  # the official recipe's
 
 # Defaults per mode; flags given on the command line override them.
-CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS), batches=[32, 64, 128, 256],
+CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS[:4]), batches=[32, 64, 128, 256],
                      steps=20, warmup=5, input_size=32)
 QUICK_DEFAULTS = dict(CUDA_DEFAULTS, impls=["torch", "triton"], batches=[64], steps=10, warmup=3)
 CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
@@ -77,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", help="model names (CUDA default: DiT-XL/2 MaskDiT-XL/2; add DiT-B/2 "
                                                "MaskDiT-B/2 for smaller GPUs; CPU default: DiT-S/2 MaskDiT-S/2)")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (CUDA default: all four; CPU: torch)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (CUDA default: the first four; "
+                                                             "CPU: torch)")
     p.add_argument("--batches", nargs="+", type=int, help="batch sizes (CUDA default: 32 64 128 256; CPU: 8)")
     p.add_argument("--steps", type=int, help="timed steps per configuration (default 20; CPU 5)")
     p.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 5; CPU 2)")
@@ -110,7 +113,7 @@ def matmul_rate(device: torch.device) -> tuple[float, str]:
     return 2 * n ** 3 / (ms * 1e-3) / 1e12, f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} matmul on {device.type}"
 
 
-def make_step(model, batch: int, device: torch.device, compiled: bool, ema: bool):
+def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: bool):
     """A closure running one training step as train.py does (no data loading, no label dropout)."""
     net, loss_fn = EDMPrecond(model), EDMLoss()
     masked = model.config.use_decoder
@@ -124,8 +127,10 @@ def make_step(model, batch: int, device: torch.device, compiled: bool, ema: bool
     def batch_loss(images, labels, ids_keep, sigma, noise):
         return loss_fn(net, images, labels, ids_keep, sigma=sigma, noise=noise).mean()
 
-    if compiled:
+    if compile_mode == "full":
         batch_loss = torch.compile(batch_loss)
+    elif compile_mode == "regional":
+        compile_blocks(model)
 
     def step():
         ids_keep = None
@@ -173,12 +178,24 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
     torch.manual_seed(0)
     with device:
         model = create_model(name, args.input_size, IN_CHANNELS, NUM_CLASSES, backend=impl.split("+")[0])
-    step = make_step(model, batch, device, impl.endswith("+compile"), args.ema)
-    for _ in range(args.warmup):
+    step = make_step(model, batch, device, compile_mode(impl), args.ema)
+    first_s = None
+    for i in range(args.warmup):
+        t0 = time.perf_counter()
         step()
+        if i == 0:  # the first step pays for compilation (and Triton's kernel builds)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
     times, peak = time_steps(step, args.steps, device)
     ms = statistics.median(times)
-    return dict(step_ms=ms, step_ms_min=min(times), imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=peak)
+    return dict(step_ms=ms, step_ms_min=min(times), imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=peak,
+                first_step_s=first_s)
+
+
+def compile_mode(impl: str) -> str:
+    """'none', 'full' (``+compile``) or 'regional' (``+regional``)."""
+    return {"compile": "full", "regional": "regional"}[impl.split("+")[1]] if "+" in impl else "none"
 
 
 def is_oom(e: BaseException) -> bool:
@@ -199,6 +216,7 @@ def new_row(name: str, impl: str, batch: int, args, device: torch.device, gflops
                 mask_ratio=MASK_RATIO if name.startswith("MaskDiT") else 0.0,
                 precision="bf16" if device.type == "cuda" else "fp32", train_gflops_per_img=gflops,
                 step_ms=None, step_ms_min=None, imgs_per_s=None, peak_mem_gb=None, tflops=None, mfu=None,
+                first_step_s=None,
                 oom=False, error=None)
 
 
@@ -279,16 +297,19 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
              f"{args.warmup} warm-up then {args.steps} timed steps, {timing}.",
              f"MFU against the measured {matmul[1]}: {matmul[0]:.3g} TFLOP/s.  TFLOP/s counts the model's "
              "matrix products and attention (maskdit.flops.train_gflops).  Speed-ups are step-time ratios.", "",
-             "| model | impl | batch | res | step ms | img/s | peak GB | TFLOP/s | MFU | vs DiT | vs torch eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "First step: seconds of the first warm-up step (compilation included).", "",
+             "| model | impl | batch | res | step ms | img/s | peak GB | TFLOP/s | MFU | vs DiT | vs torch eager "
+             "| first step s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         head = f"| {r['model']} | {r['impl']} | {r['batch']} | {r['resolution']} |"
         if r["step_ms"] is None:
-            lines.append(f"{head} {'OOM' if r['oom'] else 'error'} | | | | | | |")
+            lines.append(f"{head} {'OOM' if r['oom'] else 'error'} | | | | | | | |")
             continue
         lines.append(f"{head} {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} | {_fmt(r['peak_mem_gb'], '.2f')} | "
                      f"{r['tflops']:.3g} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
-                     f"{_fmt(r['speedup_vs_dit'], '.2f', 'x')} | {_fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} |")
+                     f"{_fmt(r['speedup_vs_dit'], '.2f', 'x')} | {_fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} | "
+                     f"{_fmt(r['first_step_s'], '.1f')} |")
     errors = [r for r in rows if r["error"] and not r["oom"]]
     if errors:
         lines += ["", "Errors:"] + [f"- {r['model']} {r['impl']} batch {r['batch']}: {r['error'][:200]}"

@@ -56,6 +56,7 @@ def main(argv=None):
     mixed = [0.0] * (b // 4) + [0.5] * (b - b // 4)
     cases = [("equal lengths K=128", [0.5] * b, None), ("equal lengths K=128", [0.5] * b, varlen),
              ("mixed: 1/4 unmasked", mixed, None), ("mixed: 1/4 unmasked", mixed, "padded-sdpa")]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
     rows = []
     for name, ratios, path in cases:
         row = dict(case=name, batch=b, forced_path=path)
@@ -65,26 +66,28 @@ def main(argv=None):
                 PATHS_USED.clear()
                 step()
                 row["path"] = ",".join(sorted(PATHS_USED))
-                ms = bench_ms(step, warmup=3, rep=30)
+                ms = bench_ms(step, warmup=200, rep=1500)  # do_bench's budgets in ms: ~20 steps timed
             row.update(step_ms=ms, imgs_per_s=b / (ms * 1e-3))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         rows.append(row)
+        paths = write_results(out, "varlen", dict(env, rows=rows), markdown(env, b, rows))  # after every case
+    print(markdown(env, b, rows))
+    print("wrote", *paths)
+
+
+def markdown(env: dict, batch: int, rows: list[dict]) -> str:
     lines = [f"## Variable-length encoder: {env['device']}", "",
-             f"MaskDiT-XL/2, batch {b}, bf16 autocast, triton backend, fwd+bwd of the EDM loss; torch {env['torch']}, "
-             f"triton {env['triton']}, {env['date']}; do_bench median.", "",
+             f"MaskDiT-XL/2, batch {batch}, bf16 autocast, triton backend, fwd+bwd of the EDM loss; "
+             f"torch {env['torch']}, triton {env['triton']}, {env['date']}; do_bench median.", "",
              "| case | attention path (encoder, decoder) | step ms | images/s |", "|---|---|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['forced_path']} | error: {r['error'][:80]} | |")
         else:
             lines.append(f"| {r['case']} | {r['path']} | {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} |")
-    md = "\n".join(lines)
-    print(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
-    print("wrote", *write_results(out, "varlen", dict(env, rows=rows), md))
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

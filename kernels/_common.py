@@ -57,6 +57,15 @@ def block_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def num_warps(elements: int) -> int:
+    """Warps for a program holding ``elements`` values per row/tile tensor: one per 256 values, 4 to 8.
+
+    With 4 warps a 2048-wide row (D 1152) kept 215-243 registers a thread in the backward kernels
+    (``bench/kernel_resources.py``, sm_90), leaving one or two programs per SM; 8 warps halve that.
+    """
+    return min(8, max(4, elements // 256))
+
+
 def token_samples(batch: int, tokens_per_sample: int, device) -> torch.Tensor:
     """The token->sample map (int32, batch * tokens_per_sample) of a dense (N, K, D) layout."""
     return torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(tokens_per_sample)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
 from .ln_modulate import _ln_modulate_row, _ln_modulate_row_bwd
 
 LN_EPS = 1e-6
@@ -124,7 +124,8 @@ def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tens
     if t:
         _gated_residual_fwd_kernel[(t,)](
             x, h, gate, shift, scale, seg, x_new, y, mean, rstd, d, x.stride(0), h.stride(0), gate.stride(0),
-            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d))
+            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
+            num_warps=num_warps(block_size(d)))
     return x_new, y, mean, rstd
 
 
@@ -158,7 +159,8 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torc
         _gated_residual_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
             dxn_arg, dy_arg, x_new, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x_new.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
-            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy)
+            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
+            num_warps=num_warps(block_size(d)))
     return dx, dh, dgate, dshift, dscale
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
 
 LN_EPS = 1e-6
 BWD_ROWS = 32  # tokens per backward program
@@ -104,7 +104,8 @@ def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.T
     rstd = new_output((t,), torch.float32, x.device)
     if t:
         _ln_modulate_fwd_kernel[(t,)](x, y, shift, scale, seg, mean, rstd, d, x.stride(0), y.stride(0),
-                                      shift.stride(0), scale.stride(0), eps, BLOCK_D=block_size(d))
+                                      shift.stride(0), scale.stride(0), eps, BLOCK_D=block_size(d),
+                                      num_warps=num_warps(block_size(d)))
     return y, mean, rstd
 
 
@@ -126,7 +127,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tens
     if t:
         _ln_modulate_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
             x, dy, dx, scale, seg, mean, rstd, dshift, dscale, t, d, x.stride(0), dy.stride(0), dx.stride(0),
-            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS)
+            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, num_warps=num_warps(block_size(d)))
     return dx, dshift, dscale
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
@@ -115,7 +115,7 @@ def _fwd(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token:
         block_r, block_d = _tiles(d)
         _unmask_fwd_kernel[(triton.cdiv(r, block_r),)](
             x_kept, src, mask_token, pos_embed, out, r, L, d, x_kept.stride(0), pos_embed.stride(0), d,
-            BLOCK_R=block_r, BLOCK_D=block_d)
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps(block_r * block_d))
     return out, src
 
 
@@ -137,7 +137,7 @@ def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.
         tiles = max(1, BWD_ROWS // block_r)
         _unmask_bwd_kernel[(triton.cdiv(r, block_r * tiles),)](
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
-            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles)
+            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, num_warps=num_warps(block_r * block_d))
     return dx, dmask
 
 

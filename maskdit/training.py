@@ -1,4 +1,4 @@
-"""Training utilities: exponential moving average of the weights and the optimizer."""
+"""Training utilities: exponential moving average of the weights, the optimizer, regional compilation."""
 
 from __future__ import annotations
 
@@ -49,3 +49,22 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float],
     """AdamW (fused kernel: one launch for all parameters, and skips steps via ``found_inf`` with no sync)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
                              fused=True)
+
+
+COMPILE_MODES = ("none", "full", "regional")
+
+
+def compile_blocks(model: nn.Module, **compile_options) -> int:
+    """Regional compilation: ``torch.compile`` every transformer block of ``model`` in place; returns how many.
+
+    The blocks of a stack run the same code on same-shaped parameters, so Dynamo traces and Inductor
+    compiles a graph for a stack's body (and one for its last block, whose arguments differ) that every
+    block reuses: the compile time of a couple of blocks, however deep the network.  Fusion across block
+    boundaries is lost; the patch embedding, the batched adaLN GEMM, the final layer and the loss stay
+    eager.  ``full`` compilation (``torch.compile`` of the whole loss function) is the alternative.
+    ``compile_options`` go to ``torch.compile`` (``backend``, ``mode``, ...).
+    """
+    blocks = [b for name in ("blocks", "decoder_blocks") for b in getattr(model, name, ())]
+    for block in blocks:
+        block.compile(**compile_options)
+    return len(blocks)

@@ -190,3 +190,45 @@ def test_official_init_zeroes_output():
     out = m(torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 1]))
     assert torch.equal(out, torch.zeros_like(out))
     assert m.mask_token.std() > 0
+
+
+def _saved_storages(fn):
+    """Bytes of the distinct storages autograd saves while running ``fn()`` (parameters included)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
+    from maskdit.models import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(72, 288)
+    x = torch.randn(50, 72, requires_grad=True)
+    dout = torch.randn(50, 72)
+
+    def plain():  # what autograd would do with Linear - GELU - Linear
+        return mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+
+    results = []
+    for fn in (plain, lambda: mlp(x)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, nbytes = _saved_storages(fn)
+        grads = torch.autograd.grad(out, [x, *mlp.parameters()], dout.to(out.dtype))
+        results.append((out, grads, nbytes))
+    (out_p, grads_p, bytes_p), (out_m, grads_m, bytes_m) = results
+    assert out_m.dtype == out_p.dtype == (torch.bfloat16 if amp else torch.float32)
+    torch.testing.assert_close(out_m, out_p, atol=0, rtol=0)
+    tol = dict(atol=1e-2, rtol=1e-2) if amp else dict(atol=1e-5, rtol=1e-5)
+    for name, g_m, g_p in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], grads_m, grads_p):
+        assert g_m.dtype == g_p.dtype, name
+        torch.testing.assert_close(g_m, g_p, **tol, msg=name)
+    hidden_bytes = 50 * 288 * (2 if amp else 4)
+    assert bytes_p - bytes_m == hidden_bytes  # exactly the GELU output is no longer kept

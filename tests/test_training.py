@@ -229,3 +229,44 @@ def test_digits_metric_in_training_and_time_budget(tmp_path, monkeypatch):
     assert load_checkpoint(str(tmp_path / "b"))["step"] == 2  # the first log step
     with pytest.raises(ValueError, match="need --dataset digits"):
         run(tmp_path / "c", "--dataset", str(tmp_path), "--eval-every", "2")
+
+
+def test_regional_compilation_matches_eager_and_graphs_do_not_grow_with_depth_or_k():
+    from torch._dynamo.utils import counters
+
+    from maskdit.masking import random_mask
+    from maskdit.training import compile_blocks
+    from tests.conftest import randomize
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = randomize(create_model("MaskDiT-T/2", input_size=8, in_channels=4, num_classes=10))
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled, backend="aot_eager") == 6 + 2  # encoder and decoder blocks
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 5, 10])
+    graphs = []
+    for ratio in (0.5, 0.25, 0.75, 0.6):  # a changing K, as under a mask-ratio schedule
+        ids = random_mask(3, 16, ratio).ids_keep
+        out_e, out_c = eager(x, t, y, ids), compiled(x, t, y, ids)
+        torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+        out_e.square().sum().backward()
+        out_c.square().sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # 8 blocks, yet a handful of graphs (each stack's body and last block; one dynamic-shape recompile at the
+    # second K), and none after it
+    assert graphs[1] <= 5 and graphs[1:] == [graphs[1]] * 3, graphs
+    torch._dynamo.reset()
+
+
+def test_train_compile_flag_modes(tmp_path):
+    args = train.parse_args(["--compile"])
+    assert args.compile == "full"
+    assert train.parse_args(["--compile", "regional"]).compile == "regional"
+    assert train.parse_args(["--no-compile"]).compile == "none"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--compile", "fast"])
+    # a run compiled regionally trains and resumes like any other
+    run(tmp_path, "--steps", "2", "--compile", "regional", "--ckpt-every", "2")
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["compile"] == "regional"

@@ -1,0 +1,210 @@
+"""Compile every Triton kernel of ``kernels/`` for a CUDA GPU on a machine without one, and report resources.
+
+    python bench/kernel_resources.py                 # sm_90 (H100/H200), MaskDiT-XL/2 widths
+    python bench/kernel_resources.py --arch 80 --out bench/results/offline-sm80
+
+A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2, 4 channels; one block
+each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast, plus each
+op alone on fp16/bf16 inputs; every kernel launch is intercepted (nothing runs), and each distinct
+(kernel, argument types, constexprs, launch options) is compiled by Triton for the target GPU down to a
+cubin with ptxas.  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
+compile for a GPU, and register spills.  The table gives registers per thread, spilled bytes and shared
+memory per program.  Needs no GPU and no CUDA toolkit (Triton ships ptxas); must run without
+``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from bench.common import environment, write_results  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel specialisation as a launch would compile it."""
+
+    kernel: JITFunction
+    signature: tuple  # ((name, type), ...)
+    constexprs: tuple  # ((name, value), ...)
+    attrs: tuple  # ((path, ((attribute, value), ...)), ...)
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def describe(self) -> str:
+        ptr_types = sorted({t[1:] for _, t in self.signature if t.startswith("*")})
+        consts = ", ".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{self.name}[{'/'.join(ptr_types)}; {consts}; warps={self.num_warps}]"
+
+
+def _launch_from_call(kernel: JITFunction, args, kwargs) -> Launch:
+    """The specialisation Triton's launcher would compile for this call (types, constexprs, and the
+    16-divisibility of pointers and ints, which decides vectorisation)."""
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    missing = [n for n in kernel.arg_names if n not in values]
+    if missing:
+        raise TypeError(f"{kernel.fn.__name__}: launch is missing arguments {missing}")
+    sig, consts, attrs = [], [], []
+    for i, p in enumerate(kernel.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            ty, key = "constexpr", None
+        else:
+            ty, key = native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize, True)
+        sig.append((p.name, ty))
+        if ty == "constexpr":
+            consts.append((p.name, v))
+        elif isinstance(key, str) and BaseBackend.parse_attr(key):
+            attrs.append(((i,), tuple(tuple(a) for a in BaseBackend.parse_attr(key))))
+    return Launch(kernel, tuple(sig), tuple(consts), tuple(attrs), opts.get("num_warps", 4),
+                  opts.get("num_stages", 3))
+
+
+@contextlib.contextmanager
+def intercept_launches(launches: list[Launch]):
+    """Within the block, Triton kernel launches are recorded in ``launches`` instead of run, and the
+    launchers accept CPU tensors (outputs stay unwritten)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernel_resources needs compiled kernels: unset TRITON_INTERPRET")
+    import kernels._common as common
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(_launch_from_call(self, args, dict(kwargs)))
+
+    saved_run, saved_interp = JITFunction.run, common.interpreting
+    JITFunction.run, common.interpreting = run, (lambda: True)
+    try:
+        yield launches
+    finally:
+        JITFunction.run, common.interpreting = saved_run, saved_interp
+
+
+def _training_steps():
+    """A MaskDiT training step (masked and all-token) at XL/2 widths, fp32 and bf16/fp16 autocast."""
+    from maskdit import EDMLoss, EDMPrecond, create_model, random_mask
+
+    torch.manual_seed(0)
+    net = EDMPrecond(create_model("MaskDiT-XL/2", input_size=8, depth=1, decoder_depth=1, backend="triton"))
+    loss_fn = EDMLoss()
+    images, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    for amp in (None, torch.bfloat16, torch.float16):
+        for ids_keep in (random_mask(2, 16, 0.5).ids_keep, None):
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss = loss_fn(net, images, labels, ids_keep).mean()
+            loss.backward()
+
+
+def _ops_in_half_precision():
+    """Each op alone on fp16 and bf16 inputs (the kernel tests' dtypes), forward and backward."""
+    import kernels
+
+    seg = kernels.token_samples(2, 3, "cpu")
+    ids = torch.tensor([0, 2, 3, 1, 3, 0])  # 3 of 4 tokens kept per sample
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (72, 1152):
+            def rnd(*shape):
+                return torch.randn(*shape, dtype=dtype, requires_grad=True)
+            x, h, gate, shift, scale = rnd(6, d), rnd(6, d), rnd(2, d), rnd(2, d), rnd(2, d)
+            y = kernels.ln_modulate(x, shift, scale, seg)
+            xr, y2 = kernels.gated_residual_ln_modulate(x, h, gate, shift, scale, seg)
+            out = kernels.insert_mask_tokens(x, ids, seg, rnd(d), rnd(4, d), 2)
+            emb = kernels.embed_kept_patches(rnd(2, 4, 4, 4), ids, seg, rnd(d, 16), rnd(d), rnd(4, d).detach(), 2)
+            torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), out.sum(), emb.sum()])
+
+
+def collect_launches() -> list[Launch]:
+    """Every distinct kernel specialisation the scenarios launch, in first-launch order."""
+    launches: list[Launch] = []
+    with intercept_launches(launches):
+        _training_steps()
+        _ops_in_half_precision()
+    return list(dict.fromkeys(launches))
+
+
+def _ptxas_bin() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin")
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers, spill bytes (stores + loads) and static shared memory from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.path.join(_ptxas_bin(), "cuobjdump"), "--dump-resource-usage", f.name],
+                              check=True, capture_output=True, text=True).stdout
+    reg = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return {"registers": int(reg.group(1)) if reg else None, "stack_bytes": int(stack.group(1)) if stack else None}
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
+    """Compile one specialisation for ``sm_<arch>``; returns its resources (raises on a compile error)."""
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=dict(launch.signature),
+                                    constexprs=dict(launch.constexprs),
+                                    attrs={path: [list(a) for a in attr] for path, attr in launch.attrs})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    ptx = compiled.asm["ptx"]
+    spills = re.findall(r"\.local\b", ptx)  # local-memory traffic in PTX means spills or stack arrays
+    usage = _resource_usage(compiled.asm["cubin"])
+    return {"kernel": launch.name, "spec": launch.describe(), "num_warps": launch.num_warps,
+            "shared_bytes": compiled.metadata.shared, "ptx_local_refs": len(spills), **usage}
+
+
+def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: list[dict]) -> str:
+    lines = [f"## Triton kernels compiled for sm_{arch} (no GPU used)", "",
+             f"triton {env['triton']}, torch {env['torch']}, {env['date']}, on {env['device']}; `{env['command']}`. "
+             f"{launches} kernel specialisations launched by a MaskDiT training step at XL/2 widths (D 1152, "
+             f"decoder 512; fp32, bf16 and fp16 autocast) and by each op on fp16/bf16 inputs (D 72 and 1152); "
+             f"{len(failures)} failed to compile. Registers per thread and stack (spill) bytes from cuobjdump, "
+             "shared memory from Triton.", "",
+             "| kernel specialisation | regs/thread | stack bytes | shared bytes |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['spec']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} |" for r in rows]
+    lines += [f"\nFAILED {f['spec']}:\n{f['error']}" for f in failures]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100/H200)")
+    ap.add_argument("--out", help="write kernel_resources.json / .md into this folder")
+    args = ap.parse_args(argv)
+    launches = collect_launches()
+    rows, failures = [], []
+    for launch in launches:
+        try:
+            rows.append(compile_launch(launch, args.arch))
+        except Exception as e:  # report every failing kernel, not only the first
+            failures.append({"spec": launch.describe(), "error": f"{type(e).__name__}: {e}"})
+    env = environment()
+    md = markdown(env, args.arch, len(launches), rows, failures)
+    print(md)
+    if args.out:
+        payload = dict(env, arch=args.arch, rows=rows, failures=failures)
+        print("wrote", *write_results(args.out, "kernel_resources", payload, md))
+    return 1 if failures else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
