@@ -39,6 +39,7 @@ gpu-deps:
 # Compute table (anywhere), training-step, sampling and kernel benchmarks (full tables need CUDA).
 bench: install
 	$(PY) bench/compute_table.py
+	$(PY) bench/activation_memory.py
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kernels.py

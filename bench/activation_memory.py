@@ -1,6 +1,6 @@
 """Activation memory of a training step per backend, counted exactly on any machine (no GPU needed).
 
-    python bench/activation_memory.py [--models DiT-XL/2 MaskDiT-XL/2] [--batch 256] [--out DIR]
+    python bench/activation_memory.py [--models DiT-XL/2 MaskDiT-XL/2] [--batch 256] [--out bench/results]
 
 The memory a training step holds between its forward and its backward is the tensors autograd saves.
 This script runs the EDM loss forward of each model and backend under bf16 autocast on the CPU and adds
@@ -97,7 +97,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--models", nargs="+", default=["DiT-XL/2", "MaskDiT-XL/2"])
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--out", help="write activation_memory.json / .md into this folder")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    help="folder for activation_memory.json / .md (default bench/results: the counts are exact "
+                         "sizes, the same on every machine)")
     args = ap.parse_args(argv)
     rows = []
     with intercept_launches([]):  # the triton backend's kernels are not run
@@ -108,8 +110,7 @@ def main(argv=None) -> list[dict]:
     env = environment()
     md = markdown(env, rows)
     print(md)
-    if args.out:
-        print("wrote", *write_results(args.out, "activation_memory", dict(env, rows=rows), md))
+    print("wrote", *write_results(args.out, "activation_memory", dict(env, rows=rows), md))
     return rows
 
 

@@ -26,9 +26,9 @@ else
   echo "pytest is not installed here and .gpu-deps is missing: CUDA tests skipped" | tee "$RESULTS_DIR/tests.txt"
   status=1
 fi
-timeout 150 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1
+timeout 120 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1
 timeout 60 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1
-timeout 120 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1
+timeout 150 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1
 # one file to bring back (a remote runner may return only a few files)
 if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then tar czf "$GPU_CHECK_ARCHIVE" -C "$RESULTS_DIR" .; fi
 exit $status

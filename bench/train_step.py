@@ -26,7 +26,9 @@ then skipped and marked out of memory too), the memory is freed and the sweep go
 between configurations (and ``torch._dynamo`` reset, so no configuration reuses another's graphs).
 
 ``--quick`` (``make gpu-check``, about 2 minutes on an H100): DiT-XL/2 and MaskDiT-XL/2, eager ``torch``
-and ``triton``, batch 64, 10 timed steps.
+and ``triton``, batch 128 and 256 (the targets' batch; DiT-XL/2 at 256 needs about 100 GB counting its
+activations, ``bench/activation_memory.py``, so on an 80 GB card it is recorded as out of memory), 10
+timed steps.
 
 Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
 latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
@@ -69,7 +71,7 @@ EMA_DECAY = 0.9999  # the official recipe's
 # Defaults per mode; flags given on the command line override them.
 CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS[:4]), batches=[32, 64, 128, 256],
                      steps=20, warmup=5, input_size=32)
-QUICK_DEFAULTS = dict(CUDA_DEFAULTS, impls=["torch", "triton"], batches=[64], steps=10, warmup=3)
+QUICK_DEFAULTS = dict(CUDA_DEFAULTS, impls=["torch", "triton"], batches=[128, 256], steps=10, warmup=3)
 CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
                     input_size=16)
 CPU_QUICK_DEFAULTS = dict(CPU_DEFAULTS, steps=3, warmup=1)
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="include train.py's EMA update in the step (default on)")
     p.add_argument("--threads", type=int, help="CPU only: torch.set_num_threads (default torch's; on a busy "
                                                "machine 1 avoids OpenMP threads waiting on each other)")
-    p.add_argument("--quick", action="store_true", help="XL/2 models, eager torch and triton, batch 64, 10 steps")
+    p.add_argument("--quick", action="store_true", help="XL/2 models, eager torch and triton, batch 128 and 256, "
+                                                        "10 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -64,6 +65,20 @@ def num_warps(elements: int) -> int:
     (``bench/kernel_resources.py``, sm_90), leaving one or two programs per SM; 8 warps halve that.
     """
     return min(8, max(4, elements // 256))
+
+
+def alert_nondeterministic(op: str, device: torch.device) -> None:
+    """Honour ``torch.use_deterministic_algorithms``: ``op``'s CUDA backward adds fp32 partial sums with
+    atomics, whose order (and so the last bits of the result) can change from run to run.  Raises
+    RuntimeError in deterministic mode, warns with ``warn_only=True``; the CPU interpreter is deterministic."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{op} has no deterministic CUDA implementation (fp32 atomic adds of per-sample sums); use the "
+           "model's backend='torch', or torch.use_deterministic_algorithms(True, warn_only=True) to allow it")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg)
+    else:
+        raise RuntimeError(msg)
 
 
 def token_samples(batch: int, tokens_per_sample: int, device) -> torch.Tensor:

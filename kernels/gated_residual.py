@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
+from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
 from .ln_modulate import _ln_modulate_row, _ln_modulate_row_bwd
 
 LN_EPS = 1e-6
@@ -141,6 +141,7 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torc
          gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (x_new's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
+    alert_nondeterministic("maskdit::gated_residual_ln_modulate backward", x_new.device)
     t, d = x_new.shape
     n = gate.shape[0]
     if dx_new is not None and dx_new.stride(-1) != 1:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
+from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
 
 LN_EPS = 1e-6
 BWD_ROWS = 32  # tokens per backward program
@@ -120,6 +120,7 @@ def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
 def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
          rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
+    alert_nondeterministic("maskdit::ln_modulate backward", x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     dshift = torch.zeros((num_samples, d), device=x.device, dtype=torch.float32)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
+from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
 
 FWD_TOKENS = 16  # tokens per forward program (16 x 128 tiles: 74-86 registers a thread at sm_90)
 FWD_BLOCK_D = 128  # output columns per forward program
@@ -175,6 +175,7 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tens
     if not needs_dx:
         return x.new_empty((0,)), dweight, dbias
     dpatches = (dout32 @ weight.float()).contiguous()
+    alert_nondeterministic("maskdit::embed_kept_patches backward to x", x.device)  # only when x needs a gradient
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if t:
         _patch_scatter_kernel[(triton.cdiv(t, GATHER_TOKENS),)](

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output, num_warps
+from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
@@ -129,6 +129,7 @@ def _fwd_fake(x_kept, ids, seg, mask_token, pos_embed, num_samples):
 def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, L, d = dout.shape
     r = n * L
+    alert_nondeterministic("maskdit::insert_mask_tokens backward", dout.device)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = new_output((num_tokens, d), dout.dtype, dout.device)
     dmask = torch.zeros((d,), dtype=torch.float32, device=dout.device)
