@@ -106,9 +106,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, ops) -> torch.Tensor:
         t, d = x.shape
-        q, k, v = self.qkv(x).view(t, 3, self.num_heads, d // self.num_heads).unbind(1)
+        q, k, v = ops.linear(x, self.qkv).view(t, 3, self.num_heads, d // self.num_heads).unbind(1)
         return self.proj(attention(q, k, v, layout).reshape(t, d))
 
 
@@ -143,8 +143,8 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.fc1(x)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        a = ops.linear(x, self.fc1)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
         return _GeluLinear.apply(a, self.fc2.weight.to(a.dtype), self.fc2.bias.to(a.dtype))
 
 
@@ -165,8 +165,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, y, mod, next_shift, next_scale, layout, ops):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, y = ops.residual_ln_modulate(x, self.attn(y, layout), gate_msa, shift_mlp, scale_mlp, layout)
-        return ops.residual_ln_modulate(x, self.mlp(y), gate_mlp, next_shift, next_scale, layout)
+        x, y = ops.residual_ln_modulate(x, self.attn(y, layout, ops), gate_msa, shift_mlp, scale_mlp, layout)
+        return ops.residual_ln_modulate(x, self.mlp(y, ops), gate_mlp, next_shift, next_scale, layout)
 
 
 class DiT(nn.Module):
@@ -270,14 +270,15 @@ class DiT(nn.Module):
                                    self.patch_size, layout)
         tokens, y = self._run_blocks(self.blocks, enc_mods, rest[0], tokens, layout, ops)
         if self.config.use_decoder:
-            tokens = ops.insert_mask_tokens(self.decoder_layer(y), layout, self.mask_token, self.decoder_pos_embed)
+            tokens = ops.insert_mask_tokens(ops.linear(y, self.decoder_layer), layout, self.mask_token,
+                                            self.decoder_pos_embed)
             full = token_layout(None, n, self.num_tokens, x.device)  # the decoder sees every token
             tokens, y = self._run_blocks(self.decoder_blocks, rest[1:-1], rest[-1], tokens, full, ops)
-            out = self.final_layer(y)
+            out = ops.linear(y, self.final_layer)
         elif ids_keep is None:
-            out = self.final_layer(y)
+            out = ops.linear(y, self.final_layer)
         else:  # DiT trained with masking: masked tokens output zeros
-            out = ops.scatter_tokens(self.final_layer(y), layout)
+            out = ops.scatter_tokens(ops.linear(y, self.final_layer), layout)
         return out.view(n, self.num_tokens, -1)
 
     @staticmethod

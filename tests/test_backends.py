@@ -97,3 +97,41 @@ def test_compile_fullgraph_triton_backend():
     torch.testing.assert_close(out, fused(x, t, y, ids), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in fused.parameters())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_on_modulated_output_recomputes_instead_of_saving_it(residual):
+    from maskdit.backends import get_ops
+    from maskdit.masking import token_layout
+
+    ops = get_ops("triton", torch.device(DEVICE))
+    layout = token_layout([torch.tensor([0, 2, 3]), torch.tensor([1, 3])], 2, 4, DEVICE)
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(shape, generator=g).to(DEVICE).requires_grad_() for shape in ((5, 72), (5, 72), (2, 72),
+                                                                                       (2, 72), (2, 72))]
+    layer = torch.nn.Linear(72, 40).to(DEVICE)
+    dout = torch.randn(5, 40, generator=g).to(DEVICE)
+
+    def run(through_ops):
+        x, h, gate, shift, scale = leaves
+        saved = set()
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t.detach()
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if residual:
+                x, y = ops.residual_ln_modulate(x, h, gate, shift, scale, layout)
+            else:
+                y = ops.ln_modulate(x, shift, scale, layout)
+            out = ops.linear(y, layer) if through_ops else layer(y)
+        params = [*leaves, layer.weight, layer.bias]
+        return torch.autograd.grad(out, params, dout, allow_unused=True), y.untyped_storage().data_ptr() in saved
+
+    (grads_saved, y_saved), (grads_recomputed, y_kept) = run(False), run(True)
+    assert y_saved and not y_kept
+    for a, b in zip(grads_saved, grads_recomputed):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
