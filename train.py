@@ -31,7 +31,7 @@ from maskdit.data import batch_iterator, make_dataset
 from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
 from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
-from maskdit.models import DiT
+from maskdit.models import CHECKPOINTING, DiT
 from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
 from maskdit.training import COMPILE_MODES, EMA, compile_blocks, ema_decay_at, make_optimizer
 
@@ -42,6 +42,7 @@ DEFAULTS = dict(
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
+    activation_checkpointing="none",
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
 )
 # Settings that define the network and its data: fixed for the life of a run.
@@ -91,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sharing their compiled graphs: much shorter compile time, no fusion across blocks); "
                         "default none")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="eager training")
+    p.add_argument("--activation-checkpointing", choices=CHECKPOINTING,
+                   help="recompute these blocks' forward in the backward instead of keeping their activations: "
+                        "none (default), decoder (MaskDiT-XL/2: -16%% activation memory, +4%% FLOPs), encoder, all "
+                        "(about a fifth of the activations left, +33%% FLOPs)")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -150,6 +155,8 @@ def validate(cfg: dict) -> None:
         (cfg["image_size"] >= 1, f"--image-size must be positive, got {cfg['image_size']}"),
         (cfg["ckpt_every"] >= 1 and cfg["log_every"] >= 1, "--ckpt-every and --log-every must be >= 1"),
         (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
+        (cfg["activation_checkpointing"] != "decoder" or cfg["model"].startswith("MaskDiT-"),
+         f"--activation-checkpointing decoder needs a MaskDiT model ({cfg['model']} has no decoder)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -241,6 +248,7 @@ def main(argv=None) -> str:
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
                                  num_classes=dataset.num_classes)
     model = DiT(model_cfg, backend=cfg["backend"]).to(device)
+    model.set_activation_checkpointing(cfg["activation_checkpointing"])
     n_params = sum(p.numel() for p in model.parameters())
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     net = EDMPrecond(model)

@@ -26,9 +26,9 @@ then skipped and marked out of memory too), the memory is freed and the sweep go
 between configurations (and ``torch._dynamo`` reset, so no configuration reuses another's graphs).
 
 ``--quick`` (``make gpu-check``, about 2 minutes on an H100): DiT-XL/2 and MaskDiT-XL/2, eager ``torch``
-and ``triton``, batch 128 and 256 (the targets' batch; DiT-XL/2 at 256 needs about 100 GB counting its
-activations, ``bench/activation_memory.py``, so on an 80 GB card it is recorded as out of memory), 10
-timed steps.
+and ``triton``, batch 128 and 256 (the targets' batch; DiT-XL/2 at 256 holds 75 GB with the triton backend
+and 100 GB with torch before any transient buffer, ``bench/activation_memory.py``: on an 80 GB card expect
+out-of-memory rows, which are recorded as such), 10 timed steps.
 
 Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
 latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
@@ -60,7 +60,7 @@ from bench.common import bench_ms, device_slug, environment, write_results  # no
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
 from maskdit.masking import random_mask, token_layout  # noqa: E402
-from maskdit.models import create_model  # noqa: E402
+from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
 from maskdit.training import EMA, compile_blocks  # noqa: E402
 
 IMPLS = ("torch", "torch+compile", "triton", "triton+compile", "torch+regional", "triton+regional")
@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="include train.py's EMA update in the step (default on)")
     p.add_argument("--threads", type=int, help="CPU only: torch.set_num_threads (default torch's; on a busy "
                                                "machine 1 avoids OpenMP threads waiting on each other)")
+    p.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none",
+                   help="DiT.set_activation_checkpointing for every model ('decoder': MaskDiT rows only, DiT rows "
+                        "run without)")
     p.add_argument("--quick", action="store_true", help="XL/2 models, eager torch and triton, batch 128 and 256, "
                                                         "10 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
@@ -181,6 +184,8 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
     torch.manual_seed(0)
     with device:
         model = create_model(name, args.input_size, IN_CHANNELS, NUM_CLASSES, backend=impl.split("+")[0])
+    if args.activation_checkpointing != "decoder" or model.config.use_decoder:
+        model.set_activation_checkpointing(args.activation_checkpointing)
     step = make_step(model, batch, device, compile_mode(impl), args.ema)
     first_s = None
     for i in range(args.warmup):
@@ -235,9 +240,10 @@ def fill_row(row: dict, args, device: torch.device, matmul_tflops: float) -> Non
             traceback.print_exc()
 
 
-def sweep(args, device: torch.device, matmul_tflops: float) -> list[dict]:
+def sweep(args, device: torch.device, matmul_tflops: float, on_row=None) -> list[dict]:
     """Every model x implementation x batch (ascending: once a batch runs out of memory the larger ones are
-    marked so without running), memory freed after each; then the speed-up fields."""
+    marked so without running), memory freed after each; then the speed-up fields.  ``on_row(rows)`` is
+    called after every row (to save partial results)."""
     rows = []
     for name in args.models:
         gflops = train_gflops(name, args.input_size, IN_CHANNELS, NUM_CLASSES,
@@ -254,6 +260,8 @@ def sweep(args, device: torch.device, matmul_tflops: float) -> list[dict]:
                     row.update(oom=True, error=f"out of memory (skipped: batch {oom_at} already ran out)")
                 rows.append(row)
                 print(progress_line(row), flush=True)
+                if on_row is not None:
+                    on_row(rows)
     add_speedups(rows)
     return rows
 
@@ -370,18 +378,23 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     matmul = matmul_rate(device)
     print(f"matmul rate: {matmul[0]:.3g} TFLOP/s ({matmul[1]})", flush=True)
-    rows = sweep(args, device, matmul[0])
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
+                    activation_checkpointing=args.activation_checkpointing,
                     mask_ratio=MASK_RATIO, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
                     precision="bf16 autocast" if device.type == "cuda" else "fp32",
                     timing="median of per-step CUDA events" if device.type == "cuda" else
                     "median of per-step time.perf_counter", cpu_threads=torch.get_num_threads())
-    payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
-    md = markdown(env, matmul, args, rows)
-    print(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
-    paths = write_results(out, "train_step", payload, md)
+
+    def save(rows):  # after every row, so a run cut short keeps what it measured
+        add_speedups(rows)
+        payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
+        return payload, write_results(out, "train_step", payload, markdown(env, matmul, args, rows))
+
+    rows = sweep(args, device, matmul[0], on_row=save)
+    payload, paths = save(rows)
+    print(markdown(env, matmul, args, rows))
     paths += tuple(plots(rows, out))
     print("wrote", *paths)
     return payload

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from bench.activation_memory import saved_bytes
+from bench.activation_memory import held_bytes
 from maskdit import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,18 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_saved_bytes_are_affine_in_the_batch():
     model = create_model("MaskDiT-T/2", input_size=8, backend="torch")
-    b1, b2, b3 = (saved_bytes(model, b, 0.5) for b in (2, 4, 7))
+    b1, b2, b3 = (held_bytes(model, b, 0.5) for b in (2, 4, 7))
     assert b1 < b2 < b3 and (b2 - b1) * 5 == (b3 - b1) * 2  # per-image bytes x batch + a fixed part
 
 
 def test_fused_backend_saves_less_and_the_table_is_written(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # launches are intercepted
-    subprocess.run([sys.executable, "bench/activation_memory.py", "--models", "DiT-T/2", "MaskDiT-T/2",
-                    "--batch", "16", "--out", str(tmp_path)], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "bench/activation_memory.py", "--models", "DiT-T/2", "MaskDiT-T/2", "--batch",
+                    "16", "--checkpointing", "none", "--out", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
     payload = json.loads((tmp_path / "activation_memory.json").read_text())
     rows = {(r["model"], r["backend"]): r for r in payload["rows"]}
     for model in ("DiT-T/2", "MaskDiT-T/2"):
         assert 0 < rows[(model, "triton")]["activation_gb"] < rows[(model, "torch")]["activation_gb"]
     assert rows[("MaskDiT-T/2", "triton")]["activation_mb_per_image"] < rows[("DiT-T/2", "triton")][
         "activation_mb_per_image"]
-    assert "| MaskDiT-T/2 | triton | 0.5 |" in (tmp_path / "activation_memory.md").read_text()
+    assert "| MaskDiT-T/2 | triton | none | 0.5 |" in (tmp_path / "activation_memory.md").read_text()

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -233,3 +234,28 @@ def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
         torch.testing.assert_close(g_m, g_p, **tol, msg=name)
     hidden_bytes = 50 * 288 * (2 if amp else 4)
     assert bytes_p - bytes_m == hidden_bytes  # exactly the GELU output is no longer kept
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_activation_checkpointing_same_gradients_less_held_memory(backend):
+    from bench.activation_memory import held_bytes
+
+    base = randomize(create_model("MaskDiT-T/2", input_size=8, backend=backend))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 5, 1000])
+    ids = random_mask(3, 16, 0.5).ids_keep
+    results = {}
+    for which in ("none", "decoder", "all"):
+        model = copy.deepcopy(base).set_activation_checkpointing(which)
+        out = model(x, t, y, ids)
+        out.square().sum().backward()
+        results[which] = (out.detach(), [p.grad for p in model.parameters()])
+        if backend == "torch":  # (counting the triton backend would run its kernels in the slow interpreter)
+            results[which] += (held_bytes(model, 3, 0.5),)
+    for which in ("decoder", "all"):
+        torch.testing.assert_close(results[which][0], results["none"][0], atol=0, rtol=0)
+        for g, g0 in zip(results[which][1], results["none"][1]):
+            torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-6)
+    if backend == "torch":
+        assert results["all"][2] < results["decoder"][2] < results["none"][2]
+    with pytest.raises(ValueError, match="activation checkpointing must be one of"):
+        create_model("DiT-T/2").set_activation_checkpointing("decoder")

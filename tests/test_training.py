@@ -105,6 +105,7 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--mask-ratio", "-0.1"], "--mask-ratio must be in"),
     (["--image-size", "9"], "not divisible by the patch size"),
     (["--model", "MaskDiT-Q/2"], "unknown model name"),
+    (["--model", "DiT-T/2", "--activation-checkpointing", "decoder"], "needs a MaskDiT model"),
     (["--dataset", "/nonexistent/folder"], "does not exist"),
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
 ])
@@ -267,6 +268,7 @@ def test_train_compile_flag_modes(tmp_path):
     assert train.parse_args(["--no-compile"]).compile == "none"
     with pytest.raises(SystemExit):
         train.parse_args(["--compile", "fast"])
-    # a run compiled regionally trains and resumes like any other
-    run(tmp_path, "--steps", "2", "--compile", "regional", "--ckpt-every", "2")
-    assert load_checkpoint(str(tmp_path))["config"]["train"]["compile"] == "regional"
+    # a run compiled regionally, with its blocks' activations recomputed, trains like any other
+    run(tmp_path, "--steps", "2", "--compile", "regional", "--activation-checkpointing", "all", "--ckpt-every", "2")
+    saved = load_checkpoint(str(tmp_path))["config"]["train"]
+    assert (saved["compile"], saved["activation_checkpointing"]) == ("regional", "all")
