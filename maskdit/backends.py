@@ -76,8 +76,10 @@ class TritonOps:
     def linear(self, y, layer):
         """``layer(y)``; when y is a modulated LayerNorm output of this backend, y itself is not kept for the
         backward (see ``_LinearOnRecomputedLN``)."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return layer(y)
         recipe = getattr(y, "_maskdit_ln_recipe", None)
-        if recipe is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if recipe is None:
             return layer(y)
         return _LinearOnRecomputedLN.apply(y, layer.weight.to(y.dtype), layer.bias.to(y.dtype), *recipe)
 

@@ -135,3 +135,27 @@ def test_linear_on_modulated_output_recomputes_instead_of_saving_it(residual):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_regional_compilation_of_the_triton_backend_matches_eager_without_graph_breaks():
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from maskdit.training import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, eager = pair("MaskDiT-T/2", depth=3)  # the triton one
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, backend="aot_eager")
+    x, t, y = inputs()
+    ids = random_mask(3, 16, 0.5).ids_keep.to(DEVICE)
+    out_e, out_c = eager(x, t, y, ids), compiled(x, t, y, ids)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
