@@ -6,7 +6,8 @@
 A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2, 4 channels; one block
 each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast, plus each
 op alone on fp16/bf16 inputs; every kernel launch is intercepted (nothing runs), and each distinct
-(kernel, argument types, constexprs, launch options) is compiled by Triton for the target GPU down to a
+(kernel, argument types, constexprs, launch options; the deterministic backward variants included) is
+compiled by Triton for the target GPU down to a
 cubin with ptxas.  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
 compile for a GPU, and register spills.  The table gives registers per thread, spilled bytes and shared
 memory per program.  Needs no GPU and no CUDA toolkit (Triton ships ptxas); must run without
@@ -136,10 +137,17 @@ def _ops_in_half_precision():
 
 def collect_launches() -> list[Launch]:
     """Every distinct kernel specialisation the scenarios launch, in first-launch order."""
+    import kernels._common as common
+
     launches: list[Launch] = []
     with intercept_launches(launches):
         _training_steps()
         _ops_in_half_precision()
+        common.FORCE_DETERMINISTIC = True  # the backward kernels' variants without atomic adds
+        try:
+            _ops_in_half_precision()
+        finally:
+            common.FORCE_DETERMINISTIC = False
     return list(dict.fromkeys(launches))
 
 

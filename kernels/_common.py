@@ -13,6 +13,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this to fill every output with NaN (floats) or -1 (integers) before the kernel runs, so an
 # element a kernel forgets to write fails the comparison instead of passing with stale memory.
 POISON_OUTPUTS = False
+# Tests set this to take the deterministic backward paths on the CPU too (see ``deterministic``).
+FORCE_DETERMINISTIC = False
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -67,14 +69,36 @@ def num_warps(elements: int) -> int:
     return min(8, max(4, elements // 256))
 
 
+def deterministic(device: torch.device) -> bool:
+    """Whether backward kernels must avoid atomic adds: under ``torch.use_deterministic_algorithms(True)`` on
+    CUDA.  They then write each partial sum to its own row and reduce the rows per sample with
+    ``index_add_`` (deterministic in that mode) or a plain sum, at the cost of a (T, D) fp32 buffer per sum."""
+    return FORCE_DETERMINISTIC or (device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
+
+
+def per_sample_sums_buffer(num_tokens: int, num_samples: int, width: int, device, det: bool) -> torch.Tensor:
+    """The zeroed fp32 buffer a backward kernel flushes per-sample partial sums into: (N, D) for atomic adds,
+    (T, D) (one row per token, see ``deterministic``) otherwise."""
+    return torch.zeros((num_tokens if det else num_samples, width), device=device, dtype=torch.float32)
+
+
+def per_sample_sums(buffer: torch.Tensor, seg: torch.Tensor, num_samples: int, det: bool) -> torch.Tensor:
+    """(N, D) sums from ``per_sample_sums_buffer`` after the kernel: the rows of each sample added in a fixed
+    order when deterministic."""
+    if not det:
+        return buffer
+    out = torch.zeros((num_samples, buffer.shape[1]), device=buffer.device, dtype=buffer.dtype)
+    return out.index_add_(0, seg.long(), buffer)
+
+
 def alert_nondeterministic(op: str, device: torch.device) -> None:
     """Honour ``torch.use_deterministic_algorithms``: ``op``'s CUDA backward adds fp32 partial sums with
     atomics, whose order (and so the last bits of the result) can change from run to run.  Raises
     RuntimeError in deterministic mode, warns with ``warn_only=True``; the CPU interpreter is deterministic."""
     if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
         return
-    msg = (f"{op} has no deterministic CUDA implementation (fp32 atomic adds of per-sample sums); use the "
-           "model's backend='torch', or torch.use_deterministic_algorithms(True, warn_only=True) to allow it")
+    msg = (f"{op} has no deterministic CUDA implementation (fp32 atomic adds); use the model's "
+           "backend='torch', or torch.use_deterministic_algorithms(True, warn_only=True) to allow it")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(msg)
     else:

@@ -10,7 +10,8 @@ statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so for
 with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves x_new, h and the
 per-token mean/rstd (2 floats a token); one backward pass recomputes x_hat and gives dx, dh and the
 per-sample dgate, dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
-atomic add per run and program).  A missing gradient of either output (output unused) counts as zeros.
+atomic add per run and program, or deterministic as in ``ln_modulate``).  A missing gradient of either
+output (output unused) counts as zeros.
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
-from .ln_modulate import _ln_modulate_row, _ln_modulate_row_bwd
+from ._common import (
+    FLOAT_DTYPES,
+    block_size,
+    check_tensor,
+    deterministic,
+    new_output,
+    num_warps,
+    per_sample_sums,
+    per_sample_sums_buffer,
+)
+from .ln_modulate import _flush_partial, _ln_modulate_row, _ln_modulate_row_bwd
 
 LN_EPS = 1e-6
 BWD_ROWS = 32  # tokens per backward program
@@ -54,7 +64,7 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
                                stride_dxn, stride_dy, stride_xn, stride_h, stride_gate, stride_scale, stride_dx,
                                stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
-                               HAS_DY: tl.constexpr):
+                               HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -90,11 +100,11 @@ def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX,
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
-        tl.atomic_add(DGATE + s * D + cols, acc_gate, mask=vmask & flush)
+        _flush_partial(DGATE, s, r, D, cols, acc_gate, vmask & flush, DETERMINISTIC)
         acc_gate = tl.where(flush, 0.0, acc_gate)
         if HAS_DY:
-            tl.atomic_add(DSHIFT + s * D + cols, acc_shift, mask=vmask & flush)
-            tl.atomic_add(DSCALE + s * D + cols, acc_scale, mask=vmask & flush)
+            _flush_partial(DSHIFT, s, r, D, cols, acc_shift, vmask & flush, DETERMINISTIC)
+            _flush_partial(DSCALE, s, r, D, cols, acc_scale, vmask & flush, DETERMINISTIC)
             acc_shift = tl.where(flush, 0.0, acc_shift)
             acc_scale = tl.where(flush, 0.0, acc_scale)
 
@@ -141,18 +151,16 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torc
          gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (x_new's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
-    alert_nondeterministic("maskdit::gated_residual_ln_modulate backward", x_new.device)
     t, d = x_new.shape
     n = gate.shape[0]
+    det = deterministic(x_new.device)
     if dx_new is not None and dx_new.stride(-1) != 1:
         dx_new = dx_new.contiguous()
     if dy is not None and dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = new_output((t, d), x_new.dtype, x_new.device)
     dh = new_output((t, d), h.dtype, h.device)
-    dgate = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
-    dshift = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
-    dscale = torch.zeros((n, d), device=x_new.device, dtype=torch.float32)
+    dgate, dshift, dscale = (per_sample_sums_buffer(t, n, d, x_new.device, det) for _ in range(3))
     if t:
         has_dxn, has_dy = dx_new is not None, dy is not None
         dxn_arg = dx_new if has_dxn else x_new  # unused placeholders when a gradient is missing
@@ -161,8 +169,8 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torc
             dxn_arg, dy_arg, x_new, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x_new.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
-            num_warps=num_warps(block_size(d)))
-    return dx, dh, dgate, dshift, dscale
+            DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
+    return (dx, dh, *(per_sample_sums(b, seg, n, det) for b in (dgate, dshift, dscale)))
 
 
 @_bwd.register_fake

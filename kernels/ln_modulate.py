@@ -4,7 +4,8 @@ Token layout: x (T, D) with the token->sample map ``seg`` (T,) int32; shift, sca
 free, unit column stride, e.g. chunks of the adaLN GEMM output).  Statistics in fp32.  The forward
 saves x and the per-token mean/rstd (2 floats a token); the backward recomputes x_hat and gives dx and
 the per-sample dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
-atomic add per run and program).
+atomic add per run and program; in deterministic mode, ``_common.deterministic``, each run's sum is
+stored in its own row and the rows are added per sample in a fixed order).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
+from ._common import (
+    FLOAT_DTYPES,
+    block_size,
+    check_tensor,
+    deterministic,
+    new_output,
+    num_warps,
+    per_sample_sums,
+    per_sample_sums_buffer,
+)
 
 LN_EPS = 1e-6
 BWD_ROWS = 32  # tokens per backward program
@@ -39,6 +49,16 @@ def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
 
 
 @triton.jit
+def _flush_partial(PTR, s, r, D, cols, acc, mask, DETERMINISTIC: tl.constexpr):
+    """Add a run's partial sum to sample ``s``'s row (atomic), or, deterministic, store it in the run's last
+    token row ``r`` of a (T, D) buffer that the launcher reduces per sample in a fixed order."""
+    if DETERMINISTIC:
+        tl.store(PTR + r * D + cols, acc, mask=mask)
+    else:
+        tl.atomic_add(PTR + s * D + cols, acc, mask=mask)
+
+
+@triton.jit
 def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, stride_y, stride_shift,
                             stride_scale, eps, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -56,7 +76,8 @@ def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, st
 
 @triton.jit
 def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T, D, stride_x, stride_dy,
-                            stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                            stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                            DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -80,8 +101,8 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
-        tl.atomic_add(DSHIFT + s * D + cols, acc_shift, mask=cmask & flush & valid)
-        tl.atomic_add(DSCALE + s * D + cols, acc_scale, mask=cmask & flush & valid)
+        _flush_partial(DSHIFT, s, r, D, cols, acc_shift, cmask & flush & valid, DETERMINISTIC)
+        _flush_partial(DSCALE, s, r, D, cols, acc_scale, cmask & flush & valid, DETERMINISTIC)
         acc_shift = tl.where(flush, 0.0, acc_shift)
         acc_scale = tl.where(flush, 0.0, acc_scale)
 
@@ -120,16 +141,17 @@ def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
 def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
          rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
-    alert_nondeterministic("maskdit::ln_modulate backward", x.device)
+    det = deterministic(x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
-    dshift = torch.zeros((num_samples, d), device=x.device, dtype=torch.float32)
-    dscale = torch.zeros((num_samples, d), device=x.device, dtype=torch.float32)
+    dshift = per_sample_sums_buffer(t, num_samples, d, x.device, det)
+    dscale = per_sample_sums_buffer(t, num_samples, d, x.device, det)
     if t:
         _ln_modulate_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
             x, dy, dx, scale, seg, mean, rstd, dshift, dscale, t, d, x.stride(0), dy.stride(0), dx.stride(0),
-            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, num_warps=num_warps(block_size(d)))
-    return dx, dshift, dscale
+            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, DETERMINISTIC=det,
+            num_warps=num_warps(block_size(d)))
+    return dx, per_sample_sums(dshift, seg, num_samples, det), per_sample_sums(dscale, seg, num_samples, det)
 
 
 @_bwd.register_fake

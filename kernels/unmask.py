@@ -9,7 +9,8 @@ The launcher builds the inverse map ``src`` (N*L,) int32 with one torch scatter 
 rounded to x_kept's dtype first, as in ``maskdit.ops.insert_mask_tokens``).  The forward saves only
 ``src`` (4 bytes an output row).  The backward is one kernel over tiles of output rows that reads dout
 once: kept rows are copied to dx[src] (each kept token has exactly one output row), masked rows are summed
-in fp32 registers and added to an fp32 (Dd,) buffer with one atomic add per program; dmask_token is
+in fp32 registers and added to an fp32 (Dd,) buffer with one atomic add per program (deterministic mode:
+one row per program, summed in order); dmask_token is
 returned in mask_token's dtype.  pos_embed is meant to be fixed; if it requires grad anyway its gradient
 (dout summed over samples) comes from plain PyTorch.
 
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
+from ._common import FLOAT_DTYPES, block_size, check_tensor, deterministic, new_output, num_warps
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
@@ -53,7 +54,7 @@ def _unmask_fwd_kernel(X, SRC, MASK, POS, OUT, R, L, D, stride_x, stride_pos, st
 
 @triton.jit
 def _unmask_bwd_kernel(DOUT, SRC, DX, DMASK, R, L, D, stride_dn, stride_dl, stride_dx,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr, DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -70,7 +71,10 @@ def _unmask_bwd_kernel(DOUT, SRC, DX, DMASK, R, L, D, stride_dn, stride_dl, stri
         tl.store(DX + src[:, None] * stride_dx + cols[None, :], dout.to(DX.dtype.element_ty),
                  mask=kept[:, None] & cmask[None, :])
         acc += tl.sum(tl.where(kept[:, None], 0.0, dout.to(tl.float32)), axis=0)
-    tl.atomic_add(DMASK + cols, acc, mask=cmask)
+    if DETERMINISTIC:  # this program's row of partial sums; the launcher adds the rows in order
+        tl.store(DMASK + pid * D + cols, acc, mask=cmask)
+    else:
+        tl.atomic_add(DMASK + cols, acc, mask=cmask)
 
 
 def _tiles(d: int) -> tuple[int, int]:
@@ -129,17 +133,18 @@ def _fwd_fake(x_kept, ids, seg, mask_token, pos_embed, num_samples):
 def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, L, d = dout.shape
     r = n * L
-    alert_nondeterministic("maskdit::insert_mask_tokens backward", dout.device)
+    det = deterministic(dout.device)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = new_output((num_tokens, d), dout.dtype, dout.device)
-    dmask = torch.zeros((d,), dtype=torch.float32, device=dout.device)
+    block_r, block_d = _tiles(d)
+    tiles = max(1, BWD_ROWS // block_r)
+    programs = triton.cdiv(r, block_r * tiles)
+    dmask = torch.zeros((programs if det else 1, d), dtype=torch.float32, device=dout.device)
     if r and d:
-        block_r, block_d = _tiles(d)
-        tiles = max(1, BWD_ROWS // block_r)
-        _unmask_bwd_kernel[(triton.cdiv(r, block_r * tiles),)](
+        _unmask_bwd_kernel[(programs,)](
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
-            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, num_warps=num_warps(block_r * block_d))
-    return dx, dmask
+            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, num_warps=num_warps(block_r * block_d))
+    return dx, dmask.sum(0)
 
 
 @_bwd.register_fake
