@@ -2,7 +2,9 @@
 reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
 D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
 memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
-and 16 warps per program (to check the launchers' choice).  Results are rewritten after every stage.
+and 16 warps per program (to check the launchers' choice).  Ops whose backward adds per-sample sums also
+get a row in deterministic mode (``kernels._common.deterministic``).  Results are rewritten after every
+stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -119,13 +121,21 @@ def time_op(fn, leaves) -> tuple[float, float]:
 
 
 def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
+    """Fused op (and, where its backward has one, its deterministic-mode variant), eager reference and
+    compiled reference, forward and backward."""
+    from kernels import _common
+
     rows = []
     for spec in specs:
         impls = {"eager reference": spec["reference"], "compiled reference": torch.compile(spec["reference"])}
         if with_fused:
-            impls = {"triton (fused)": spec["fused"], **impls}
+            fused = {"triton (fused)": spec["fused"]}
+            if hasattr(spec["module"], "deterministic"):  # backward without atomic adds
+                fused["triton (fused, deterministic)"] = spec["fused"]
+            impls = {**fused, **impls}
         for impl, fn in impls.items():
             row = dict(op=spec["name"], shape=spec["shape"], impl=impl)
+            _common.FORCE_DETERMINISTIC = impl.endswith("deterministic)")
             try:
                 fwd, bwd = time_op(fn, spec["leaves"])
                 for part, ms, nbytes in (("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])):
@@ -134,6 +144,8 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
             except Exception as e:  # keep going: one broken row must not hide the others
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
+            finally:
+                _common.FORCE_DETERMINISTIC = False
             rows.append(row)
     return rows
 
