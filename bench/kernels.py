@@ -135,7 +135,9 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
             impls = {**fused, **impls}
         for impl, fn in impls.items():
             row = dict(op=spec["name"], shape=spec["shape"], impl=impl)
-            _common.FORCE_DETERMINISTIC = impl.endswith("deterministic)")
+            det = impl.endswith("deterministic)")
+            _common.FORCE_DETERMINISTIC = det  # with torch's mode (its deterministic index_add_), as users get it
+            torch.use_deterministic_algorithms(det)
             try:
                 fwd, bwd = time_op(fn, spec["leaves"])
                 for part, ms, nbytes in (("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])):
@@ -146,6 +148,7 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
                 traceback.print_exc()
             finally:
                 _common.FORCE_DETERMINISTIC = False
+                torch.use_deterministic_algorithms(False)
             rows.append(row)
     return rows
 
