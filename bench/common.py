@@ -38,6 +38,11 @@ def device_slug(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
 
 
+def results_folder(out: str | None, env: dict) -> str:
+    """``out``, or by default bench/results/<device slug>."""
+    return out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+
+
 def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
     """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, cache flush between
     runs) on CUDA, wall clock with synchronisation elsewhere."""

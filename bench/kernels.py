@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, copy_bandwidth_gbs, device_slug, environment, write_results  # noqa: E402
+from bench.common import bench_ms, copy_bandwidth_gbs, environment, results_folder, write_results  # noqa: E402
 
 
 def _kernel_module(name: str):
@@ -267,7 +267,7 @@ def main(argv=None):
         print("no CUDA: timing the PyTorch references at tiny shapes only")
         shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
     bandwidth = copy_bandwidth_gbs()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    out = results_folder(args.out, env)
     results = dict(rows=[], step_rows=[], warp_rows=[])
 
     def save():  # after every stage, so a run cut short by a time limit keeps what it measured

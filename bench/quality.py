@@ -19,7 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import device_slug, environment, write_results  # noqa: E402
+from bench.common import environment, results_folder, write_results  # noqa: E402
 
 
 def run(model: str, budget: float, evals: int, extra: list[str]) -> list[dict]:
@@ -94,7 +94,7 @@ def main(argv=None):
     lines += ["", verdict]
     md = "\n".join(lines)
     print(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    out = results_folder(args.out, env)
     os.makedirs(out, exist_ok=True)
     plot(curves, os.path.join(out, "quality.png"))
     write_results(out, "quality", dict(env, budget_s=args.budget, curves=curves, target_fd=target,

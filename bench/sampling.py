@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import device_slug, environment, write_results  # noqa: E402
+from bench.common import environment, results_folder, write_results  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
 
 CFG_SCALE = 1.5
@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
                    cpu_threads=torch.get_num_threads(), settings=settings, rows=rows)
     md = markdown(env, args, rows, device)
     print(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    out = results_folder(args.out, env)
     paths = write_results(out, "sampling", payload, md)
     print("wrote", *paths)
     return payload

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, device_slug, environment, write_results  # noqa: E402
+from bench.common import bench_ms, environment, results_folder, write_results  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
 from maskdit.masking import random_mask, token_layout  # noqa: E402
@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     matmul = matmul_rate(device)
     print(f"matmul rate: {matmul[0]:.3g} TFLOP/s ({matmul[1]})", flush=True)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    out = results_folder(args.out, env)
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
                     activation_checkpointing=args.activation_checkpointing,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, device_slug, environment, write_results  # noqa: E402
+from bench.common import bench_ms, environment, results_folder, write_results  # noqa: E402
 from maskdit import EDMLoss, EDMPrecond, create_model, random_mask  # noqa: E402
 from maskdit.attention import HAS_FLASH_ATTN, HAS_TORCH_VARLEN, PATHS_USED, forced_path  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv=None):
     mixed = [0.0] * (b // 4) + [0.5] * (b - b // 4)
     cases = [("equal lengths K=128", [0.5] * b, None), ("equal lengths K=128", [0.5] * b, varlen),
              ("mixed: 1/4 unmasked", mixed, None), ("mixed: 1/4 unmasked", mixed, "padded-sdpa")]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
+    out = results_folder(args.out, env)
     rows = []
     for name, ratios, path in cases:
         row = dict(case=name, batch=b, forced_path=path)
@@ -88,6 +88,7 @@ def markdown(env: dict, batch: int, rows: list[dict]) -> str:
         else:
             lines.append(f"| {r['case']} | {r['path']} | {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
