@@ -151,16 +151,16 @@ def collect_launches() -> list[Launch]:
     return list(dict.fromkeys(launches))
 
 
-def _ptxas_bin() -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin")
+# ptxas and cuobjdump as shipped in Triton's wheel (x86-64 Linux)
+NVIDIA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers, spill bytes (stores + loads) and static shared memory from cuobjdump."""
+    """Registers per thread and stack bytes (spills) of a cubin, from cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([os.path.join(_ptxas_bin(), "cuobjdump"), "--dump-resource-usage", f.name],
+        text = subprocess.run([str(NVIDIA_TOOLS / "cuobjdump"), "--dump-resource-usage", f.name],
                               check=True, capture_output=True, text=True).stdout
     reg = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
@@ -174,11 +174,9 @@ def compile_launch(launch: Launch, arch: int) -> dict:
                                     attrs={path: [list(a) for a in attr] for path, attr in launch.attrs})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-    ptx = compiled.asm["ptx"]
-    spills = re.findall(r"\.local\b", ptx)  # local-memory traffic in PTX means spills or stack arrays
     usage = _resource_usage(compiled.asm["cubin"])
     return {"kernel": launch.name, "spec": launch.describe(), "num_warps": launch.num_warps,
-            "shared_bytes": compiled.metadata.shared, "ptx_local_refs": len(spills), **usage}
+            "shared_bytes": compiled.metadata.shared, **usage}
 
 
 def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: list[dict]) -> str:

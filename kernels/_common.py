@@ -63,8 +63,9 @@ def block_size(n: int) -> int:
 def num_warps(elements: int) -> int:
     """Warps for a program holding ``elements`` values per row/tile tensor: one per 256 values, 4 to 8.
 
-    With 4 warps a 2048-wide row (D 1152) kept 215-243 registers a thread in the backward kernels
-    (``bench/kernel_resources.py``, sm_90), leaving one or two programs per SM; 8 warps halve that.
+    With 4 warps the fused backward kernels on 2048-wide rows (D 1152) took 162-187 registers a thread
+    (``bench/kernel_resources.py``, sm_90: two 4-warp programs per SM); with 8 warps 99-124 (two 8-warp
+    programs).
     """
     return min(8, max(4, elements // 256))
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
+
+from bench.kernel_resources import NVIDIA_TOOLS
 
 ROOT = Path(__file__).resolve().parents[2]
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+PTXAS = NVIDIA_TOOLS / "ptxas"
 
 
 def _all_kernel_names() -> set[str]:
