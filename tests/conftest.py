@@ -27,3 +27,16 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def saved_storages(fn):
+    """``fn()``'s result and the storages autograd saves for the backward while it runs: {data_ptr: bytes}."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t.detach()  # (returning a saved output itself would make a reference cycle through its grad_fn)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved

@@ -8,7 +8,7 @@ from bench.compute_table import DIT_PAPER_GMACS
 from maskdit import MODEL_NAMES, create_model, random_mask
 from maskdit.flops import count_parameters, forward_gmacs, train_gflops
 from maskdit.models import sincos_pos_embed_2d, timestep_embedding
-from tests.conftest import randomize
+from tests.conftest import randomize, saved_storages
 
 
 def tiny(name="MaskDiT-T/2", **kw):
@@ -193,19 +193,6 @@ def test_official_init_zeroes_output():
     assert m.mask_token.std() > 0
 
 
-def _saved_storages(fn):
-    """Bytes of the distinct storages autograd saves while running ``fn()`` (parameters included)."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(saved.values())
-
-
 @pytest.mark.parametrize("amp", [False, True])
 def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
     from maskdit.backends import get_ops
@@ -222,7 +209,8 @@ def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
     results = []
     for fn in (plain, lambda: mlp(x, ops)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out, nbytes = _saved_storages(fn)
+            out, saved = saved_storages(fn)
+        nbytes = sum(saved.values())
         grads = torch.autograd.grad(out, [x, *mlp.parameters()], dout.to(out.dtype))
         results.append((out, grads, nbytes))
     (out_p, grads_p, bytes_p), (out_m, grads_m, bytes_m) = results

@@ -20,6 +20,14 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture
+def deterministic_mode():
+    """Restores torch's deterministic-algorithms setting after a test that changes it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def segments(lengths, device=DEVICE):
     """The token->sample map (int32) of samples with the given token counts, packed one after another."""
     return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),

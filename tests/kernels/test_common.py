@@ -10,13 +10,6 @@ def test_num_warps_one_per_256_values_between_4_and_8():
     assert [num_warps(n) for n in (16, 128, 512, 1024, 2048, 4096, 8192)] == [4, 4, 4, 4, 8, 8, 8]
 
 
-@pytest.fixture
-def deterministic_mode():
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def test_atomic_backward_alerts_only_in_deterministic_mode_on_cuda(deterministic_mode):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     alert_nondeterministic("maskdit::op backward", cuda)  # mode off: nothing

@@ -42,18 +42,14 @@ def _grads(fn, leaves):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["ln_modulate", "gated_residual_ln_modulate", "insert_mask_tokens"])
-def test_deterministic_backward_matches_reference_and_repeats_exactly(op, dtype, monkeypatch):
+def test_deterministic_backward_matches_reference_and_repeats_exactly(op, dtype, monkeypatch, deterministic_mode):
     leaves, call = _ops(dtype)[op]
     fused, reference = getattr(kernels, op), getattr(kernels, op + "_reference")
     expected = _grads(lambda: call(reference), leaves)
     atomic = _grads(lambda: call(fused), leaves)
     monkeypatch.setattr(_common, "FORCE_DETERMINISTIC", True)  # the path itself, on the CPU too
-    mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)  # what selects it on CUDA, and makes index_add_ deterministic there
-    try:
-        first, second = _grads(lambda: call(fused), leaves), _grads(lambda: call(fused), leaves)
-    finally:
-        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+    first, second = _grads(lambda: call(fused), leaves), _grads(lambda: call(fused), leaves)
     for got, want, fast, again in zip(first, expected, atomic, second):
         torch.testing.assert_close(got, want, **TOL[dtype]["grad"])
         torch.testing.assert_close(got, fast, **TOL[dtype]["grad"])
