@@ -1,7 +1,8 @@
 """Activation memory of a training step per backend, counted exactly on any machine (no GPU needed).
 
     python bench/activation_memory.py [--models DiT-XL/2 MaskDiT-XL/2] [--batch 256]
-                                      [--checkpointing none decoder all] [--out bench/results]
+                                      [--checkpointing none decoder all] [--compile none full]
+                                      [--out bench/results]
 
 The memory a training step holds between its forward and its backward is what the forward created and
 the autograd graph keeps alive.  This script runs the EDM loss forward of each model and backend under
@@ -13,6 +14,17 @@ are not run (their launches are intercepted as in ``bench/kernel_resources.py``;
 they return matter).  The held bytes are affine in the batch, so two small batches give the figure at
 ``--batch`` exactly: per-image bytes x batch + a batch-independent part (mostly the bf16 copies of the
 weights that autocast makes and the backward keeps).
+
+Compiled training (``--compile regional|full``, as ``train.py --compile``) keeps what AOTAutograd's
+min-cut partitioner decides, not what the eager autograd graph would: those rows compile with the
+``aot_eager_decomp_partition`` backend (Inductor's decompositions and partitioner, the graphs then run
+eagerly, so no code generation) and add up the storages the compiled graphs save for the backward
+(``saved_tensors_hooks``; Inductor's kernels allocate outside PyTorch's dispatcher, so the storage count
+above cannot see inside them).  For uncompiled rows the two counts agree.  Compiled rows are counted
+without activation checkpointing only: what checkpointing keeps is invisible to the saved-tensor count
+(regionally, the checkpoint holds a block's non-tensor arguments itself; compiled whole, the backward's
+recomputation, which can hold several blocks' activations at once, happens after the count), so those
+combinations need a GPU's peak (``bench/train_step.py --activation-checkpointing``).
 
 The static memory of training (fp32 weights, gradients, AdamW's two moments and the EMA copy, 20 bytes a
 parameter) is printed beside it; a GPU's peak adds transient buffers (attention workspaces, the
@@ -36,10 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, write_results  # noqa: E402
 from bench.kernel_resources import intercept_launches  # noqa: E402
 from maskdit import EDMLoss, EDMPrecond, create_model, random_mask  # noqa: E402
+from maskdit.distributed import LossModule  # noqa: E402
+from maskdit.masking import token_layout  # noqa: E402
 from maskdit.models import CHECKPOINTING  # noqa: E402
+from maskdit.training import COMPILE_MODES, compile_blocks  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 STATIC_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # fp32 weight, gradient, AdamW moments, EMA copy
+PARTITION_BACKEND = "aot_eager_decomp_partition"  # Inductor's partitioner without its code generation
 
 
 class _CreatedStorages(TorchDispatchMode):
@@ -57,37 +73,69 @@ class _CreatedStorages(TorchDispatchMode):
         return out
 
 
-def held_bytes(model: torch.nn.Module, batch: int, mask_ratio: float) -> int:
+def held_bytes(model: torch.nn.Module, batch: int, mask_ratio: float, loss_fn=None, compiled: bool = False) -> int:
     """Bytes of the storages the EDM loss forward created that are still alive after it (parameters and
-    the batch excluded): what the step holds for its backward."""
-    net, loss_fn = EDMPrecond(model), EDMLoss()
+    the batch excluded): what the step holds for its backward.  ``loss_fn``: ``training_loss(model)`` or
+    a compiled one, then ``compiled=True`` counts the bytes of the storages saved for the backward."""
     g = torch.Generator().manual_seed(0)
     res = model.input_size
     images = torch.randn(batch, model.in_channels, res, res, generator=g)
     labels = torch.randint(0, model.config.num_classes, (batch,), generator=g)
+    # drawn and packed outside the (compiled) forward, as train.py does
+    sigma, noise = EDMLoss().sample_sigma(batch, "cpu", g), torch.randn(images.shape, generator=g)
     ids = random_mask(batch, model.num_tokens, mask_ratio, generator=g).ids_keep if mask_ratio else None
+    layout = None if ids is None else token_layout(ids, batch, model.num_tokens, images.device)
+    args = (images, labels, layout, sigma, noise)
     held_anyway = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), images]}
-    mode = _CreatedStorages()
-    with mode, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(net, images, labels, ids).mean()
-    gc.collect()
-    alive = {ref.cdata: n for ref, n in mode.created if not ref.expired()}
+    loss_fn = loss_fn or training_loss(model)
+    if not compiled:
+        mode = _CreatedStorages()
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(*args)
+        gc.collect()
+        alive = {ref.cdata: n for ref, n in mode.created if not ref.expired()}
+    else:
+        alive = {}
+
+        def pack(t):
+            alive[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(*args)
     del loss
     return sum(n for cdata, n in alive.items() if cdata not in held_anyway)
 
 
-def measure(name: str, backend: str, batch: int, checkpointing: str = "none", small=(2, 4)) -> dict:
+def training_loss(model: torch.nn.Module, compile_mode: str = "none"):
+    """(images, labels, layout, sigma, noise) -> mean EDM loss of ``model`` (``maskdit.distributed.LossModule``),
+    compiled as ``train.py --compile`` does (``regional``: the model's blocks, in place; ``full``: the whole
+    module) with ``PARTITION_BACKEND``."""
+    module = LossModule(EDMPrecond(model), EDMLoss())
+    if compile_mode == "regional":
+        compile_blocks(model, backend=PARTITION_BACKEND)
+    elif compile_mode == "full":
+        module = torch.compile(module, backend=PARTITION_BACKEND)
+    return lambda *args: module(*args).mean()
+
+
+def measure(name: str, backend: str, batch: int, checkpointing: str = "none", compile_mode: str = "none",
+            small=(2, 4)) -> dict:
     """Held activation bytes at ``batch`` from two small batches (affine fit), and the static bytes."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
     model = create_model(name, backend=backend).set_activation_checkpointing(checkpointing)
     ratio = 0.5 if name.startswith("MaskDiT") else 0.0
-    counts = [held_bytes(model, b, ratio) for b in small]
+    loss_fn = training_loss(model, compile_mode)
+    counts = [held_bytes(model, b, ratio, loss_fn, compiled=compile_mode != "none") for b in small]
     per_image = (counts[1] - counts[0]) / (small[1] - small[0])
     fixed = counts[0] - per_image * small[0]
     n_params = sum(p.numel() for p in model.parameters())
-    del model
+    del model, loss_fn
+    torch._dynamo.reset()
     gc.collect()  # an XL model and its autocast copies are gigabytes: one at a time
-    return dict(model=name, backend=backend, checkpointing=checkpointing, batch=batch, mask_ratio=ratio,
+    return dict(model=name, backend=backend, checkpointing=checkpointing, compile=compile_mode, batch=batch,
+                mask_ratio=ratio,
                 activation_gb=(fixed + per_image * batch) / 1e9, activation_mb_per_image=per_image / 1e6,
                 batch_independent_gb=fixed / 1e9, static_gb=n_params * STATIC_BYTES_PER_PARAM / 1e9)
 
@@ -97,13 +145,16 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"torch {env['torch']}, triton {env['triton']}, {env['date']}; counted on {env['device']}: storages "
              "the EDM loss forward created that are still alive after it, under bf16 autocast (exact sizes, no "
              "GPU); 256x256 images (32x32x4 latents). Static = fp32 weights + gradients + AdamW moments + EMA.", "",
-             "| model | backend | checkpointing | mask ratio | activations GB | MB per image | batch-independent GB "
-             "| static GB | activations vs torch backend |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    torch_rows = {r["model"]: r for r in rows if r["backend"] == "torch" and r["checkpointing"] == "none"}
+             "Compiled rows: what the compiled graphs save (Inductor's partitioner, see the script).", "",
+             "| model | backend | compile | checkpointing | mask ratio | activations GB | MB per image | "
+             "batch-independent GB | static GB | activations vs eager torch backend |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    torch_rows = {r["model"]: r for r in rows
+                  if r["backend"] == "torch" and r["checkpointing"] == "none" and r["compile"] == "none"}
     for r in rows:
         base = torch_rows.get(r["model"])
         ratio = f"{r['activation_gb'] / base['activation_gb']:.2f}x" if base else "-"
-        lines.append(f"| {r['model']} | {r['backend']} | {r['checkpointing']} | {r['mask_ratio']} | "
+        lines.append(f"| {r['model']} | {r['backend']} | {r['compile']} | {r['checkpointing']} | {r['mask_ratio']} | "
                      f"{r['activation_gb']:.1f} | "
                      f"{r['activation_mb_per_image']:.1f} | {r['batch_independent_gb']:.2f} | {r['static_gb']:.1f} "
                      f"| {ratio} |")
@@ -118,6 +169,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--checkpointing", nargs="+", default=["none", "decoder", "all"], choices=CHECKPOINTING,
                     help="activation checkpointing settings to count (DiT.set_activation_checkpointing; "
                          "'decoder' applies to MaskDiT only)")
+    ap.add_argument("--compile", nargs="+", default=["none", "full"], choices=COMPILE_MODES,
+                    help="count eager training and/or training compiled as train.py --compile full|regional "
+                         "(compiled rows without checkpointing only; each compiles for about a minute here)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="folder for activation_memory.json / .md (default bench/results: the counts are exact "
                          "sizes, the same on every machine)")
@@ -126,11 +180,12 @@ def main(argv=None) -> list[dict]:
     with intercept_launches([]):  # the triton backend's kernels are not run
         for name in args.models:
             for backend in args.backends:
-                for which in args.checkpointing:
-                    if which == "decoder" and not name.startswith("MaskDiT"):
-                        continue
-                    rows.append(measure(name, backend, args.batch, which))
-                    print(rows[-1], flush=True)
+                for mode in args.compile:
+                    for which in args.checkpointing:
+                        if (which == "decoder" and not name.startswith("MaskDiT")) or (mode != "none" != which):
+                            continue  # compiled + checkpointing: not countable here (see the docstring)
+                        rows.append(measure(name, backend, args.batch, which, mode))
+                        print(rows[-1], flush=True)
     env = environment()
     md = markdown(env, rows)
     print(md)

@@ -7,8 +7,9 @@ Token layout: x, h (T, D) (h may have another float dtype than x, e.g. bf16 unde
 token->sample map ``seg`` (T,) int32; gate, shift, scale (N, D) (row stride free, unit column stride, e.g.
 chunks of the adaLN GEMM output).  One forward pass writes x_new (x's dtype) and y (``out_dtype``); the LN
 statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so forward and backward agree
-with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves x_new, h and the
-per-token mean/rstd (2 floats a token); one backward pass recomputes x_hat and gives dx, dh and the
+with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves its input x (which the op
+before it keeps for its own backward anyway), h and the per-token mean/rstd (2 floats a token), not x_new:
+one backward pass recomputes x_new exactly as the forward rounded it, then x_hat, and gives dx, dh and the
 per-sample dgate, dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
 atomic add per run and program, or deterministic as in ``ln_modulate``).  A missing gradient of either
 output (output unused) counts as zeros.
@@ -61,8 +62,8 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
-                               stride_dxn, stride_dy, stride_xn, stride_h, stride_gate, stride_scale, stride_dx,
+def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
+                               stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
                                stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
                                HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -86,7 +87,8 @@ def _gated_residual_bwd_kernel(DXN, DY, XN, H, GATE, SCALE, SEG, MEAN, RSTD, DX,
             dxn = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_DY:
             dy = tl.load(DY + r * stride_dy + cols, mask=vmask, other=0.0).to(tl.float32)
-            xn = tl.load(XN + r * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+            x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+            xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)  # x_new as the forward stored it
             mean = tl.load(MEAN + r)
             rstd = tl.load(RSTD + r)
             scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -147,52 +149,52 @@ def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
 
 
 @torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", mutates_args=())
-def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x_new: torch.Tensor, h: torch.Tensor,
+def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
          gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x_new's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
-    t, d = x_new.shape
+    """dx (x's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
+    t, d = x.shape
     n = gate.shape[0]
-    det = deterministic(x_new.device)
+    det = deterministic(x.device)
     if dx_new is not None and dx_new.stride(-1) != 1:
         dx_new = dx_new.contiguous()
     if dy is not None and dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx = new_output((t, d), x_new.dtype, x_new.device)
+    dx = new_output((t, d), x.dtype, x.device)
     dh = new_output((t, d), h.dtype, h.device)
-    dgate, dshift, dscale = (per_sample_sums_buffer(t, n, d, x_new.device, det) for _ in range(3))
+    dgate, dshift, dscale = (per_sample_sums_buffer(t, n, d, x.device, det) for _ in range(3))
     if t:
         has_dxn, has_dy = dx_new is not None, dy is not None
-        dxn_arg = dx_new if has_dxn else x_new  # unused placeholders when a gradient is missing
-        dy_arg = dy if has_dy else x_new
+        dxn_arg = dx_new if has_dxn else x  # unused placeholders when a gradient is missing
+        dy_arg = dy if has_dy else x
         _gated_residual_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
-            dxn_arg, dy_arg, x_new, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
-            dxn_arg.stride(0), dy_arg.stride(0), x_new.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
+            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
+            dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
             DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
     return (dx, dh, *(per_sample_sums(b, seg, n, det) for b in (dgate, dshift, dscale)))
 
 
 @_bwd.register_fake
-def _bwd_fake(dx_new, dy, x_new, h, gate, scale, seg, mean, rstd):
-    t, d = x_new.shape
+def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd):
+    t, d = x.shape
     n = gate.shape[0]
-    return x_new.new_empty((t, d)), h.new_empty((t, d)), x_new.new_empty((n, d), dtype=torch.float32), \
-        x_new.new_empty((n, d), dtype=torch.float32), x_new.new_empty((n, d), dtype=torch.float32)
+    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((n, d), dtype=torch.float32), \
+        x.new_empty((n, d), dtype=torch.float32), x.new_empty((n, d), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, h, gate, shift, scale, seg, eps, out_dtype = inputs
-    x_new, _, mean, rstd = output
-    ctx.save_for_backward(x_new, h, gate, scale, seg, mean, rstd)
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, h, gate, scale, seg, mean, rstd)
     ctx.shift_dtype = shift.dtype
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero (T, D) tensor is read
 
 
 def _backward(ctx, dx_new, dy, _dmean, _drstd):
-    x_new, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dh, dgate, dshift, dscale = _bwd(dx_new, dy, x_new, h, gate, scale, seg, mean, rstd)
+    x, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
+    dx, dh, dgate, dshift, dscale = _bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
     return dx, dh, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
 
 

@@ -3,19 +3,23 @@ reference) or "triton" (the fused kernels of ``kernels/``).  Both work on packed
 by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
 
     embed_patches(x, weight, bias, pos_embed, patch_size, layout)  -> (T, D)
-    ln_modulate(x, shift, scale, layout)                            -> LN(x) * (1 + scale) + shift
-    residual_ln_modulate(x, h, gate, shift, scale, layout)          -> (x + gate * h, LN(that) * ... )
+    ln_modulate(x, shift, scale, layout)                            -> y = LN(x) * (1 + scale) + shift
+    residual_ln_modulate(x, h, gate, shift, scale, layout)          -> (x + gate * h, y of that)
     insert_mask_tokens(x_kept, layout, mask_token, pos_embed)       -> (N*L, D_dec)
     scatter_tokens(x_kept, layout)                                  -> (N*L, D), zeros where masked
-    linear(y, layer)                                                -> layer(y), y a modulated LayerNorm output
+    linear(y, layer)                                                -> layer(y), y from one of the two above
+    checkpointed_outputs(x, y)                                      -> a checkpointed block's (x, y), see TritonOps
 
 The modulated output comes in the autocast dtype when autocast is on (it feeds a matrix product); the
 residual stream keeps its dtype.  Every modulated output feeds one Linear (qkv, fc1, the bridge, the final
-layer) through ``linear``: the triton backend keeps the LayerNorm's input for that Linear's backward and
-recomputes the modulated output from it, instead of storing it.
+layer) through ``linear`` and nothing else: the triton backend returns it as a ``ModulatedLN`` (the output
+with what it was computed from), and ``linear`` keeps the LayerNorm's input for that Linear's backward and
+recomputes the modulated output from it, instead of storing it, eager and under ``torch.compile`` alike.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,21 @@ class TorchOps:
         x = ops.gated_residual(x, gate, h, layout)
         return x, ops.ln_modulate(x, shift, scale, layout)
 
+    @staticmethod
+    def checkpointed_outputs(x, y):
+        return x, y
+
+
+class ModulatedLN(NamedTuple):
+    """A modulated LayerNorm output of the triton backend, ``y = LN(x) * (1 + scale[seg]) + shift[seg]``, with
+    the tensors that recompute it (a NamedTuple, so ``torch.compile`` traces it like a tuple of tensors)."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    seg: torch.Tensor
+
 
 class TritonOps:
     """The fused Triton kernels."""
@@ -67,21 +86,32 @@ class TritonOps:
 
     def ln_modulate(self, x, shift, scale, layout):
         y = self.k.ln_modulate(x, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
-        return _with_recipe(y, x, shift, scale, layout.seg)
+        return ModulatedLN(y, x, shift, scale, layout.seg)
 
     def residual_ln_modulate(self, x, h, gate, shift, scale, layout):
         x, y = self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
-        return x, _with_recipe(y, x, shift, scale, layout.seg)
+        return x, ModulatedLN(y, x, shift, scale, layout.seg)
 
-    def linear(self, y, layer):
-        """``layer(y)``; when y is a modulated LayerNorm output of this backend, y itself is not kept for the
-        backward (see ``_LinearOnRecomputedLN``)."""
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return layer(y)
-        recipe = getattr(y, "_maskdit_ln_recipe", None)
-        if recipe is None:
-            return layer(y)
-        return _LinearOnRecomputedLN.apply(y, layer.weight.to(y.dtype), layer.bias.to(y.dtype), *recipe)
+    @staticmethod
+    def linear(y: ModulatedLN, layer):
+        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``)."""
+        if not torch.is_grad_enabled():
+            return layer(y.y)
+        weight, bias = layer.weight.to(y.y.dtype), layer.bias.to(y.y.dtype)
+        return _LinearOnRecomputedLN.apply(y.y, weight, bias, y.x, y.shift, y.scale, y.seg)
+
+    @staticmethod
+    def checkpointed_outputs(x, y: ModulatedLN):
+        """The outputs (x, y) of an activation-checkpointed block; copied inside ``torch.compile``d code.
+
+        There AOTAutograd's partitioner keeps a checkpointed region's outputs for the backward only when an op
+        with one output made them; the fused residual + LayerNorm op has two, so without the copies nothing
+        between the blocks was kept and the compiled backward recomputed the whole chain of blocks at once
+        (a larger backward than without checkpointing).  Eager checkpointing keeps its inputs itself."""
+        if not torch.compiler.is_compiling():
+            return x, y
+        x = x.clone()
+        return x, y._replace(y=y.y.clone(), x=x)
 
     def insert_mask_tokens(self, x_kept, layout, mask_token, pos_embed):
         # the decoder's residual stream is kept in the parameters' precision, as in the torch backend
@@ -91,18 +121,13 @@ class TritonOps:
         return out.view(-1, out.shape[-1])
 
 
-def _with_recipe(y: torch.Tensor, x, shift, scale, seg) -> torch.Tensor:
-    """Tag y = LN(x) * (1 + scale) + shift with what recomputes it (eager only: nothing under compile)."""
-    if not torch.compiler.is_compiling():
-        y._maskdit_ln_recipe = (x, shift, scale, seg)
-    return y
-
-
 class _LinearOnRecomputedLN(torch.autograd.Function):
     """``F.linear(y, weight, bias)`` for y = ln_modulate(x, shift, scale) that saves x, shift and scale
     (which the LayerNorm's own backward keeps anyway) instead of y: the backward recomputes y with the
     forward kernel, from the same stored x, for the weight gradient.  A block no longer keeps its two
-    modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's activations at XL/2.
+    modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's activations at XL/2.  Under
+    ``torch.compile`` the Function is traced into the graph and the partitioner keeps what its backward uses:
+    x, shift and scale, not y.
     """
 
     @staticmethod

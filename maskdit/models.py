@@ -108,10 +108,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, ops) -> torch.Tensor:
-        t, d = x.shape
-        q, k, v = ops.linear(x, self.qkv).view(t, 3, self.num_heads, d // self.num_heads).unbind(1)
-        return self.proj(attention(q, k, v, layout).reshape(t, d))
+    def forward(self, y, layout: TokenLayout, ops) -> torch.Tensor:
+        """y: a modulated LayerNorm output of ``ops`` (T tokens); returns (T, dim)."""
+        qkv = ops.linear(y, self.qkv)
+        t = qkv.shape[0]
+        q, k, v = qkv.view(t, 3, self.num_heads, -1).unbind(1)
+        return self.proj(attention(q, k, v, layout).reshape(t, -1))
+
+
+@torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())
+def _gelu_tanh(a: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh) as an op ``torch.compile`` does not look into, for ``_GeluLinear``'s backward: traced as
+    the plain GELU it would be merged with the forward's, and the partitioner then keeps that output (it
+    does not recompute a value a backward matrix product reads) instead of recomputing it."""
+    return F.gelu(a, approximate="tanh")
+
+
+@_gelu_tanh.register_fake
+def _(a):
+    return torch.empty_like(a)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -119,7 +134,8 @@ class _GeluLinear(torch.autograd.Function):
 
     Autograd would keep both the GELU's input and its output (the second Linear's input), 2 x 4D values a
     token: the largest activations of a block.  Here the output is recomputed in the backward (one cheap
-    elementwise pass) instead, the same math and dtypes, a fifth less activation memory per block.
+    elementwise pass) instead, the same math and dtypes, a fifth less activation memory per block, eager
+    and under ``torch.compile``.
     """
 
     @staticmethod
@@ -130,7 +146,7 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         a, weight = ctx.saved_tensors
-        g = F.gelu(a, approximate="tanh")
+        g = _gelu_tanh(a) if torch.compiler.is_compiling() else F.gelu(a, approximate="tanh")  # eager: no op overhead
         dout2 = dout.reshape(-1, dout.shape[-1])
         dweight = dout2.t() @ g.reshape(-1, g.shape[-1])
         da = torch.ops.aten.gelu_backward(dout @ weight, a, approximate="tanh")
@@ -145,8 +161,9 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        a = ops.linear(x, self.fc1)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
+    def forward(self, y, ops) -> torch.Tensor:
+        """y: a modulated LayerNorm output of ``ops``."""
+        a = ops.linear(y, self.fc1)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
         return _GeluLinear.apply(a, self.fc2.weight.to(a.dtype), self.fc2.bias.to(a.dtype))
 
 
@@ -169,6 +186,11 @@ class DiTBlock(nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x, y = ops.residual_ln_modulate(x, self.attn(y, layout, ops), gate_msa, shift_mlp, scale_mlp, layout)
         return ops.residual_ln_modulate(x, self.mlp(y, ops), gate_mlp, next_shift, next_scale, layout)
+
+
+def _checkpointed_block(block: DiTBlock, *args):
+    """``block(*args)`` inside ``torch.utils.checkpoint`` (the block's ``ops`` is the last argument)."""
+    return args[-1].checkpointed_outputs(*block(*args))
 
 
 class DiT(nn.Module):
@@ -299,8 +321,8 @@ class DiT(nn.Module):
             nxt = block_mods[i + 1] if i + 1 < len(blocks) else after_mod
             args = (tokens, y, block_mods[i], nxt[0], nxt[1], layout, ops)
             # the blocks draw no random numbers: no RNG state to save and restore
-            tokens, y = checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False) if recompute \
-                else block(*args)
+            tokens, y = checkpoint(_checkpointed_block, block, *args, use_reentrant=False, preserve_rng_state=False) \
+                if recompute else block(*args)
         return tokens, y
 
     def set_activation_checkpointing(self, which: str) -> "DiT":

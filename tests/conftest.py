@@ -29,12 +29,13 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
     return model
 
 
-def saved_storages(fn):
-    """``fn()``'s result and the storages autograd saves for the backward while it runs: {data_ptr: bytes}."""
+def saved_storages(fn, describe=lambda t: t.untyped_storage().nbytes()):
+    """``fn()``'s result and the storages autograd saves for the backward while it runs:
+    {data_ptr: describe(a tensor saved in it)}, by default {data_ptr: bytes}."""
     saved = {}
 
     def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved[t.untyped_storage().data_ptr()] = describe(t)
         return t.detach()  # (returning a saved output itself would make a reference cycle through its grad_fn)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

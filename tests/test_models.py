@@ -193,12 +193,15 @@ def test_official_init_zeroes_output():
     assert m.mask_token.std() > 0
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("amp", [False, True])
-def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
+def test_mlp_recomputes_gelu_same_gradients_less_memory(amp, compiled):
+    """Eager, and compiled with Inductor's partitioner (which would keep a plain recomputed GELU's output)."""
     from maskdit.backends import get_ops
     from maskdit.models import Mlp
 
     torch.manual_seed(0)
+    torch._dynamo.reset()
     mlp, ops = Mlp(72, 288), get_ops("torch", torch.device("cpu"))
     x = torch.randn(50, 72, requires_grad=True)
     dout = torch.randn(50, 72)
@@ -206,8 +209,13 @@ def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
     def plain():  # what autograd would do with Linear - GELU - Linear
         return mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
 
+    def recomputing():
+        return mlp(x, ops)
+
     results = []
-    for fn in (plain, lambda: mlp(x, ops)):
+    for fn in (plain, recomputing):
+        if compiled:
+            fn = torch.compile(fn, backend="aot_eager_decomp_partition", fullgraph=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out, saved = saved_storages(fn)
         nbytes = sum(saved.values())
@@ -222,6 +230,15 @@ def test_mlp_recomputes_gelu_same_gradients_less_memory(amp):
         torch.testing.assert_close(g_m, g_p, **tol, msg=name)
     hidden_bytes = 50 * 288 * (2 if amp else 4)
     assert bytes_p - bytes_m == hidden_bytes  # exactly the GELU output is no longer kept
+    torch._dynamo.reset()
+
+
+def test_gelu_op_of_the_mlp_backward():
+    from maskdit.models import _gelu_tanh
+
+    a = torch.randn(7, 33)
+    torch.testing.assert_close(_gelu_tanh(a), torch.nn.functional.gelu(a, approximate="tanh"), atol=0, rtol=0)
+    torch.library.opcheck(_gelu_tanh, (a,))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -8,6 +8,7 @@ from kernels.gated_residual import (
     gated_residual_ln_modulate,
     gated_residual_ln_modulate_reference,
 )
+from tests.conftest import saved_storages
 from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
 
 # (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
@@ -94,14 +95,14 @@ def test_only_x_new_used(dtype):
 
 def test_bwd_op_without_gradients():
     x, h, gate, shift, scale, seg = _inputs(72, [3, 1, 34], torch.float32)
-    x_new, y, mean, rstd = _fwd(x, h, gate, shift, scale, seg, 1e-6, None)
+    x_new, y, mean, rstd = _fwd(x, h, gate, shift, scale, seg, 1e-6, None)  # the backward takes x, not x_new
     dy = torch.randn_like(y)
     dxn = torch.randn_like(x_new)
-    full = _bwd(dxn, dy, x_new, h, gate, scale, seg, mean, rstd)
-    no_dxn = _bwd(None, dy, x_new, h, gate, scale, seg, mean, rstd)
-    zero_dxn = _bwd(torch.zeros_like(dxn), dy, x_new, h, gate, scale, seg, mean, rstd)
-    no_dy = _bwd(dxn, None, x_new, h, gate, scale, seg, mean, rstd)
-    zero_dy = _bwd(dxn, torch.zeros_like(dy), x_new, h, gate, scale, seg, mean, rstd)
+    full = _bwd(dxn, dy, x, h, gate, scale, seg, mean, rstd)
+    no_dxn = _bwd(None, dy, x, h, gate, scale, seg, mean, rstd)
+    zero_dxn = _bwd(torch.zeros_like(dxn), dy, x, h, gate, scale, seg, mean, rstd)
+    no_dy = _bwd(dxn, None, x, h, gate, scale, seg, mean, rstd)
+    zero_dy = _bwd(dxn, torch.zeros_like(dy), x, h, gate, scale, seg, mean, rstd)
     for a, b in zip(no_dxn, zero_dxn):
         torch.testing.assert_close(a, b)
     for a, b in zip(no_dy, zero_dy):
@@ -111,12 +112,21 @@ def test_bwd_op_without_gradients():
         torch.testing.assert_close(f, a + b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_backward_keeps_the_input_not_x_new():
+    """x (kept by the op before anyway) and h are saved, x_new and y are not: the backward recomputes x_new."""
+    x, h, gate, shift, scale, seg = _inputs(72, [3, 1, 34], torch.float32)
+    x, h = x.requires_grad_(), h.requires_grad_()
+    (x_new, y), saved = saved_storages(lambda: gated_residual_ln_modulate(x, h, gate, shift, scale, seg))
+    assert x.untyped_storage().data_ptr() in saved and h.untyped_storage().data_ptr() in saved
+    assert x_new.untyped_storage().data_ptr() not in saved and y.untyped_storage().data_ptr() not in saved
+
+
 def test_opcheck():
     x, h, gate, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
     args = (x.requires_grad_(), h.requires_grad_(), gate, shift, scale, seg, 1e-6, None)
     torch.library.opcheck(_fwd, args)
     x_new, y, mean, rstd = _fwd(*args)
-    saved = (x_new.detach(), h.detach(), gate, scale, seg, mean, rstd)
+    saved = (x.detach(), h.detach(), gate, scale, seg, mean, rstd)
     torch.library.opcheck(_bwd, (torch.randn_like(x_new), torch.randn_like(y), *saved))
     torch.library.opcheck(_bwd, (None, torch.randn_like(y), *saved))
     torch.library.opcheck(_bwd, (torch.randn_like(x_new), None, *saved))
