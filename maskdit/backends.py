@@ -35,9 +35,20 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 class TorchOps:
-    """Plain PyTorch (``maskdit.ops``)."""
+    """Plain PyTorch (``maskdit.ops``).
+
+    ``recompute``: the network recomputes a few cheap activations in the backward instead of keeping them (the
+    MLP's GELU output; with the triton backend also each modulated LayerNorm output).  ``checkpointed`` is the
+    same backend without that, for the inside of an activation-checkpointed block, whose whole forward is
+    recomputed anyway (and where, compiled by torch 2.11, the autograd Functions that recompute would hide
+    their ops from the checkpoint, which then kept their outputs).
+    """
 
     name = "torch"
+
+    def __init__(self, recompute: bool = True):
+        self.recompute = recompute
+        self.checkpointed = type(self)(recompute=False) if recompute else self
     embed_patches = staticmethod(ops.embed_patches)
     ln_modulate = staticmethod(ops.ln_modulate)
     insert_mask_tokens = staticmethod(ops.insert_mask_tokens)
@@ -74,12 +85,14 @@ class TritonOps:
     name = "triton"
     scatter_tokens = staticmethod(ops.scatter_tokens)
 
-    def __init__(self):
+    def __init__(self, recompute: bool = True):
         try:
             import kernels
         except ImportError as e:  # triton missing
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
         self.k = kernels
+        self.recompute = recompute  # see TorchOps
+        self.checkpointed = type(self)(recompute=False) if recompute else self
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
         return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
@@ -92,10 +105,9 @@ class TritonOps:
         x, y = self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
         return x, ModulatedLN(y, x, shift, scale, layout.seg)
 
-    @staticmethod
-    def linear(y: ModulatedLN, layer):
-        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``)."""
-        if not torch.is_grad_enabled():
+    def linear(self, y: ModulatedLN, layer):
+        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``) when recomputing."""
+        if not (self.recompute and torch.is_grad_enabled()):
             return layer(y.y)
         weight, bias = layer.weight.to(y.y.dtype), layer.bias.to(y.y.dtype)
         return _LinearOnRecomputedLN.apply(y.y, weight, bias, y.x, y.shift, y.scale, y.seg)

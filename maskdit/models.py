@@ -154,7 +154,8 @@ class _GeluLinear(torch.autograd.Function):
 
 
 class Mlp(nn.Module):
-    """Linear - GELU(tanh) - Linear; the GELU output is recomputed in the backward, not stored."""
+    """Linear - GELU(tanh) - Linear; the GELU output is recomputed in the backward, not stored (unless the ops
+    say otherwise: inside a checkpointed block)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -162,8 +163,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, y, ops) -> torch.Tensor:
-        """y: a modulated LayerNorm output of ``ops``."""
+        """y: a modulated LayerNorm output of ``ops``; the GELU is recomputed when ``ops.recompute``."""
         a = ops.linear(y, self.fc1)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
+        if not ops.recompute:
+            return self.fc2(F.gelu(a, approximate="tanh"))
         return _GeluLinear.apply(a, self.fc2.weight.to(a.dtype), self.fc2.bias.to(a.dtype))
 
 
@@ -189,8 +192,10 @@ class DiTBlock(nn.Module):
 
 
 def _checkpointed_block(block: DiTBlock, *args):
-    """``block(*args)`` inside ``torch.utils.checkpoint`` (the block's ``ops`` is the last argument)."""
-    return args[-1].checkpointed_outputs(*block(*args))
+    """``block(*args)`` inside ``torch.utils.checkpoint``, with the ``checkpointed`` variant of its ops (the
+    last argument)."""
+    ops = args[-1].checkpointed
+    return ops.checkpointed_outputs(*block(*args[:-1], ops))
 
 
 class DiT(nn.Module):
