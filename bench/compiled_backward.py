@@ -26,6 +26,7 @@ from importlib import import_module
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.utils._pytree import tree_leaves
 
@@ -84,7 +85,7 @@ def measure(name: str, backend: str, checkpointing: str, batch: int) -> dict:
     def capture(kind):
         def compiler(gm, example_inputs):
             graphs[kind] = gm
-            return gm.forward
+            return make_boxed_func(gm.forward)
         return compiler
 
     compiler = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"),
