@@ -94,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="eager training")
     p.add_argument("--activation-checkpointing", choices=CHECKPOINTING,
                    help="recompute these blocks' forward in the backward instead of keeping their activations: "
-                        "none (default), decoder (MaskDiT-XL/2: -16%% activation memory, +4%% FLOPs), encoder, all "
-                        "(about a fifth of the activations left, +33%% FLOPs)")
+                        "none (default), decoder (MaskDiT-XL/2: -17%% activation memory, +4%% FLOPs), encoder, all "
+                        "(about a sixth of the activations left, +33%% FLOPs)")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "

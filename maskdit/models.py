@@ -191,11 +191,12 @@ class DiTBlock(nn.Module):
         return ops.residual_ln_modulate(x, self.mlp(y, ops), gate_mlp, next_shift, next_scale, layout)
 
 
-def _checkpointed_block(block: DiTBlock, *args):
-    """``block(*args)`` inside ``torch.utils.checkpoint``, with the ``checkpointed`` variant of its ops (the
-    last argument)."""
-    ops = args[-1].checkpointed
-    return ops.checkpointed_outputs(*block(*args[:-1], ops))
+def _checkpointed_block(block: DiTBlock, x, mod, next_shift, next_scale, layout, ops):
+    """A block inside ``torch.utils.checkpoint``: from the residual stream x alone (the block's first LayerNorm
+    + modulation is recomputed here, so only x is kept), with the ``checkpointed`` variant of ``ops``."""
+    ops = ops.checkpointed
+    y = ops.ln_modulate(x, mod[0], mod[1], layout)
+    return ops.checkpointed_outputs(*block(x, y, mod, next_shift, next_scale, layout, ops))
 
 
 class DiT(nn.Module):
@@ -318,22 +319,24 @@ class DiT(nn.Module):
     def _run_blocks(blocks, block_mods, after_mod, tokens, layout, ops, recompute: bool):
         """The blocks' chain of fused residual + LN-modulate; ``after_mod`` (shift, scale) is the LayerNorm
         modulation that follows the last block.  Returns the residual stream and its last modulated LN.
-        ``recompute``: activation checkpointing of every block (only its inputs are kept for the backward)."""
+        ``recompute``: activation checkpointing of every block (only its residual-stream input is kept for the
+        backward; its first modulated LayerNorm is recomputed from it, one extra LayerNorm pass a block)."""
+        recompute = recompute and torch.is_grad_enabled() and len(blocks) > 0
         first = block_mods[0] if len(blocks) else after_mod
-        y = ops.ln_modulate(tokens, first[0], first[1], layout)
-        recompute = recompute and torch.is_grad_enabled()
+        y = None if recompute else ops.ln_modulate(tokens, first[0], first[1], layout)
         for i, block in enumerate(blocks):
             nxt = block_mods[i + 1] if i + 1 < len(blocks) else after_mod
-            args = (tokens, y, block_mods[i], nxt[0], nxt[1], layout, ops)
-            # the blocks draw no random numbers: no RNG state to save and restore
-            tokens, y = checkpoint(_checkpointed_block, block, *args, use_reentrant=False, preserve_rng_state=False) \
-                if recompute else block(*args)
+            if recompute:  # the blocks draw no random numbers: no RNG state to save and restore
+                tokens, y = checkpoint(_checkpointed_block, block, tokens, block_mods[i], nxt[0], nxt[1], layout, ops,
+                                       use_reentrant=False, preserve_rng_state=False)
+            else:
+                tokens, y = block(tokens, y, block_mods[i], nxt[0], nxt[1], layout, ops)
         return tokens, y
 
     def set_activation_checkpointing(self, which: str) -> "DiT":
         """Recompute the forward of a stack's blocks in the backward instead of keeping their activations:
         "none" (default), "decoder" (MaskDiT's decoder: a sixth of MaskDiT-XL/2's activations for about
-        4% more training FLOPs), "encoder" or "all" (about a third more FLOPs; at XL/2 a fifth of the
+        4% more training FLOPs), "encoder" or "all" (about a third more FLOPs; at XL/2 a sixth of the
         activations are left, see ``bench/activation_memory.py``).  Returns the model."""
         choices = CHECKPOINTING if self.config.use_decoder else ("none", "encoder", "all")
         if which not in choices:
