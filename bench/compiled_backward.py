@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import environment, results_folder, write_results  # noqa: E402
+from bench.kernel_resources import intercept_launches  # noqa: E402
 from maskdit import EDMLoss, EDMPrecond, create_model, random_mask  # noqa: E402
 from maskdit.distributed import LossModule  # noqa: E402
 from maskdit.masking import token_layout  # noqa: E402
@@ -56,8 +57,9 @@ def backward_peak_bytes(graph: torch.fx.Graph) -> int:
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
-        node_storages[node] = [st._cdata for st in _storages(node.meta.get("val"))]
-        for st in _storages(node.meta.get("val")):
+        storages = _storages(node.meta.get("val"))
+        node_storages[node] = [st._cdata for st in storages]
+        for st in storages:
             if st._cdata not in holders:
                 holders[st._cdata], sizes[st._cdata] = set(), int(st.nbytes())
                 alive += sizes[st._cdata]
@@ -75,8 +77,6 @@ def backward_peak_bytes(graph: torch.fx.Graph) -> int:
 
 def measure(name: str, backend: str, checkpointing: str, batch: int) -> dict:
     """Saved bytes and backward-graph peak of one compiled training step (``train.py --compile`` full)."""
-    from bench.kernel_resources import intercept_launches
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_model(name, backend=backend).set_activation_checkpointing(checkpointing)

@@ -34,8 +34,8 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-class TorchOps:
-    """Plain PyTorch (``maskdit.ops``).
+class _Ops:
+    """What both backends share.
 
     ``recompute``: the network recomputes a few cheap activations in the backward instead of keeping them (the
     MLP's GELU output; with the triton backend also each modulated LayerNorm output).  ``checkpointed`` is the
@@ -44,11 +44,15 @@ class TorchOps:
     their ops from the checkpoint, which then kept their outputs).
     """
 
-    name = "torch"
-
     def __init__(self, recompute: bool = True):
         self.recompute = recompute
         self.checkpointed = type(self)(recompute=False) if recompute else self
+
+
+class TorchOps(_Ops):
+    """Plain PyTorch (``maskdit.ops``)."""
+
+    name = "torch"
     embed_patches = staticmethod(ops.embed_patches)
     ln_modulate = staticmethod(ops.ln_modulate)
     insert_mask_tokens = staticmethod(ops.insert_mask_tokens)
@@ -79,7 +83,7 @@ class ModulatedLN(NamedTuple):
     seg: torch.Tensor
 
 
-class TritonOps:
+class TritonOps(_Ops):
     """The fused Triton kernels."""
 
     name = "triton"
@@ -91,8 +95,7 @@ class TritonOps:
         except ImportError as e:  # triton missing
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
         self.k = kernels
-        self.recompute = recompute  # see TorchOps
-        self.checkpointed = type(self)(recompute=False) if recompute else self
+        super().__init__(recompute)
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
         return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
@@ -114,16 +117,17 @@ class TritonOps:
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):
-        """The outputs (x, y) of an activation-checkpointed block; copied inside ``torch.compile``d code.
+        """The outputs (x, y) of an activation-checkpointed block; x copied inside ``torch.compile``d code.
 
-        There AOTAutograd's partitioner keeps a checkpointed region's outputs for the backward only when an op
-        with one output made them; the fused residual + LayerNorm op has two, so without the copies nothing
+        There AOTAutograd's partitioner keeps a checkpointed region's output for the backward only when an op
+        with one output made it; the fused residual + LayerNorm op has two, so without the copy nothing
         between the blocks was kept and the compiled backward recomputed the whole chain of blocks at once
-        (a larger backward than without checkpointing).  Eager checkpointing keeps its inputs itself."""
+        (a larger backward than without checkpointing).  The next checkpointed block starts from x alone (it
+        recomputes its own y), so y needs no copy.  Eager checkpointing keeps its inputs itself."""
         if not torch.compiler.is_compiling():
             return x, y
         x = x.clone()
-        return x, y._replace(y=y.y.clone(), x=x)
+        return x, y._replace(x=x)
 
     def insert_mask_tokens(self, x_kept, layout, mask_token, pos_embed):
         # the decoder's residual stream is kept in the parameters' precision, as in the torch backend
