@@ -121,10 +121,13 @@ def test_bad_inputs_are_named():
         (dict(pos_embed=pos_embed[:9]), "pos_embed must have shape"),
         (dict(pos_embed=pos_embed[:, :7]), "pos_embed must have shape"),
         (dict(pos_embed=pos_embed.clone().requires_grad_()), "pos_embed must not require grad"),
-        (dict(ids=torch.where(ids == ids[0], 16, ids)), "ids must lie in"),
-        (dict(ids=torch.where(ids == ids[0], -1, ids)), "ids must lie in"),
-        (dict(seg=torch.where(seg == 1, 2, seg).int()), "seg must lie in"),
     ]
+    if DEVICE == "cpu":  # index ranges are checked only where that costs no device sync
+        cases += [
+            (dict(ids=torch.where(ids == ids[0], 16, ids)), "ids must lie in"),
+            (dict(ids=torch.where(ids == ids[0], -1, ids)), "ids must lie in"),
+            (dict(seg=torch.where(seg == 1, 2, seg).int()), "seg must lie in"),
+        ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             call(**kw)

@@ -70,7 +70,7 @@ def test_mixed_dtypes_expanded_grad_and_pos_embed_grad():
     (out.float() * 0.5).sum().backward()  # an expanded (stride-0) upstream gradient
     (ref.float() * 0.5).sum().backward()
     masked = n * L - sum(kept)
-    torch.testing.assert_close(leaves[1].grad, torch.full((d,), 0.5 * masked))
+    torch.testing.assert_close(leaves[1].grad, torch.full((d,), 0.5 * masked, device=DEVICE))
     for name, a, b in zip(("dx_kept", "dmask_token", "dpos_embed"), leaves, ref_leaves):
         assert a.grad.dtype == a.dtype, name
         torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOL[torch.float16]["grad"])
@@ -85,7 +85,7 @@ def test_no_kept_tokens():
     out = insert_mask_tokens(x, ids, seg, mask_token, pos, n)
     torch.testing.assert_close(out, (mask_token + pos).expand(n, L, d))
     out.sum().backward()
-    torch.testing.assert_close(mask_token.grad, torch.full((d,), float(n * L)))
+    torch.testing.assert_close(mask_token.grad, torch.full((d,), float(n * L), device=DEVICE))
 
 
 def test_opcheck():
