@@ -1,10 +1,10 @@
 """Kernel benchmark: each fused op against its eager PyTorch reference and ``torch.compile`` of that
 reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
 D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
-memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time with other
-launch configurations (row tiles, warps per program: to check the launchers' choice).  Ops whose backward
-adds per-sample sums also get a row in deterministic mode (``kernels._common.deterministic``).  Results are
-rewritten after every stage.
+memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
+and 16 warps per program (to check the launchers' choice).  Ops whose backward adds per-sample sums also
+get a row in deterministic mode (``kernels._common.deterministic``).  Results are rewritten after every
+stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -51,14 +51,14 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
 
     x = rnd(t_enc, d, grad=True)
     specs.append(dict(
-        name="ln_modulate", module=_kernel_module("ln_modulate"), width=d, shape=f"x ({t_enc}, {d}) fp32 -> bf16",
+        name="ln_modulate", module=_kernel_module("ln_modulate"), shape=f"x ({t_enc}, {d}) fp32 -> bf16",
         fused=lambda: kernels.ln_modulate(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
         reference=lambda: kernels.ln_modulate_reference(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
         leaves=[x, mod], fwd_bytes=t_enc * d * (4 + 2) + 8 * t_enc, bwd_bytes=t_enc * d * (4 + 2 + 4) + 8 * t_enc))
 
     h = rnd(t_enc, d, dtype=bf, grad=True)
     specs.append(dict(
-        name="gated_residual_ln_modulate", module=_kernel_module("gated_residual"), width=d,
+        name="gated_residual_ln_modulate", module=_kernel_module("gated_residual"),
         shape=f"x ({t_enc}, {d}) fp32, h bf16 -> fp32, bf16",
         fused=lambda: kernels.gated_residual_ln_modulate(x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d],
                                                          mod[:, 4 * d:5 * d], seg, out_dtype=bf),
@@ -153,36 +153,25 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-TILE_CHOICES = [(8, 128, 4), (16, 128, 4), (16, 128, 8), (32, 128, 8), (8, 256, 4), (8, 256, 8), (4, 256, 4)]
-
-
-def config_rows(specs, warps=(4, 8, 16), tiles=TILE_CHOICES) -> list[dict]:
-    """The fused ops' time with each launch configuration forced, to check the launchers' choice: the row
-    tile (rows x chunk columns, warps) of the LayerNorm kernels (``kernels._tiles.tile``), the warps per
-    program of the others (``kernels._common.num_warps``)."""
-    from kernels._tiles import Tile
-
+def warps_rows(specs, choices=(4, 8, 16)) -> list[dict]:
+    """The fused ops' time with each warp count per program forced (``kernels._common.num_warps`` picks
+    one from the block size; this measures whether that choice is right)."""
     rows = []
     for spec in specs:
         module = spec["module"]
-        if hasattr(module, "tile"):
-            attr, choices = "tile", [(f"{m}x{d} tile, {w} warps", lambda _d, c=Tile(m, d, w): c) for m, d, w in tiles]
-        elif hasattr(module, "num_warps"):
-            attr, choices = "num_warps", [(f"{w} warps", lambda _elements, w=w: w) for w in warps]
-        else:
+        if not hasattr(module, "num_warps"):
             continue
-        chosen = getattr(module, attr)
-        for label, forced in choices:
-            is_default = attr == "tile" and forced(spec["width"]) == chosen(spec["width"])
-            row = dict(op=spec["name"], config=label, default=is_default)
-            setattr(module, attr, forced)
+        chosen = module.num_warps
+        for warps in choices:
+            row = dict(op=spec["name"], warps=warps)
+            module.num_warps = lambda _elements, w=warps: w
             try:
                 row["fwd_ms"], row["bwd_ms"] = time_op(spec["fused"], spec["leaves"])
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             finally:
-                setattr(module, attr, chosen)
+                module.num_warps = chosen
             rows.append(row)
     return rows
 
@@ -228,7 +217,7 @@ def train_step_rows(batch: int, device) -> list[dict]:
     return rows
 
 
-def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
+def markdown(env, bandwidth, rows, step_rows, warp_rows=()) -> str:
     lines = [f"## Fused kernels: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"measured copy bandwidth {bandwidth:.0f} GB/s (read+write); timing: median of "
@@ -252,12 +241,12 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
             else:
                 lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
                              f"{r['step_ms']:.1f} |")
-    if config_rows:
-        lines += ["", "Fused ops with the launch configuration forced (*: the launcher's own choice):", "",
-                  "| op | configuration | fwd ms | bwd ms |", "|---|---|---:|---:|"]
-        for r in config_rows:
+    if warp_rows:
+        lines += ["", "Fused ops with the warps per program forced (default: `kernels._common.num_warps`):", "",
+                  "| op | warps | fwd ms | bwd ms |", "|---|---:|---:|---:|"]
+        for r in warp_rows:
             timing = f"error: {r['error'][:80]} |" if "error" in r else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}"
-            lines.append(f"| {r['op']} | {r['config']}{' *' if r['default'] else ''} | {timing} |")
+            lines.append(f"| {r['op']} | {r['warps']} | {timing} |")
     return "\n".join(lines)
 
 
@@ -266,8 +255,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--step-batch", type=int, default=32, help="batch of the training-step measurement (0: skip)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
-    parser.add_argument("--no-config-sweep", dest="config_sweep", action="store_false",
-                        help="skip timing the fused ops with other launch configurations")
+    parser.add_argument("--no-warps-sweep", dest="warps_sweep", action="store_false",
+                        help="skip timing the fused ops at 4, 8 and 16 warps per program")
     args = parser.parse_args(argv)
     env = environment()
     cuda = torch.cuda.is_available()
@@ -279,13 +268,13 @@ def main(argv=None):
         shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
     bandwidth = copy_bandwidth_gbs()
     out = results_folder(args.out, env)
-    results = dict(rows=[], step_rows=[], config_rows=[])
+    results = dict(rows=[], step_rows=[], warp_rows=[])
 
     def save():  # after every stage, so a run cut short by a time limit keeps what it measured
         payload = dict(env, copy_bandwidth_gbs=bandwidth, shapes=shapes, kernels=results["rows"],
-                       train_step=results["step_rows"], configs=results["config_rows"])
+                       train_step=results["step_rows"], warps=results["warp_rows"])
         return write_results(out, "kernels", payload, markdown(env, bandwidth, results["rows"],
-                                                                results["step_rows"], results["config_rows"]))
+                                                                results["step_rows"], results["warp_rows"]))
 
     specs = op_specs(**shapes, device=device)
     for spec in specs:
@@ -294,10 +283,10 @@ def main(argv=None):
     if cuda and args.step_batch > 0:
         results["step_rows"] = train_step_rows(args.step_batch, device)
         save()
-    if cuda and args.config_sweep:
-        results["config_rows"] = config_rows(specs)
+    if cuda and args.warps_sweep:
+        results["warp_rows"] = warps_rows(specs)
     paths = save()
-    print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["config_rows"]))
+    print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["warp_rows"]))
     print("wrote", *paths)
 
 

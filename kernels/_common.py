@@ -1,4 +1,10 @@
-"""Shared launcher helpers: input validation with clear errors, block sizes, the token->sample map."""
+"""Shared launcher helpers: input validation with clear errors, block sizes, the token->sample map.
+
+Convention of the kernels: atomic adds pass ``sem="relaxed"``.  Triton's default, acq_rel, compiles each
+one to a scalar ``atom.acq_rel`` (ordered against the program's other memory accesses, masked-off lanes
+included) where relaxed gives vector ``atom.relaxed.add.v4.f32``; the sums are read only by later launches,
+which need no ordering inside the kernel.
+"""
 
 from __future__ import annotations
 

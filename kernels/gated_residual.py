@@ -10,10 +10,9 @@ statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so for
 with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves its input x (which the op
 before it keeps for its own backward anyway), h and the per-token mean/rstd (2 floats a token), not x_new:
 one backward pass recomputes x_new exactly as the forward rounded it, then x_hat, and gives dx, dh and the
-per-sample dgate, dshift, dscale (fp32 sums over each tile's rows of a sample, one atomic add per tile,
-sample and chunk, or deterministic as in ``ln_modulate``).  Programs own tiles of token rows and walk D in
-chunks (``_tiles``): the forward's second walk and the backward's two walks recompute x_new from x, gate
-and h.  A missing gradient of either output (output unused) counts as zeros.
+per-sample dgate, dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
+atomic add per run and program, or deterministic as in ``ln_modulate``).  A missing gradient of either
+output (output unused) counts as zeros.
 """
 
 from __future__ import annotations
@@ -24,106 +23,92 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_tensor, deterministic, new_output, per_sample_sums, per_sample_sums_buffer
-from ._tiles import add_sample_sums, merge_chunk_stats, tile
+from ._common import (
+    FLOAT_DTYPES,
+    block_size,
+    check_tensor,
+    deterministic,
+    new_output,
+    num_warps,
+    per_sample_sums,
+    per_sample_sums_buffer,
+)
+from .ln_modulate import _flush_partial, _ln_modulate_row, _ln_modulate_row_bwd
 
 LN_EPS = 1e-6
+BWD_ROWS = 32  # tokens per backward program
 
 
 @triton.jit
-def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, T, D, stride_x, stride_h,
+def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, D, stride_x, stride_h,
                                stride_gate, stride_shift, stride_scale, stride_xn, stride_y, eps,
-                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    chunk = tl.arange(0, BLOCK_D)
-    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    count = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        # x_new rounded to its storage dtype: the statistics (and the backward's x_hat) use what is stored
-        xn = (x + gate * h).to(XN.dtype.element_ty)
-        tl.store(XN + rows[:, None] * stride_xn + cols[None, :], xn, mask=m)
-        mean, m2, count = merge_chunk_stats(mean, m2, count, xn.to(tl.float32), m)
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
-    for c in range(0, D, BLOCK_D):  # x_new recomputed from the inputs (bit for bit) rather than read back
-        cols = c + chunk
-        m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xn = (x + gate * h).to(XN.dtype.element_ty).to(tl.float32)
-        shift = tl.load(SHIFT + s[:, None] * stride_shift + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        y = (xn - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
-    tl.store(MEAN + rows, mean, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+                               BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    s = tl.load(SEG + row).to(tl.int64)
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    h = tl.load(H + row * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    # x_new rounded to its storage dtype: the statistics below (and the backward's x_hat) use what is stored
+    xn_st = (x + gate * h).to(XN.dtype.element_ty)
+    tl.store(XN + row * stride_xn + cols, xn_st, mask=cmask)
+    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    y, mean, rstd = _ln_modulate_row(xn_st.to(tl.float32), cmask, D, eps, shift, scale)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
                                stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
-                               stride_dh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DXN: tl.constexpr,
+                               stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
                                HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    chunk = tl.arange(0, BLOCK_D)
-    s_rows = tl.load(SEG + rows, mask=rmask, other=0)
-    s_lo = tl.min(tl.where(rmask, s_rows, 2147483647), axis=0)
-    s_hi = tl.max(tl.where(rmask, s_rows, -1), axis=0)
-    s = s_rows.to(tl.int64)
-    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-    # the row sums of the LayerNorm gradient: sum(g) and sum(g * x_hat), g = dy * (1 + scale)
-    sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_DY:
-        for c in range(0, D, BLOCK_D):
-            cols = c + chunk
-            m = rmask[:, None] & (cols < D)[None, :]
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)  # x_new as the forward stored it
-            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            xhat = tl.where(m, (xn - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * (1.0 + scale)
-            sum_g += tl.sum(g, axis=1)
-            sum_gx += tl.sum(g * xhat, axis=1)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        valid = (zero + row) < T
+        vmask = cmask & valid
+        r = tl.minimum(row, T - 1)
+        s = tl.load(SEG + r).to(tl.int64)
+        h = tl.load(H + r * stride_h + cols, mask=vmask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
         if HAS_DXN:
-            dxn = tl.load(DXN + rows[:, None] * stride_dxn + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dxn = tl.load(DXN + r * stride_dxn + cols, mask=vmask, other=0.0).to(tl.float32)
         else:
-            dxn = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dxn = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_DY:
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)
-            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            xhat = tl.where(m, (xn - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * (1.0 + scale)
-            dxn += rstd[:, None] * (g - (sum_g / D)[:, None] - xhat * (sum_gx / D)[:, None])
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dxn.to(DX.dtype.element_ty), mask=m)
-        tl.store(DH + rows[:, None] * stride_dh + cols[None, :], (dxn * gate).to(DH.dtype.element_ty), mask=m)
+            dy = tl.load(DY + r * stride_dy + cols, mask=vmask, other=0.0).to(tl.float32)
+            x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+            xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)  # x_new as the forward stored it
+            mean = tl.load(MEAN + r)
+            rstd = tl.load(RSTD + r)
+            scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+            dln, xhat = _ln_modulate_row_bwd(dy, xn, mean, rstd, scale, cmask, D)
+            acc_shift += dy
+            acc_scale += dy * xhat
+            dxn += dln
+        acc_gate += dxn * h
+        tl.store(DX + r * stride_dx + cols, dxn.to(DX.dtype.element_ty), mask=vmask)
+        tl.store(DH + r * stride_dh + cols, (dxn * gate).to(DH.dtype.element_ty), mask=vmask)
+        # flush the partial sums at the end of a sample's run of tokens and at the end of the program
+        s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
+        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
+        _flush_partial(DGATE, s, r, D, cols, acc_gate, vmask & flush, DETERMINISTIC)
+        acc_gate = tl.where(flush, 0.0, acc_gate)
         if HAS_DY:
-            add_sample_sums(DGATE, dxn * h, DSHIFT, dy, DSCALE, dy * xhat, s_rows, rows, rmask, cols, cmask, D,
-                            s_lo, s_hi, NUM=3, DETERMINISTIC=DETERMINISTIC)
-        else:
-            add_sample_sums(DGATE, dxn * h, DGATE, h, DGATE, h, s_rows, rows, rmask, cols, cmask, D, s_lo, s_hi,
-                            NUM=1, DETERMINISTIC=DETERMINISTIC)
+            _flush_partial(DSHIFT, s, r, D, cols, acc_shift, vmask & flush, DETERMINISTIC)
+            _flush_partial(DSCALE, s, r, D, cols, acc_scale, vmask & flush, DETERMINISTIC)
+            acc_shift = tl.where(flush, 0.0, acc_shift)
+            acc_scale = tl.where(flush, 0.0, acc_scale)
 
 
 def _validate(x, h, gate, shift, scale, seg, out_dtype):
@@ -149,11 +134,10 @@ def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tens
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        cfg = tile(d)
-        _gated_residual_fwd_kernel[(triton.cdiv(t, cfg.block_m),)](
-            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0), h.stride(0), gate.stride(0),
-            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_M=cfg.block_m,
-            BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+        _gated_residual_fwd_kernel[(t,)](
+            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, d, x.stride(0), h.stride(0), gate.stride(0),
+            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
+            num_warps=num_warps(block_size(d)))
     return x_new, y, mean, rstd
 
 
@@ -183,12 +167,11 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Te
         has_dxn, has_dy = dx_new is not None, dy is not None
         dxn_arg = dx_new if has_dxn else x  # unused placeholders when a gradient is missing
         dy_arg = dy if has_dy else x
-        cfg = tile(d)
-        _gated_residual_bwd_kernel[(triton.cdiv(t, cfg.block_m),)](
+        _gated_residual_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
             dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
-            dx.stride(0), dh.stride(0), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, HAS_DXN=has_dxn, HAS_DY=has_dy,
-            DETERMINISTIC=det, num_warps=cfg.num_warps)
+            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
+            DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
     return (dx, dh, *(per_sample_sums(b, seg, n, det) for b in (dgate, dshift, dscale)))
 
 

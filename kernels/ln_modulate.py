@@ -1,12 +1,11 @@
 """LayerNorm (no affine) + adaLN modulation: y = LN(x) * (1 + scale[s]) + shift[s].
 
 Token layout: x (T, D) with the token->sample map ``seg`` (T,) int32; shift, scale (N, D) (row stride
-free, unit column stride, e.g. chunks of the adaLN GEMM output).  Statistics in fp32.  Programs own
-tiles of token rows and walk D in chunks (``_tiles``).  The forward saves x and the per-token mean/rstd
-(2 floats a token); the backward recomputes x_hat and gives dx and the per-sample dshift, dscale (fp32
-sums over each tile's rows of a sample, one atomic add per tile, sample and chunk; in deterministic mode,
-``_common.deterministic``, each such sum is stored in its own row and the rows are added per sample in a
-fixed order).
+free, unit column stride, e.g. chunks of the adaLN GEMM output).  Statistics in fp32.  The forward
+saves x and the per-token mean/rstd (2 floats a token); the backward recomputes x_hat and gives dx and
+the per-sample dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
+atomic add per run and program; in deterministic mode, ``_common.deterministic``, each run's sum is
+stored in its own row and the rows are added per sample in a fixed order).
 """
 
 from __future__ import annotations
@@ -17,80 +16,95 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_tensor, deterministic, new_output, per_sample_sums, per_sample_sums_buffer
-from ._tiles import add_sample_sums, merge_chunk_stats, tile
+from ._common import (
+    FLOAT_DTYPES,
+    block_size,
+    check_tensor,
+    deterministic,
+    new_output,
+    num_warps,
+    per_sample_sums,
+    per_sample_sums_buffer,
+)
 
 LN_EPS = 1e-6
+BWD_ROWS = 32  # tokens per backward program
 
 
 @triton.jit
-def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, T, D, stride_x, stride_y, stride_shift,
-                            stride_scale, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    chunk = tl.arange(0, BLOCK_D)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    count = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        mean, m2, count = merge_chunk_stats(mean, m2, count, x, m)
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
-    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        shift = tl.load(SHIFT + s[:, None] * stride_shift + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        y = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
-    tl.store(MEAN + rows, mean, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+def _ln_modulate_row(x, cmask, D, eps, shift, scale):
+    """LayerNorm of one fp32 row ``x`` (zero in masked columns), modulated: (y, mean, rstd)."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(cmask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    return xc * rstd * (1.0 + scale) + shift, mean, rstd
+
+
+@triton.jit
+def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
+    """The gradient of one row's LN(x) * (1 + scale) + shift w.r.t. x, and x_hat (for the dscale sums)."""
+    xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+    g = dy * (1.0 + scale)
+    return rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D)), xhat
+
+
+@triton.jit
+def _flush_partial(PTR, s, r, D, cols, acc, mask, DETERMINISTIC: tl.constexpr):
+    """Add a run's partial sum to sample ``s``'s row (atomic), or, deterministic, store it in the run's last
+    token row ``r`` of a (T, D) buffer that the launcher reduces per sample in a fixed order."""
+    if DETERMINISTIC:
+        tl.store(PTR + r * D + cols, acc, mask=mask)
+    else:
+        tl.atomic_add(PTR + s * D + cols, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, stride_y, stride_shift,
+                            stride_scale, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    s = tl.load(SEG + row).to(tl.int64)
+    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    y, mean, rstd = _ln_modulate_row(x, cmask, D, eps, shift, scale)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T, D, stride_x, stride_dy,
-                            stride_dx, stride_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                            stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                             DETERMINISTIC: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    chunk = tl.arange(0, BLOCK_D)
-    s_rows = tl.load(SEG + rows, mask=rmask, other=0)
-    s_lo = tl.min(tl.where(rmask, s_rows, 2147483647), axis=0)
-    s_hi = tl.max(tl.where(rmask, s_rows, -1), axis=0)
-    s = s_rows.to(tl.int64)
-    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-    # the row sums of the LayerNorm gradient: sum(g) and sum(g * x_hat), g = dy * (1 + scale)
-    sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * (1.0 + scale)
-        sum_g += tl.sum(g, axis=1)
-        sum_gx += tl.sum(g * xhat, axis=1)
-    for c in range(0, D, BLOCK_D):
-        cols = c + chunk
-        cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * (1.0 + scale)
-        dx = rstd[:, None] * (g - (sum_g / D)[:, None] - xhat * (sum_gx / D)[:, None])
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-        add_sample_sums(DSHIFT, dy, DSCALE, dy * xhat, DSCALE, dy, s_rows, rows, rmask, cols, cmask, D, s_lo, s_hi,
-                        NUM=2, DETERMINISTIC=DETERMINISTIC)
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        valid = (zero + row) < T
+        r = tl.minimum(row, T - 1)
+        s = tl.load(SEG + r).to(tl.int64)
+        x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * stride_dy + cols, mask=cmask & valid, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + r)
+        rstd = tl.load(RSTD + r)
+        scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+        dx, xhat = _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D)
+        acc_shift += dy
+        acc_scale += dy * xhat
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask & valid)
+        # flush the partial sums at the end of a sample's run of tokens and at the end of the program
+        s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
+        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
+        _flush_partial(DSHIFT, s, r, D, cols, acc_shift, cmask & flush & valid, DETERMINISTIC)
+        _flush_partial(DSCALE, s, r, D, cols, acc_scale, cmask & flush & valid, DETERMINISTIC)
+        acc_shift = tl.where(flush, 0.0, acc_shift)
+        acc_scale = tl.where(flush, 0.0, acc_scale)
 
 
 def _validate(x, shift, scale, seg):
@@ -110,10 +124,9 @@ def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.T
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        cfg = tile(d)
-        _ln_modulate_fwd_kernel[(triton.cdiv(t, cfg.block_m),)](
-            x, y, shift, scale, seg, mean, rstd, t, d, x.stride(0), y.stride(0), shift.stride(0), scale.stride(0),
-            eps, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+        _ln_modulate_fwd_kernel[(t,)](x, y, shift, scale, seg, mean, rstd, d, x.stride(0), y.stride(0),
+                                      shift.stride(0), scale.stride(0), eps, BLOCK_D=block_size(d),
+                                      num_warps=num_warps(block_size(d)))
     return y, mean, rstd
 
 
@@ -134,10 +147,10 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tens
     dshift = per_sample_sums_buffer(t, num_samples, d, x.device, det)
     dscale = per_sample_sums_buffer(t, num_samples, d, x.device, det)
     if t:
-        cfg = tile(d)
-        _ln_modulate_bwd_kernel[(triton.cdiv(t, cfg.block_m),)](
+        _ln_modulate_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
             x, dy, dx, scale, seg, mean, rstd, dshift, dscale, t, d, x.stride(0), dy.stride(0), dx.stride(0),
-            scale.stride(0), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, DETERMINISTIC=det, num_warps=cfg.num_warps)
+            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, DETERMINISTIC=det,
+            num_warps=num_warps(block_size(d)))
     return dx, per_sample_sums(dshift, seg, num_samples, det), per_sample_sums(dscale, seg, num_samples, det)
 
 

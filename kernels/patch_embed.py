@@ -92,7 +92,7 @@ def _patch_scatter_kernel(DPATCHES, IDS, SEG, DX, T, C, H, W, GW, K, P: tl.const
                           BLOCK_K: tl.constexpr):
     """DX (N, C, H, W) fp32, zeroed, += DPATCHES (T, K) fp32 at the kept patches."""
     offs, moffs, mask2 = _patch_tile(IDS, SEG, T, C, H, W, GW, K, P, BLOCK_T, BLOCK_K)
-    tl.atomic_add(DX + offs, tl.load(DPATCHES + moffs, mask=mask2, other=0.0), mask=mask2)
+    tl.atomic_add(DX + offs, tl.load(DPATCHES + moffs, mask=mask2, other=0.0), mask=mask2, sem="relaxed")
 
 
 def _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):

@@ -1,15 +1,19 @@
 import pytest
 import torch
 
-from kernels import gated_residual
-from kernels._tiles import Tile
-from kernels.gated_residual import _bwd, _fwd, gated_residual_ln_modulate, gated_residual_ln_modulate_reference
+from kernels.gated_residual import (
+    BWD_ROWS,
+    _bwd,
+    _fwd,
+    gated_residual_ln_modulate,
+    gated_residual_ln_modulate_reference,
+)
 from tests.conftest import saved_storages
 from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
 
 # (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
-# 8-row tiles, and an XL-width row (nine 128-wide chunks).
-CASES = [(72, [3, 1, 7, 5]), (100, [9, 1, 20]), (384, [2, 2]), (1152, [5, 14])]
+# backward's 32-row programs, and an XL-width row.
+CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
 NAMES = ("dx", "dh", "dgate", "dshift", "dscale")
 
 
@@ -65,17 +69,9 @@ def test_forward_backward_against_reference(d, lengths, dtype):
     _check(d, lengths, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_small_tiles_cross_samples_and_chunks(dtype, monkeypatch):
-    """4-row tiles over 1- and 2-token samples (several samples a tile) and 32-wide chunks (D 100: three
-    full chunks and a partial one): every path of the tile walk."""
-    monkeypatch.setattr(gated_residual, "tile", lambda d: Tile(4, 32, 4))
-    _check(100, [3, 1, 2, 7, 1, 1, 9], dtype)
-
-
-def test_lengths_cross_the_tiles():
-    assert gated_residual.tile(100).block_m == 8  # the counts below are chosen around this boundary
-    _check(100, [7, 2, 1, 9], torch.float32)
+def test_lengths_cross_the_backward_rows():
+    assert BWD_ROWS == 32  # CASES' counts are chosen around this boundary
+    _check(100, [31, 2, 1, 33], torch.float32)
 
 
 def test_mixed_dtypes():

@@ -45,8 +45,6 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert not result["failures"]
     rows = result["rows"]
     assert {r["kernel"] for r in rows} == _all_kernel_names(), "a kernel is never launched by the scenarios"
-    # a few bytes of stack frame are not a register-pressure spill (one at 80 registers: the fp16 gated-residual
-    # backward on 6 tokens); real spills take hundreds of bytes (744 with 16-row tiles)
-    spilling = [(r["spec"], r["stack_bytes"]) for r in rows if r["stack_bytes"] > 16]
+    spilling = [r["spec"] for r in rows if r["stack_bytes"]]
     assert not spilling, f"kernels using local memory (register spills): {spilling}"
     assert all(0 < r["registers"] <= 255 for r in rows)
