@@ -31,7 +31,7 @@ if [[ $PARTS == *" tests "* ]]; then
     # the tests compile a few hundred kernel specialisations: spread them over processes when xdist is there
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
     PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
-    timeout 150 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $PER_TEST \
+    timeout 120 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $PER_TEST \
       tests/kernels tests/test_backends.py tests/test_varlen.py > "$RESULTS_DIR/tests-log.txt" 2>&1
     status=$?
     # the summary and the failures (the log's end), then every test's outcome line
@@ -46,6 +46,6 @@ fi
 if [[ $PARTS == *" kernels "* ]]; then timeout 120 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
-  timeout 150 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
+  timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
 fi
 exit $status

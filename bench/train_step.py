@@ -25,10 +25,11 @@ An out-of-memory batch is recorded as such (larger batches of the same model and
 then skipped and marked out of memory too), the memory is freed and the sweep goes on.  Models are freed
 between configurations (and ``torch._dynamo`` reset, so no configuration reuses another's graphs).
 
-``--quick`` (``make gpu-check``, about 2 minutes on an H100): DiT-XL/2 and MaskDiT-XL/2, eager ``torch``
-and ``triton``, batch 128 and 256 (the targets' batch; DiT-XL/2 at 256 holds 75 GB with the triton backend
-and 100 GB with torch before any transient buffer, ``bench/activation_memory.py``: on an 80 GB card expect
-out-of-memory rows, which are recorded as such), 10 timed steps.
+``--quick`` (``make gpu-check``, about 2.5 minutes on an H200): MaskDiT-XL/2 then DiT-XL/2, ``torch`` and
+``triton`` eager and compiled per block (``+regional``: compiles in about 15-20 s where whole-graph
+``+compile`` took over two minutes), batch 256 (the targets' batch; DiT-XL/2 at 256 peaks at 75 GB with the
+triton backend and 102 GB with torch on an H200: on an 80 GB card expect out-of-memory rows, which are
+recorded as such), 10 timed steps.
 
 Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
 latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
@@ -71,7 +72,8 @@ EMA_DECAY = 0.9999  # the official recipe's
 # Defaults per mode; flags given on the command line override them.
 CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS[:4]), batches=[32, 64, 128, 256],
                      steps=20, warmup=5, input_size=32)
-QUICK_DEFAULTS = dict(CUDA_DEFAULTS, impls=["torch", "triton"], batches=[128, 256], steps=10, warmup=3)
+QUICK_DEFAULTS = dict(CUDA_DEFAULTS, models=["MaskDiT-XL/2", "DiT-XL/2"],
+                      impls=["torch", "triton", "torch+regional", "triton+regional"], batches=[256], steps=10, warmup=3)
 CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
                     input_size=16)
 CPU_QUICK_DEFAULTS = dict(CPU_DEFAULTS, steps=3, warmup=1)
@@ -94,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none",
                    help="DiT.set_activation_checkpointing for every model ('decoder': MaskDiT rows only, DiT rows "
                         "run without)")
-    p.add_argument("--quick", action="store_true", help="XL/2 models, eager torch and triton, batch 128 and 256, "
-                                                        "10 steps")
+    p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, "
+                                                        "batch 256, 10 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()

@@ -78,24 +78,31 @@ def num_warps(elements: int) -> int:
 
 def deterministic(device: torch.device) -> bool:
     """Whether backward kernels must avoid atomic adds: under ``torch.use_deterministic_algorithms(True)`` on
-    CUDA.  They then write each partial sum to its own row and reduce the rows per sample with
-    ``index_add_`` (deterministic in that mode) or a plain sum, at the cost of a (T, D) fp32 buffer per sum."""
+    CUDA.  They then store each program's partial sum of a sample in its own row and reduce the rows per
+    sample with ``index_add_`` (deterministic in that mode), see ``per_sample_sums_buffer``."""
     return FORCE_DETERMINISTIC or (device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
 
 
-def per_sample_sums_buffer(num_tokens: int, num_samples: int, width: int, device, det: bool) -> torch.Tensor:
-    """The zeroed fp32 buffer a backward kernel flushes per-sample partial sums into: (N, D) for atomic adds,
-    (T, D) (one row per token, see ``deterministic``) otherwise."""
-    return torch.zeros((num_tokens if det else num_samples, width), device=device, dtype=torch.float32)
+def per_sample_sums_buffer(programs: int, num_samples: int, width: int, device, det: bool) -> torch.Tensor:
+    """The zeroed fp32 buffer that a backward kernel over consecutive token rows flushes per-sample partial
+    sums into: (N, D) for atomic adds; deterministic, (programs + N, D), program p storing its sum for
+    sample s in row p + s (distinct for every pair, as both grow along the tokens), unwritten rows zero."""
+    return torch.zeros((programs + num_samples if det else num_samples, width), device=device, dtype=torch.float32)
 
 
-def per_sample_sums(buffer: torch.Tensor, seg: torch.Tensor, num_samples: int, det: bool) -> torch.Tensor:
-    """(N, D) sums from ``per_sample_sums_buffer`` after the kernel: the rows of each sample added in a fixed
-    order when deterministic."""
+def row_samples_buffer(programs: int, num_samples: int, device, det: bool) -> torch.Tensor:
+    """The zeroed int32 map from a deterministic buffer's rows to samples (row p + s -> s, written by the
+    kernel with the sums); one element when not deterministic (unused)."""
+    return torch.zeros(programs + num_samples if det else 1, device=device, dtype=torch.int32)
+
+
+def per_sample_sums(buffer: torch.Tensor, row_samples: torch.Tensor, num_samples: int, det: bool) -> torch.Tensor:
+    """(N, D) sums from ``per_sample_sums_buffer`` after the kernel: deterministic, the rows of each sample
+    added in a fixed order."""
     if not det:
         return buffer
     out = torch.zeros((num_samples, buffer.shape[1]), device=buffer.device, dtype=buffer.dtype)
-    return out.index_add_(0, seg.long(), buffer)
+    return out.index_add_(0, row_samples.long(), buffer)
 
 
 def alert_nondeterministic(op: str, device: torch.device) -> None:

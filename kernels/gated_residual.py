@@ -32,6 +32,7 @@ from ._common import (
     num_warps,
     per_sample_sums,
     per_sample_sums_buffer,
+    row_samples_buffer,
 )
 from .ln_modulate import _flush_partial, _ln_modulate_row, _ln_modulate_row_bwd
 
@@ -62,7 +63,8 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, T, D,
+def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, ROW_SAMPLES,
+                               T, D,
                                stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
                                stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
                                HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
@@ -101,14 +103,16 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
         tl.store(DH + r * stride_dh + cols, (dxn * gate).to(DH.dtype.element_ty), mask=vmask)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
-        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
-        _flush_partial(DGATE, s, r, D, cols, acc_gate, vmask & flush, DETERMINISTIC)
-        acc_gate = tl.where(flush, 0.0, acc_gate)
-        if HAS_DY:
-            _flush_partial(DSHIFT, s, r, D, cols, acc_shift, vmask & flush, DETERMINISTIC)
-            _flush_partial(DSCALE, s, r, D, cols, acc_scale, vmask & flush, DETERMINISTIC)
-            acc_shift = tl.where(flush, 0.0, acc_shift)
-            acc_scale = tl.where(flush, 0.0, acc_scale)
+        if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
+            _flush_partial(DGATE, s, pid, D, cols, acc_gate, cmask, DETERMINISTIC)
+            acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if DETERMINISTIC:
+                tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
+            if HAS_DY:
+                _flush_partial(DSHIFT, s, pid, D, cols, acc_shift, cmask, DETERMINISTIC)
+                _flush_partial(DSCALE, s, pid, D, cols, acc_scale, cmask, DETERMINISTIC)
+                acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+                acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
 
 
 def _validate(x, h, gate, shift, scale, seg, out_dtype):
@@ -162,17 +166,19 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Te
         dy = dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     dh = new_output((t, d), h.dtype, h.device)
-    dgate, dshift, dscale = (per_sample_sums_buffer(t, n, d, x.device, det) for _ in range(3))
+    programs = triton.cdiv(t, BWD_ROWS)
+    dgate, dshift, dscale = (per_sample_sums_buffer(programs, n, d, x.device, det) for _ in range(3))
+    row_samples = row_samples_buffer(programs, n, x.device, det)
     if t:
         has_dxn, has_dy = dx_new is not None, dy is not None
         dxn_arg = dx_new if has_dxn else x  # unused placeholders when a gradient is missing
         dy_arg = dy if has_dy else x
-        _gated_residual_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
-            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, t, d,
+        _gated_residual_bwd_kernel[(programs,)](
+            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
             DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
-    return (dx, dh, *(per_sample_sums(b, seg, n, det) for b in (dgate, dshift, dscale)))
+    return (dx, dh, *(per_sample_sums(b, row_samples, n, det) for b in (dgate, dshift, dscale)))
 
 
 @_bwd.register_fake

@@ -25,6 +25,7 @@ from ._common import (
     num_warps,
     per_sample_sums,
     per_sample_sums_buffer,
+    row_samples_buffer,
 )
 
 LN_EPS = 1e-6
@@ -49,11 +50,12 @@ def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
 
 
 @triton.jit
-def _flush_partial(PTR, s, r, D, cols, acc, mask, DETERMINISTIC: tl.constexpr):
-    """Add a run's partial sum to sample ``s``'s row (atomic), or, deterministic, store it in the run's last
-    token row ``r`` of a (T, D) buffer that the launcher reduces per sample in a fixed order."""
+def _flush_partial(PTR, s, pid, D, cols, acc, mask, DETERMINISTIC: tl.constexpr):
+    """Add a run's partial sum to sample ``s``'s row (atomic), or, deterministic, store it in row pid + s of
+    the (programs + N, D) buffer that the launcher reduces per sample in a fixed order
+    (``_common.per_sample_sums_buffer``)."""
     if DETERMINISTIC:
-        tl.store(PTR + r * D + cols, acc, mask=mask)
+        tl.store(PTR + (pid + s) * D + cols, acc, mask=mask)
     else:
         tl.atomic_add(PTR + s * D + cols, acc, mask=mask, sem="relaxed")
 
@@ -75,8 +77,8 @@ def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, st
 
 
 @triton.jit
-def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T, D, stride_x, stride_dy,
-                            stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, ROW_SAMPLES, T, D, stride_x,
+                            stride_dy, stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
                             DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -100,11 +102,13 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, T
         tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask & valid)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
-        flush = ((zero + i) == ROWS - 1) | ((zero + row + 1) >= T) | ((zero + s_next) != s)
-        _flush_partial(DSHIFT, s, r, D, cols, acc_shift, cmask & flush & valid, DETERMINISTIC)
-        _flush_partial(DSCALE, s, r, D, cols, acc_scale, cmask & flush & valid, DETERMINISTIC)
-        acc_shift = tl.where(flush, 0.0, acc_shift)
-        acc_scale = tl.where(flush, 0.0, acc_scale)
+        if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
+            _flush_partial(DSHIFT, s, pid, D, cols, acc_shift, cmask, DETERMINISTIC)
+            _flush_partial(DSCALE, s, pid, D, cols, acc_scale, cmask, DETERMINISTIC)
+            if DETERMINISTIC:
+                tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
+            acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+            acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
 
 
 def _validate(x, shift, scale, seg):
@@ -144,14 +148,17 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tens
     det = deterministic(x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
-    dshift = per_sample_sums_buffer(t, num_samples, d, x.device, det)
-    dscale = per_sample_sums_buffer(t, num_samples, d, x.device, det)
+    programs = triton.cdiv(t, BWD_ROWS)
+    dshift = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
+    dscale = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
+    row_samples = row_samples_buffer(programs, num_samples, x.device, det)
     if t:
-        _ln_modulate_bwd_kernel[(triton.cdiv(t, BWD_ROWS),)](
-            x, dy, dx, scale, seg, mean, rstd, dshift, dscale, t, d, x.stride(0), dy.stride(0), dx.stride(0),
-            scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, DETERMINISTIC=det,
+        _ln_modulate_bwd_kernel[(programs,)](
+            x, dy, dx, scale, seg, mean, rstd, dshift, dscale, row_samples, t, d, x.stride(0), dy.stride(0),
+            dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, DETERMINISTIC=det,
             num_warps=num_warps(block_size(d)))
-    return dx, per_sample_sums(dshift, seg, num_samples, det), per_sample_sums(dscale, seg, num_samples, det)
+    return dx, per_sample_sums(dshift, row_samples, num_samples, det), \
+        per_sample_sums(dscale, row_samples, num_samples, det)
 
 
 @_bwd.register_fake
