@@ -331,7 +331,8 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
 
 
 def plots(rows: list[dict], out: str) -> list[str]:
-    """Throughput and peak memory against batch size, a line per model + impl; [] without matplotlib."""
+    """Throughput and peak memory: against batch size, a line per model + impl, or, with one batch size,
+    bars per model and impl; [] without matplotlib."""
     try:
         import matplotlib
 
@@ -344,20 +345,32 @@ def plots(rows: list[dict], out: str) -> list[str]:
     paths, lines = [], {(r["model"], r["impl"]): [] for r in rows}
     for r in rows:
         lines[(r["model"], r["impl"])].append(r)
+    batches = sorted({r["batch"] for r in rows})
+    models, impls = list(dict.fromkeys(r["model"] for r in rows)), list(dict.fromkeys(r["impl"] for r in rows))
     for key, ylabel, name in (("imgs_per_s", "images / s", "train_step_throughput.png"),
                               ("peak_mem_gb", "peak memory (GB)", "train_step_memory.png")):
         if all(r[key] is None for r in rows):
             print(f"no {key} values: {name} not drawn")
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (model, impl), group in lines.items():  # colour: implementation; dashed: DiT, solid: MaskDiT
-            pts = [(r["batch"], r[key]) for r in group if r[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", color=f"C{IMPLS.index(impl)}", label=f"{model} {impl}",
-                        linestyle="-" if model.startswith("MaskDiT") else "--")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
-        ax.set(xlabel="batch size", ylabel=ylabel, title=f"Training step: {ylabel}")
+        if len(batches) == 1:  # bars: x = model, one bar per implementation (missing: out of memory or error)
+            width = 0.8 / len(impls)
+            for j, impl in enumerate(impls):
+                xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(models))]
+                ys = [next((r[key] for r in lines.get((m, impl), []) if r[key] is not None), 0.0) for m in models]
+                ax.bar(xs, ys, width, color=f"C{IMPLS.index(impl)}", label=impl)
+            ax.set_xticks(range(len(models)), models)
+            ax.set(ylabel=ylabel, title=f"Training step, batch {batches[0]}: {ylabel}")
+        else:
+            for (model, impl), group in lines.items():  # colour: implementation; dashed: DiT, solid: MaskDiT
+                pts = [(r["batch"], r[key]) for r in group if r[key] is not None]
+                if pts:
+                    masked = model.startswith("MaskDiT")
+                    ax.plot(*zip(*pts), marker="o" if masked else "s", color=f"C{IMPLS.index(impl)}",
+                            label=f"{model} {impl}", linestyle="-" if masked else "--")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set(xlabel="batch size", ylabel=ylabel, title=f"Training step: {ylabel}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -99,3 +99,14 @@ def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
     row = dict(model="DiT-T/2", impl="torch", batch=4, imgs_per_s=1.0, peak_mem_gb=None)
     assert train_step.plots([row], str(tmp_path)) == []
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("batches", [[4, 8], [256]])
+def test_plots_lines_over_batches_or_bars_for_one(tmp_path, batches):
+    pytest.importorskip("matplotlib")
+    rows = [dict(model=m, impl=i, batch=b, imgs_per_s=float(b), peak_mem_gb=None if i == "triton" else 1.0)
+            for m in ("DiT-T/2", "MaskDiT-T/2") for i in ("torch", "triton") for b in batches
+            if (m, i) != ("DiT-T/2", "triton")]  # a missing configuration (e.g. out of memory)
+    paths = train_step.plots(rows, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["train_step_throughput.png", "train_step_memory.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
