@@ -2,9 +2,9 @@
 reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
 D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
 memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
-and 16 warps per program (to check the launchers' choice).  Ops whose backward adds per-sample sums also
-get a row in deterministic mode (``kernels._common.deterministic``).  Results are rewritten after every
-stage.
+and 16 warps per program and, for the LayerNorm ops, 2 and 4 tokens per forward program (to check the
+launchers' choices).  Ops whose backward adds per-sample sums also get a row in deterministic mode
+(``kernels._common.deterministic``).  Results are rewritten after every stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -164,25 +164,29 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-def warps_rows(specs, choices=(4, 8, 16)) -> list[dict]:
-    """The fused ops' time with each warp count per program forced (``kernels._common.num_warps`` picks
-    one from the block size; this measures whether that choice is right)."""
+def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4)) -> list[dict]:
+    """The fused ops' time with a launch parameter forced, to check the launchers' choices: the warps per
+    program (``kernels._common.num_warps`` picks one from the block size) and, for the LayerNorm ops, the
+    tokens per forward program (``FWD_ROWS``, 1 by default)."""
     rows = []
     for spec in specs:
         module = spec["module"]
-        if not hasattr(module, "num_warps"):
-            continue
-        chosen = module.num_warps
-        for warps in choices:
-            row = dict(op=spec["name"], warps=warps)
-            module.num_warps = lambda _elements, w=warps: w
+        choices = []
+        if hasattr(module, "num_warps"):
+            choices += [(f"{w} warps", "num_warps", lambda _elements, w=w: w) for w in warps]
+        if hasattr(module, "FWD_ROWS"):
+            choices += [(f"{r} rows a forward program", "FWD_ROWS", r) for r in fwd_rows]
+        for label, attr, value in choices:
+            row = dict(op=spec["name"], config=label)
+            chosen = getattr(module, attr)
+            setattr(module, attr, value)
             try:
                 row["fwd_ms"], row["bwd_ms"], row["bwd_timing"] = time_op(spec["fused"], spec["leaves"])
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             finally:
-                module.num_warps = chosen
+                setattr(module, attr, chosen)
             rows.append(row)
     return rows
 
@@ -232,7 +236,7 @@ def _mark(row) -> str:
     return " d" if row.get("bwd_timing") == "difference" else ""
 
 
-def markdown(env, bandwidth, rows, step_rows, warp_rows=()) -> str:
+def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
     lines = [f"## Fused kernels: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"measured copy bandwidth {bandwidth:.0f} GB/s (read+write); timing: median of "
@@ -256,13 +260,13 @@ def markdown(env, bandwidth, rows, step_rows, warp_rows=()) -> str:
             else:
                 lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
                              f"{r['step_ms']:.1f} |")
-    if warp_rows:
-        lines += ["", "Fused ops with the warps per program forced (default: `kernels._common.num_warps`):", "",
-                  "| op | warps | fwd ms | bwd ms |", "|---|---:|---:|---:|"]
-        for r in warp_rows:
+    if config_rows:
+        lines += ["", "Fused ops with a launch parameter forced (defaults: `kernels._common.num_warps`, one token a "
+                  "forward program):", "", "| op | configuration | fwd ms | bwd ms |", "|---|---|---:|---:|"]
+        for r in config_rows:
             timing = (f"error: {r['error'][:80]} |" if "error" in r
                       else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}{_mark(r)}")
-            lines.append(f"| {r['op']} | {r['warps']} | {timing} |")
+            lines.append(f"| {r['op']} | {r['config']} | {timing} |")
     return "\n".join(lines)
 
 
@@ -271,8 +275,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--step-batch", type=int, default=32, help="batch of the training-step measurement (0: skip)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
-    parser.add_argument("--no-warps-sweep", dest="warps_sweep", action="store_false",
-                        help="skip timing the fused ops at 4, 8 and 16 warps per program")
+    parser.add_argument("--no-config-sweep", dest="config_sweep", action="store_false",
+                        help="skip timing the fused ops with other launch parameters")
     args = parser.parse_args(argv)
     env = environment()
     cuda = torch.cuda.is_available()
@@ -284,13 +288,13 @@ def main(argv=None):
         shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
     bandwidth = copy_bandwidth_gbs()
     out = results_folder(args.out, env)
-    results = dict(rows=[], step_rows=[], warp_rows=[])
+    results = dict(rows=[], step_rows=[], config_rows=[])
 
     def save():  # after every stage, so a run cut short by a time limit keeps what it measured
         payload = dict(env, copy_bandwidth_gbs=bandwidth, shapes=shapes, kernels=results["rows"],
-                       train_step=results["step_rows"], warps=results["warp_rows"])
+                       train_step=results["step_rows"], configs=results["config_rows"])
         return write_results(out, "kernels", payload, markdown(env, bandwidth, results["rows"],
-                                                                results["step_rows"], results["warp_rows"]))
+                                                                results["step_rows"], results["config_rows"]))
 
     specs = op_specs(**shapes, device=device)
     for spec in specs:
@@ -299,10 +303,10 @@ def main(argv=None):
     if cuda and args.step_batch > 0:
         results["step_rows"] = train_step_rows(args.step_batch, device)
         save()
-    if cuda and args.warps_sweep:
-        results["warp_rows"] = warps_rows(specs)
+    if cuda and args.config_sweep:
+        results["config_rows"] = config_rows(specs)
     paths = save()
-    print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["warp_rows"]))
+    print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["config_rows"]))
     print("wrote", *paths)
 
 

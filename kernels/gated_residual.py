@@ -34,32 +34,34 @@ from ._common import (
     per_sample_sums_buffer,
     row_samples_buffer,
 )
-from .ln_modulate import _flush_partial, _ln_modulate_row, _ln_modulate_row_bwd
+from .ln_modulate import _flush_partial, _ln_modulate_row_bwd, _ln_modulate_rows
 
 LN_EPS = 1e-6
+FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program
 
 
 @triton.jit
-def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, D, stride_x, stride_h,
+def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, T, D, stride_x, stride_h,
                                stride_gate, stride_shift, stride_scale, stride_xn, stride_y, eps,
-                               BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                               BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < T
     cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    s = tl.load(SEG + row).to(tl.int64)
-    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-    h = tl.load(H + row * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # x_new rounded to its storage dtype: the statistics below (and the backward's x_hat) use what is stored
     xn_st = (x + gate * h).to(XN.dtype.element_ty)
-    tl.store(XN + row * stride_xn + cols, xn_st, mask=cmask)
-    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-    y, mean, rstd = _ln_modulate_row(xn_st.to(tl.float32), cmask, D, eps, shift, scale)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(XN + rows[:, None] * stride_xn + cols[None, :], xn_st, mask=mask)
+    shift = tl.load(SHIFT + s[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y, mean, rstd = _ln_modulate_rows(xn_st.to(tl.float32), mask, D, eps, shift, scale)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -138,10 +140,10 @@ def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tens
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        _gated_residual_fwd_kernel[(t,)](
-            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, d, x.stride(0), h.stride(0), gate.stride(0),
+        _gated_residual_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
+            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0), h.stride(0), gate.stride(0),
             shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
-            num_warps=num_warps(block_size(d)))
+            ROWS=FWD_ROWS, num_warps=num_warps(FWD_ROWS * block_size(d)))
     return x_new, y, mean, rstd
 
 

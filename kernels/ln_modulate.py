@@ -29,16 +29,18 @@ from ._common import (
 )
 
 LN_EPS = 1e-6
+FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program
 
 
 @triton.jit
-def _ln_modulate_row(x, cmask, D, eps, shift, scale):
-    """LayerNorm of one fp32 row ``x`` (zero in masked columns), modulated: (y, mean, rstd)."""
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(cmask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-    return xc * rstd * (1.0 + scale) + shift, mean, rstd
+def _ln_modulate_rows(x, mask, D, eps, shift, scale):
+    """LayerNorm of each row of the fp32 tile ``x`` [ROWS, BLOCK_D] (zero where not ``mask``), modulated:
+    (y, mean, rstd), mean and rstd [ROWS]."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return xc * rstd[:, None] * (1.0 + scale) + shift, mean, rstd
 
 
 @triton.jit
@@ -61,19 +63,20 @@ def _flush_partial(PTR, s, pid, D, cols, acc, mask, DETERMINISTIC: tl.constexpr)
 
 
 @triton.jit
-def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, D, stride_x, stride_y, stride_shift,
-                            stride_scale, eps, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, T, D, stride_x, stride_y, stride_shift,
+                            stride_scale, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < T
     cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-    s = tl.load(SEG + row).to(tl.int64)
-    shift = tl.load(SHIFT + s * stride_shift + cols, mask=cmask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-    y, mean, rstd = _ln_modulate_row(x, cmask, D, eps, shift, scale)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cmask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    mask = rmask[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
+    shift = tl.load(SHIFT + s[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y, mean, rstd = _ln_modulate_rows(x, mask, D, eps, shift, scale)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -128,9 +131,9 @@ def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.T
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        _ln_modulate_fwd_kernel[(t,)](x, y, shift, scale, seg, mean, rstd, d, x.stride(0), y.stride(0),
-                                      shift.stride(0), scale.stride(0), eps, BLOCK_D=block_size(d),
-                                      num_warps=num_warps(block_size(d)))
+        _ln_modulate_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
+            x, y, shift, scale, seg, mean, rstd, t, d, x.stride(0), y.stride(0), shift.stride(0), scale.stride(0),
+            eps, BLOCK_D=block_size(d), ROWS=FWD_ROWS, num_warps=num_warps(FWD_ROWS * block_size(d)))
     return y, mean, rstd
 
 

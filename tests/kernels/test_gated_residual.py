@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kernels import gated_residual
 from kernels.gated_residual import (
     BWD_ROWS,
     _bwd,
@@ -67,6 +68,13 @@ def _check(d, lengths, dtype, h_dtype=None, mod_dtype=None, out_dtype=None, use=
 @pytest.mark.parametrize("d,lengths", CASES)
 def test_forward_backward_against_reference(d, lengths, dtype):
     _check(d, lengths, dtype)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_several_rows_per_forward_program(rows, monkeypatch):
+    """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""
+    monkeypatch.setattr(gated_residual, "FWD_ROWS", rows)
+    _check(100, [3, 1, 7], torch.float32)
 
 
 def test_lengths_cross_the_backward_rows():

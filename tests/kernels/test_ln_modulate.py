@@ -1,8 +1,12 @@
+import importlib
+
 import pytest
 import torch
 
 from kernels.ln_modulate import _bwd, _fwd, ln_modulate, ln_modulate_reference
 from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
+
+ln_modulate_module = importlib.import_module("kernels.ln_modulate")  # (the package's attribute is the function)
 
 # (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
 # backward's 32-row programs, and an XL-width row.
@@ -16,6 +20,13 @@ def _inputs(d, lengths, dtype, seed=0):
     mod = (torch.randn(n, 6 * d, generator=g) * 0.5).to(DEVICE, dtype)  # shift/scale as chunks of a GEMM output
     shift, scale = mod[:, d:2 * d], mod[:, 4 * d:5 * d]
     return x, shift, scale, segments(lengths)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_several_rows_per_forward_program(rows, monkeypatch):
+    """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""
+    monkeypatch.setattr(ln_modulate_module, "FWD_ROWS", rows)
+    test_forward_backward_against_reference(100, [3, 1, 7], torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
