@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/compute_table.py
 	$(PY) bench/activation_memory.py
 	$(PY) bench/compiled_backward.py
+	$(PY) bench/host_overhead.py
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kernels.py

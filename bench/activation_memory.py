@@ -177,7 +177,7 @@ def main(argv=None) -> list[dict]:
                          "sizes, the same on every machine)")
     args = ap.parse_args(argv)
     rows = []
-    with intercept_launches([]):  # the triton backend's kernels are not run
+    with intercept_launches():  # the triton backend's kernels are not run
         for name in args.models:
             for backend in args.backends:
                 for mode in args.compile:

@@ -99,7 +99,7 @@ def measure(name: str, backend: str, checkpointing: str, batch: int) -> dict:
     ids = random_mask(batch, model.num_tokens, ratio, generator=g).ids_keep if ratio else None
     layout = None if ids is None else token_layout(ids, batch, model.num_tokens, images.device)
     sigma, noise = EDMLoss().sample_sigma(batch, "cpu", g), torch.randn(images.shape, generator=g)
-    with intercept_launches([]), torch.autocast("cpu", dtype=torch.bfloat16):
+    with intercept_launches(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss(images, labels, layout, sigma, noise).mean().backward()
     # the forward graph returns the step's outputs, then what it saves: the backward graph's inputs of the same names
     output = next(n for n in graphs["forward"].graph.nodes if n.op == "output")

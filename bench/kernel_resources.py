@@ -84,20 +84,21 @@ def _launch_from_call(kernel: JITFunction, args, kwargs) -> Launch:
 
 
 @contextlib.contextmanager
-def intercept_launches(launches: list[Launch]):
-    """Within the block, Triton kernel launches are recorded in ``launches`` instead of run, and the
-    launchers accept CPU tensors (outputs stay unwritten)."""
+def intercept_launches(on_launch=None):
+    """Within the block, Triton kernel launches are not run: each calls ``on_launch(kernel, args, kwargs)``
+    (when given) instead, and the launchers accept CPU tensors (outputs stay unwritten)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("kernel_resources needs compiled kernels: unset TRITON_INTERPRET")
+        raise RuntimeError("intercepting kernel launches needs compiled kernels: unset TRITON_INTERPRET")
     import kernels._common as common
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(_launch_from_call(self, args, dict(kwargs)))
+        if on_launch is not None:
+            on_launch(self, args, kwargs)
 
     saved_run, saved_interp = JITFunction.run, common.interpreting
     JITFunction.run, common.interpreting = run, (lambda: True)
     try:
-        yield launches
+        yield
     finally:
         JITFunction.run, common.interpreting = saved_run, saved_interp
 
@@ -140,7 +141,11 @@ def collect_launches() -> list[Launch]:
     import kernels._common as common
 
     launches: list[Launch] = []
-    with intercept_launches(launches):
+
+    def record(kernel, args, kwargs):
+        launches.append(_launch_from_call(kernel, args, dict(kwargs)))
+
+    with intercept_launches(record):
         _training_steps()
         _ops_in_half_precision()
         common.FORCE_DETERMINISTIC = True  # the backward kernels' variants without atomic adds

@@ -8,6 +8,7 @@ which need no ordering inside the kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -74,6 +75,24 @@ def num_warps(elements: int) -> int:
     programs).
     """
     return min(8, max(4, elements // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rows_per_program(num_rows: int, device: torch.device, most: int) -> int:
+    """Rows a program walks in a kernel that sums over rows in registers: ``most``, halved (not below 8)
+    while that leaves fewer than four programs per multiprocessor (small batches on a large GPU; at D 1152
+    two backward programs fit an SM at once).  The CPU interpreter always takes ``most``."""
+    if device.type != "cuda":
+        return most
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    rows = most
+    while rows > 8 and triton.cdiv(num_rows, rows) < 4 * sms:
+        rows //= 2
+    return rows
 
 
 def deterministic(device: torch.device) -> bool:

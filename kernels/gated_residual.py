@@ -33,12 +33,13 @@ from ._common import (
     per_sample_sums,
     per_sample_sums_buffer,
     row_samples_buffer,
+    rows_per_program,
 )
 from .ln_modulate import _flush_partial, _ln_modulate_row_bwd, _ln_modulate_rows
 
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
-BWD_ROWS = 32  # tokens per backward program
+BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
 
 
 @triton.jit
@@ -168,7 +169,8 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Te
         dy = dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     dh = new_output((t, d), h.dtype, h.device)
-    programs = triton.cdiv(t, BWD_ROWS)
+    rows = rows_per_program(t, x.device, BWD_ROWS)
+    programs = triton.cdiv(t, rows)
     dgate, dshift, dscale = (per_sample_sums_buffer(programs, n, d, x.device, det) for _ in range(3))
     row_samples = row_samples_buffer(programs, n, x.device, det)
     if t:
@@ -178,7 +180,7 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Te
         _gated_residual_bwd_kernel[(programs,)](
             dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
-            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, HAS_DXN=has_dxn, HAS_DY=has_dy,
+            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=rows, HAS_DXN=has_dxn, HAS_DY=has_dy,
             DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
     return (dx, dh, *(per_sample_sums(b, row_samples, n, det) for b in (dgate, dshift, dscale)))
 

@@ -26,11 +26,12 @@ from ._common import (
     per_sample_sums,
     per_sample_sums_buffer,
     row_samples_buffer,
+    rows_per_program,
 )
 
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
-BWD_ROWS = 32  # tokens per backward program
+BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
 
 
 @triton.jit
@@ -151,14 +152,15 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tens
     det = deterministic(x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
-    programs = triton.cdiv(t, BWD_ROWS)
+    rows = rows_per_program(t, x.device, BWD_ROWS)
+    programs = triton.cdiv(t, rows)
     dshift = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
     dscale = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
     row_samples = row_samples_buffer(programs, num_samples, x.device, det)
     if t:
         _ln_modulate_bwd_kernel[(programs,)](
             x, dy, dx, scale, seg, mean, rstd, dshift, dscale, row_samples, t, d, x.stride(0), dy.stride(0),
-            dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=BWD_ROWS, DETERMINISTIC=det,
+            dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=rows, DETERMINISTIC=det,
             num_warps=num_warps(block_size(d)))
     return dx, per_sample_sums(dshift, row_samples, num_samples, det), \
         per_sample_sums(dscale, row_samples, num_samples, det)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, deterministic, new_output, num_warps
+from ._common import FLOAT_DTYPES, block_size, check_tensor, deterministic, new_output, num_warps, rows_per_program
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
@@ -137,7 +137,7 @@ def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     dx = new_output((num_tokens, d), dout.dtype, dout.device)
     block_r, block_d = _tiles(d)
-    tiles = max(1, BWD_ROWS // block_r)
+    tiles = max(1, rows_per_program(r, dout.device, BWD_ROWS) // block_r)
     programs = triton.cdiv(r, block_r * tiles)
     dmask = torch.zeros((programs if det else 1, d), dtype=torch.float32, device=dout.device)
     if r and d:

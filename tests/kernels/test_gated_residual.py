@@ -82,6 +82,12 @@ def test_lengths_cross_the_backward_rows():
     _check(100, [31, 2, 1, 33], torch.float32)
 
 
+def test_fewer_backward_rows_a_program(monkeypatch):
+    """8 rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
+    monkeypatch.setattr(gated_residual, "rows_per_program", lambda num_rows, device, most: 8)
+    _check(100, [7, 2, 1, 9], torch.float32)
+
+
 def test_mixed_dtypes():
     """Residual stream fp32, branch output and modulation fp16 (autocast), y in fp16."""
     _check(72, [4, 1, 35], torch.float32, h_dtype=torch.float16, mod_dtype=torch.float16, out_dtype=torch.float16,

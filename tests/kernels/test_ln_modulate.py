@@ -22,6 +22,12 @@ def _inputs(d, lengths, dtype, seed=0):
     return x, shift, scale, segments(lengths)
 
 
+def test_fewer_backward_rows_a_program(monkeypatch):
+    """8 rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
+    monkeypatch.setattr(ln_modulate_module, "rows_per_program", lambda num_rows, device, most: 8)
+    test_forward_backward_against_reference(100, [7, 2, 1, 9], torch.float32)
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 def test_several_rows_per_forward_program(rows, monkeypatch):
     """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""

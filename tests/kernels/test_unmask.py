@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kernels import unmask
 from kernels.unmask import _bwd, _fwd, insert_mask_tokens, insert_mask_tokens_reference
 from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
 
@@ -74,6 +75,12 @@ def test_mixed_dtypes_expanded_grad_and_pos_embed_grad():
     for name, a, b in zip(("dx_kept", "dmask_token", "dpos_embed"), leaves, ref_leaves):
         assert a.grad.dtype == a.dtype, name
         torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOL[torch.float16]["grad"])
+
+
+def test_fewer_backward_rows_a_program(monkeypatch):
+    """8 output rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
+    monkeypatch.setattr(unmask, "rows_per_program", lambda num_rows, device, most: 8)
+    test_forward_backward_against_reference(32, 16, [8, 1, 16], torch.float32)
 
 
 def test_no_kept_tokens():
