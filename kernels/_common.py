@@ -138,6 +138,25 @@ def alert_nondeterministic(op: str, device: torch.device) -> None:
         raise RuntimeError(msg)
 
 
+def eager_function(name: str, fwd_impl, bwd_impl, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function ``name`` for calls outside ``torch.compile``: the same autograd as a custom op
+    pair's (``setup_context(ctx, inputs, output)``, ``backward(ctx, bwd, *grads)``) around the pair's Python
+    implementations, called directly.  The custom op's dispatch layers (autograd wrapper, redispatch,
+    Dynamo-disable wrapper) cost host time at every call, which bounds small-batch steps
+    (``bench/host_overhead.py``); compiled code keeps the custom ops, which it needs."""
+
+    def forward(ctx, *inputs):
+        output = fwd_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def backward_(ctx, *grads):
+        return backward(ctx, bwd_impl, *grads)
+
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward),
+                                                        backward=staticmethod(backward_)))
+
+
 def token_samples(batch: int, tokens_per_sample: int, device) -> torch.Tensor:
     """The token->sample map (int32, batch * tokens_per_sample) of a dense (N, K, D) layout."""
     return torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(tokens_per_sample)

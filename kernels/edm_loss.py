@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, new_output
+from ._common import FLOAT_DTYPES, block_size, check_tensor, eager_function, new_output
 
 MAE_EPS = 1e-6
 TILE_ELEMS = 2048  # upper bound on BLOCK_T * BLOCK_P, the elements of one program's tile
@@ -156,9 +156,8 @@ def _image_strides(t):
     return tuple(t.stride())
 
 
-@torch.library.custom_op("maskdit::edm_loss_fwd", mutates_args=())
-def _fwd(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
-         patch_size: int, sigma_data: float, mae_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
+              patch_size: int, sigma_data: float, mae_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     n, num_tokens, _ = f_tok.shape
     s = sigma.float()
     sd = sigma_data
@@ -178,15 +177,17 @@ def _fwd(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch
     return part.sum(dim=1), coef
 
 
+_fwd = torch.library.custom_op("maskdit::edm_loss_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _fwd_fake(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
     n = f_tok.shape[0]
     return f_tok.new_empty((n,), dtype=torch.float32), f_tok.new_empty((n, 4), dtype=torch.float32)
 
 
-@torch.library.custom_op("maskdit::edm_loss_bwd", mutates_args=())
-def _bwd(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor,
-         coef: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _bwd_impl(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor,
+              coef: torch.Tensor, patch_size: int) -> torch.Tensor:
     args, grid, meta = _geometry(f_tok, y, patch_size)
     df = new_output(tuple(f_tok.shape), f_tok.dtype, f_tok.device)
     if f_tok.shape[0]:
@@ -195,6 +196,9 @@ def _bwd(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Ten
                                    f_tok.stride(1), *_image_strides(y), *_image_strides(noisy), m8.stride(0),
                                    m8.stride(1), df.stride(0), df.stride(1), **meta)
     return df
+
+
+_bwd = torch.library.custom_op("maskdit::edm_loss_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -210,12 +214,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(coef)
 
 
-def _backward(ctx, g, _dcoef):
+def _backward(ctx, bwd, g, _dcoef):
     f_tok, y, noisy, mask, coef = ctx.saved_tensors
-    return _bwd(g, f_tok, y, noisy, mask, coef, ctx.patch_size), None, None, None, None, None, None, None
+    return bwd(g, f_tok, y, noisy, mask, coef, ctx.patch_size), None, None, None, None, None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
+_Eager = eager_function("EdmLoss", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
@@ -225,7 +230,8 @@ def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: t
     Differentiable w.r.t. ``f_tok`` only.
     """
     _validate(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef)
-    return _fwd(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))[0]
+    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    return fwd(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))[0]
 
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:

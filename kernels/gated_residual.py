@@ -28,6 +28,7 @@ from ._common import (
     block_size,
     check_tensor,
     deterministic,
+    eager_function,
     new_output,
     num_warps,
     per_sample_sums,
@@ -131,10 +132,9 @@ def _validate(x, h, gate, shift, scale, seg, out_dtype):
         raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
 
 
-@torch.library.custom_op("maskdit::gated_residual_ln_modulate_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-         seg: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              seg: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
     x_new = new_output((t, d), x.dtype, x.device)
     y = new_output((t, d), out_dtype or x.dtype, x.device)
@@ -148,6 +148,9 @@ def _fwd(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tens
     return x_new, y, mean, rstd
 
 
+_fwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
     t, d = x.shape
@@ -155,10 +158,9 @@ def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
         x.new_empty(t, dtype=torch.float32), x.new_empty(t, dtype=torch.float32)
 
 
-@torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", mutates_args=())
-def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
-         gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
+              gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (x's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
     t, d = x.shape
     n = gate.shape[0]
@@ -185,6 +187,9 @@ def _bwd(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Te
     return (dx, dh, *(per_sample_sums(b, row_samples, n, det) for b in (dgate, dshift, dscale)))
 
 
+_bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd):
     t, d = x.shape
@@ -202,13 +207,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero (T, D) tensor is read
 
 
-def _backward(ctx, dx_new, dy, _dmean, _drstd):
+def _backward(ctx, bwd, dx_new, dy, _dmean, _drstd):
     x, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dh, dgate, dshift, dscale = _bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
+    dx, dh, dgate, dshift, dscale = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
     return dx, dh, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
+_Eager = eager_function("GatedResidualLnModulate", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -217,7 +223,8 @@ def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Ten
     """Fused ``x_new = x + gate[seg] * h`` and ``y = LN(x_new) * (1 + scale[seg]) + shift[seg]`` over (T, D)
     tokens; returns (x_new in x's dtype, y in ``out_dtype``, default x's)."""
     _validate(x, h, gate, shift, scale, seg, out_dtype)
-    x_new, y, _, _ = _fwd(x, h, gate, shift, scale, seg, eps, out_dtype)
+    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    x_new, y, _, _ = fwd(x, h, gate, shift, scale, seg, eps, out_dtype)
     return x_new, y
 
 

@@ -21,6 +21,7 @@ from ._common import (
     block_size,
     check_tensor,
     deterministic,
+    eager_function,
     new_output,
     num_warps,
     per_sample_sums,
@@ -124,9 +125,8 @@ def _validate(x, shift, scale, seg):
     check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
 
 
-@torch.library.custom_op("maskdit::ln_modulate_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, eps: float,
-         out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, eps: float,
+              out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
     y = new_output((t, d), out_dtype or x.dtype, x.device)
     mean = new_output((t,), torch.float32, x.device)
@@ -138,6 +138,9 @@ def _fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.T
     return y, mean, rstd
 
 
+_fwd = torch.library.custom_op("maskdit::ln_modulate_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
     t, d = x.shape
@@ -145,9 +148,8 @@ def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
         x.new_empty(t, dtype=torch.float32)
 
 
-@torch.library.custom_op("maskdit::ln_modulate_bwd", mutates_args=())
-def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
-         rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
     det = deterministic(x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -166,6 +168,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tens
         per_sample_sums(dscale, row_samples, num_samples, det)
 
 
+_bwd = torch.library.custom_op("maskdit::ln_modulate_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _bwd_fake(dy, x, scale, seg, mean, rstd, num_samples):
     d = x.shape[1]
@@ -181,20 +186,22 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward(ctx, bwd, dy, _dmean, _drstd):
     x, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _bwd(dy, x, scale, seg, mean, rstd, ctx.num_samples)
+    dx, dshift, dscale = bwd(dy, x, scale, seg, mean, rstd, ctx.num_samples)
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
+_Eager = eager_function("LnModulate", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
                 eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused LN(x) * (1 + scale[seg]) + shift[seg] over (T, D) tokens; output in ``out_dtype`` (default x's)."""
     _validate(x, shift, scale, seg)
-    return _fwd(x, shift, scale, seg, eps, out_dtype)[0]
+    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    return fwd(x, shift, scale, seg, eps, out_dtype)[0]
 
 
 def ln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,

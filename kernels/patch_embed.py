@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, alert_nondeterministic, block_size, check_tensor, new_output, num_warps
+from ._common import (
+    FLOAT_DTYPES,
+    alert_nondeterministic,
+    block_size,
+    check_tensor,
+    eager_function,
+    new_output,
+    num_warps,
+)
 
 FWD_TOKENS = 16  # tokens per forward program (16 x 128 tiles: 74-86 registers a thread at sm_90)
 FWD_BLOCK_D = 128  # output columns per forward program
@@ -130,9 +138,8 @@ def _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
                              f"{int(seg.max())}]")
 
 
-@torch.library.custom_op("maskdit::patch_embed_fwd", mutates_args=())
-def _fwd(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-         pos_embed: torch.Tensor, patch_size: int, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _fwd_impl(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              pos_embed: torch.Tensor, patch_size: int, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
     _, c, h, w = x.shape
     t, d = ids.shape[0], weight.shape[0]
     out = new_output((t, d), out_dtype or x.dtype, x.device)
@@ -143,6 +150,9 @@ def _fwd(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Te
                                       C=c, P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D,
                                       num_warps=num_warps(FWD_TOKENS * FWD_BLOCK_D))
     return out
+
+
+_fwd = torch.library.custom_op("maskdit::patch_embed_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
@@ -162,9 +172,8 @@ def _gather_patches(x, ids, seg, patch_size):
     return patches
 
 
-@torch.library.custom_op("maskdit::patch_embed_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
-         patch_size: int, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
+              patch_size: int, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx or an empty tensor, dweight fp32, dbias fp32)."""
     _, c, h, w = x.shape
     t, k = ids.shape[0], patch_size * patch_size * c
@@ -184,6 +193,9 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tens
     return dx.to(x.dtype), dweight, dbias
 
 
+_bwd = torch.library.custom_op("maskdit::patch_embed_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _bwd_fake(dout, x, ids, seg, weight, patch_size, needs_dx):
     dx = x.new_empty(x.shape if needs_dx else (0,))
@@ -197,15 +209,16 @@ def _setup_context(ctx, inputs, output):
     ctx.patch_size, ctx.bias_dtype = patch_size, bias.dtype
 
 
-def _backward(ctx, dout):
+def _backward(ctx, bwd, dout):
     x, ids, seg, weight = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx, dweight, dbias = _bwd(dout, x, ids, seg, weight, ctx.patch_size, needs_dx)
+    dx, dweight, dbias = bwd(dout, x, ids, seg, weight, ctx.patch_size, needs_dx)
     return (dx if needs_dx else None), None, None, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), \
         None, None, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
+_Eager = eager_function("EmbedKeptPatches", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def embed_kept_patches(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
@@ -217,7 +230,8 @@ def embed_kept_patches(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, we
     weight (D, p*p*C); bias (D,); pos_embed (L, D), L = (H/p)*(W/p), no gradient.
     """
     _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
-    return _fwd(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
+    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    return fwd(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
 
 
 def embed_kept_patches_reference(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,

@@ -26,7 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, deterministic, new_output, num_warps, rows_per_program
+from ._common import (
+    FLOAT_DTYPES,
+    block_size,
+    check_tensor,
+    deterministic,
+    eager_function,
+    new_output,
+    num_warps,
+    rows_per_program,
+)
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
@@ -105,9 +114,8 @@ def _validate(x_kept, ids, seg, mask_token, pos_embed, num_samples):
             raise ValueError("ids must be unique within each sample")
 
 
-@torch.library.custom_op("maskdit::insert_mask_tokens_fwd", mutates_args=())
-def _fwd(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token: torch.Tensor,
-         pos_embed: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_impl(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token: torch.Tensor,
+              pos_embed: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     t, d = x_kept.shape
     L = pos_embed.shape[0]
     r = num_samples * L
@@ -123,14 +131,16 @@ def _fwd(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token:
     return out, src
 
 
+_fwd = torch.library.custom_op("maskdit::insert_mask_tokens_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _fwd_fake(x_kept, ids, seg, mask_token, pos_embed, num_samples):
     L, d = pos_embed.shape[0], x_kept.shape[1]
     return x_kept.new_empty((num_samples, L, d)), x_kept.new_empty((num_samples * L,), dtype=torch.int32)
 
 
-@torch.library.custom_op("maskdit::insert_mask_tokens_bwd", mutates_args=())
-def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, L, d = dout.shape
     r = n * L
     det = deterministic(dout.device)
@@ -145,6 +155,9 @@ def _bwd(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
             BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, num_warps=num_warps(block_r * block_d))
     return dx, dmask.sum(0)
+
+
+_bwd = torch.library.custom_op("maskdit::insert_mask_tokens_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -162,14 +175,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(src)
 
 
-def _backward(ctx, dout, _dsrc):
+def _backward(ctx, bwd, dout, _dsrc):
     (src,) = ctx.saved_tensors
-    dx, dmask = _bwd(dout, src, ctx.x_shape[0])
+    dx, dmask = bwd(dout, src, ctx.x_shape[0])
     dpos = dout.float().sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[4] else None
     return dx.to(ctx.x_dtype), None, None, dmask.to(ctx.mask_dtype), dpos, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
+_Eager = eager_function("InsertMaskTokens", _fwd_impl, _bwd_impl, _setup_context, _backward)
 
 
 def insert_mask_tokens(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token: torch.Tensor,
@@ -177,7 +191,8 @@ def insert_mask_tokens(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tenso
     """The decoder's (N, L, Dd) sequence from packed kept tokens: x_kept[t] at (seg[t], ids[t]), mask_token
     elsewhere, plus pos_embed; in x_kept's dtype.  ids must be unique within each sample."""
     _validate(x_kept, ids, seg, mask_token, pos_embed, num_samples)
-    return _fwd(x_kept, ids, seg, mask_token, pos_embed, num_samples)[0]
+    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    return fwd(x_kept, ids, seg, mask_token, pos_embed, num_samples)[0]
 
 
 def insert_mask_tokens_reference(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor,

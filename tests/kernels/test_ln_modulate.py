@@ -22,6 +22,14 @@ def _inputs(d, lengths, dtype, seed=0):
     return x, shift, scale, segments(lengths)
 
 
+def test_eager_calls_skip_the_custom_op_layers():
+    """Outside torch.compile the op runs as a plain autograd.Function (host time, bench/host_overhead.py);
+    the custom op itself is what compiled code calls (test_opcheck, tests/test_backends.py)."""
+    x, shift, scale, seg = _inputs(72, [3, 2], torch.float32)
+    y = ln_modulate(x.requires_grad_(), shift, scale, seg)
+    assert type(y.grad_fn).__name__ == "LnModulateBackward"
+
+
 def test_fewer_backward_rows_a_program(monkeypatch):
     """8 rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
     monkeypatch.setattr(ln_modulate_module, "rows_per_program", lambda num_rows, device, most: 8)
