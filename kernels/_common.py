@@ -138,23 +138,30 @@ def alert_nondeterministic(op: str, device: torch.device) -> None:
         raise RuntimeError(msg)
 
 
-def eager_function(name: str, fwd_impl, bwd_impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function ``name`` for calls outside ``torch.compile``: the same autograd as a custom op
-    pair's (``setup_context(ctx, inputs, output)``, ``backward(ctx, bwd, *grads)``) around the pair's Python
-    implementations, called directly.  The custom op's dispatch layers (autograd wrapper, redispatch,
-    Dynamo-disable wrapper) cost host time at every call, which bounds small-batch steps
-    (``bench/host_overhead.py``); compiled code keeps the custom ops, which it needs."""
+def autograd_op(name: str, fwd_op, fwd_impl, bwd_op, bwd_impl, setup_context, backward):
+    """Give the custom op pair (``fwd_op``, ``bwd_op``) with Python implementations (``fwd_impl``,
+    ``bwd_impl``) its autograd: ``setup_context(ctx, inputs, output)`` and ``backward(ctx, bwd, *grads)``.
+    Returns ``call(*inputs)``: the custom op inside ``torch.compile``, which needs it, and otherwise an
+    autograd.Function ``name`` with the same autograd around the implementations, called directly.  The custom
+    op's dispatch layers (autograd wrapper, redispatch, Dynamo-disable wrapper) cost host time at every call,
+    which bounds small-batch steps (``bench/host_overhead.py``)."""
+    fwd_op.register_autograd(lambda ctx, *grads: backward(ctx, bwd_op, *grads), setup_context=setup_context)
 
     def forward(ctx, *inputs):
         output = fwd_impl(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
-    def backward_(ctx, *grads):
+    def eager_backward(ctx, *grads):
         return backward(ctx, bwd_impl, *grads)
 
-    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward),
-                                                        backward=staticmethod(backward_)))
+    eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward),
+                                                        backward=staticmethod(eager_backward)))
+
+    def call(*inputs):
+        return fwd_op(*inputs) if torch.compiler.is_compiling() else eager.apply(*inputs)
+
+    return call
 
 
 def token_samples(batch: int, tokens_per_sample: int, device) -> torch.Tensor:

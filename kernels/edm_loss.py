@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, block_size, check_tensor, eager_function, new_output
+from ._common import FLOAT_DTYPES, autograd_op, block_size, check_tensor, new_output
 
 MAE_EPS = 1e-6
 TILE_ELEMS = 2048  # upper bound on BLOCK_T * BLOCK_P, the elements of one program's tile
@@ -219,8 +219,7 @@ def _backward(ctx, bwd, g, _dcoef):
     return bwd(g, f_tok, y, noisy, mask, coef, ctx.patch_size), None, None, None, None, None, None, None
 
 
-_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
-_Eager = eager_function("EdmLoss", _fwd_impl, _bwd_impl, _setup_context, _backward)
+_call = autograd_op("EdmLoss", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
 
 
 def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
@@ -230,8 +229,7 @@ def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: t
     Differentiable w.r.t. ``f_tok`` only.
     """
     _validate(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef)
-    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
-    return fwd(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))[0]
+    return _call(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))[0]
 
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:

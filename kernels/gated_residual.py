@@ -25,10 +25,10 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    autograd_op,
     block_size,
     check_tensor,
     deterministic,
-    eager_function,
     new_output,
     num_warps,
     per_sample_sums,
@@ -68,8 +68,7 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 
 @triton.jit
 def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, ROW_SAMPLES,
-                               T, D,
-                               stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
+                               T, D, stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
                                stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
                                HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -213,8 +212,7 @@ def _backward(ctx, bwd, dx_new, dy, _dmean, _drstd):
     return dx, dh, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
 
 
-_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
-_Eager = eager_function("GatedResidualLnModulate", _fwd_impl, _bwd_impl, _setup_context, _backward)
+_call = autograd_op("GatedResidualLnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
 
 
 def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -223,8 +221,7 @@ def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Ten
     """Fused ``x_new = x + gate[seg] * h`` and ``y = LN(x_new) * (1 + scale[seg]) + shift[seg]`` over (T, D)
     tokens; returns (x_new in x's dtype, y in ``out_dtype``, default x's)."""
     _validate(x, h, gate, shift, scale, seg, out_dtype)
-    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
-    x_new, y, _, _ = fwd(x, h, gate, shift, scale, seg, eps, out_dtype)
+    x_new, y, _, _ = _call(x, h, gate, shift, scale, seg, eps, out_dtype)
     return x_new, y
 
 

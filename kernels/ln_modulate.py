@@ -18,10 +18,10 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    autograd_op,
     block_size,
     check_tensor,
     deterministic,
-    eager_function,
     new_output,
     num_warps,
     per_sample_sums,
@@ -192,16 +192,14 @@ def _backward(ctx, bwd, dy, _dmean, _drstd):
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
 
 
-_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
-_Eager = eager_function("LnModulate", _fwd_impl, _bwd_impl, _setup_context, _backward)
+_call = autograd_op("LnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
                 eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused LN(x) * (1 + scale[seg]) + shift[seg] over (T, D) tokens; output in ``out_dtype`` (default x's)."""
     _validate(x, shift, scale, seg)
-    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
-    return fwd(x, shift, scale, seg, eps, out_dtype)[0]
+    return _call(x, shift, scale, seg, eps, out_dtype)[0]
 
 
 def ln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,

@@ -24,9 +24,9 @@ import triton.language as tl
 from ._common import (
     FLOAT_DTYPES,
     alert_nondeterministic,
+    autograd_op,
     block_size,
     check_tensor,
-    eager_function,
     new_output,
     num_warps,
 )
@@ -217,8 +217,7 @@ def _backward(ctx, bwd, dout):
         None, None, None
 
 
-_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
-_Eager = eager_function("EmbedKeptPatches", _fwd_impl, _bwd_impl, _setup_context, _backward)
+_call = autograd_op("EmbedKeptPatches", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
 
 
 def embed_kept_patches(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
@@ -230,8 +229,7 @@ def embed_kept_patches(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, we
     weight (D, p*p*C); bias (D,); pos_embed (L, D), L = (H/p)*(W/p), no gradient.
     """
     _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
-    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
-    return fwd(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
+    return _call(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype)
 
 
 def embed_kept_patches_reference(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,

@@ -28,10 +28,10 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    autograd_op,
     block_size,
     check_tensor,
     deterministic,
-    eager_function,
     new_output,
     num_warps,
     rows_per_program,
@@ -182,8 +182,7 @@ def _backward(ctx, bwd, dout, _dsrc):
     return dx.to(ctx.x_dtype), None, None, dmask.to(ctx.mask_dtype), dpos, None
 
 
-_fwd.register_autograd(lambda ctx, *grads: _backward(ctx, _bwd, *grads), setup_context=_setup_context)
-_Eager = eager_function("InsertMaskTokens", _fwd_impl, _bwd_impl, _setup_context, _backward)
+_call = autograd_op("InsertMaskTokens", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
 
 
 def insert_mask_tokens(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_token: torch.Tensor,
@@ -191,8 +190,7 @@ def insert_mask_tokens(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tenso
     """The decoder's (N, L, Dd) sequence from packed kept tokens: x_kept[t] at (seg[t], ids[t]), mask_token
     elsewhere, plus pos_embed; in x_kept's dtype.  ids must be unique within each sample."""
     _validate(x_kept, ids, seg, mask_token, pos_embed, num_samples)
-    fwd = _fwd if torch.compiler.is_compiling() else _Eager.apply
-    return fwd(x_kept, ids, seg, mask_token, pos_embed, num_samples)[0]
+    return _call(x_kept, ids, seg, mask_token, pos_embed, num_samples)[0]
 
 
 def insert_mask_tokens_reference(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor,
