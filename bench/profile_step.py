@@ -1,0 +1,136 @@
+"""Where a training step's time goes: host (Python, autograd, launches) against GPU kernels, per backend.
+
+    python bench/profile_step.py [--models MaskDiT-XL/2 DiT-XL/2] [--backends torch triton] [--batch 32]
+                                 [--steps 5] [--out DIR]
+
+The step is ``bench/train_step.py``'s (EDM loss fwd + bwd, fused AdamW, EMA; bf16 autocast on CUDA).  For
+each model and backend, after three warm-up steps:
+
+- ``host_ms``: time for ``step()`` to return when it starts on an idle GPU (the time the host needs to
+  issue a step; with a device sync inside the step it also holds the GPU work before that sync);
+  ``wall_ms``: until ``torch.cuda.synchronize`` returns after it; medians over ``--steps`` steps.
+  A step runs at the larger of its host time and its GPU time when nothing syncs: ``host_ms`` above the
+  kernels' time means the step is host-bound.
+- ``kernel_ms``: the summed GPU time of the kernels of one step (``torch.profiler``, CUDA activity).
+- the profiler's operator table by self CPU time, and by self GPU time (one step's worth, two steps
+  profiled), and Python's ``cProfile`` over three steps (top functions by own time and by cumulative time).
+
+Writes profile_step.json (figures) and profile_step.md (figures and tables) into ``--out`` (default
+bench/results/<device>).  On the CPU it runs a tiny configuration so the script is exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+from torch.autograd import DeviceType
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import environment, results_folder, write_results  # noqa: E402
+from bench.train_step import IN_CHANNELS, NUM_CLASSES, make_step  # noqa: E402
+from maskdit.models import create_model  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile(name: str, backend: str, batch: int, input_size: int, steps: int, device: torch.device) -> dict:
+    """Figures and tables of one configuration."""
+    torch.manual_seed(0)
+    with device:
+        model = create_model(name, input_size, IN_CHANNELS, NUM_CLASSES, backend=backend)
+    step = make_step(model, batch, device, "none", ema=True)
+    for _ in range(3):
+        step()
+    _sync(device)
+    host, wall = [], []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        _sync(device)
+        host.append((t1 - t0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    # the kernels' own events (an operator's device time repeats its kernels': summing both double counts)
+    kernel_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 2
+    calls = sum(e.count for e in events) / 2
+    cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+    gpu_table = events.table(sort_by="self_device_time_total", row_limit=25) if device.type == "cuda" else ""
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(3):
+        step()
+    _sync(device)
+    pr.disable()
+    tables = []
+    for key, limit in (("tottime", 35), ("cumulative", 45)):
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).strip_dirs().sort_stats(key).print_stats(limit)
+        tables.append(s.getvalue())
+    del model, step
+    return dict(model=name, backend=backend, batch=batch, host_ms=statistics.median(host),
+                wall_ms=statistics.median(wall), kernel_ms=kernel_us / 1e3, profiler_ops_per_step=calls,
+                tables=dict(cpu=cpu_table, gpu=gpu_table, cprofile_tottime=tables[0], cprofile_cumulative=tables[1]))
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"## Step profile: {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, {env['date']}; `{env['command']}`.", "",
+             "| model | backend | batch | host ms | wall ms | kernel ms | profiled ops a step |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['backend']} | {r['batch']} | {r['host_ms']:.1f} | {r['wall_ms']:.1f} | "
+              f"{r['kernel_ms']:.1f} | {r['profiler_ops_per_step']:.0f} |" for r in rows]
+    for r in rows:
+        for key, text in r["tables"].items():
+            if text:
+                lines += ["", f"### {r['model']} {r['backend']}: {key}", "", "```", text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    p.add_argument("--models", nargs="+", default=["MaskDiT-XL/2", "DiT-XL/2"] if cuda else ["MaskDiT-S/2"])
+    p.add_argument("--backends", nargs="+", default=["torch", "triton"] if cuda else ["torch"])
+    p.add_argument("--batch", type=int, default=32 if cuda else 2)
+    p.add_argument("--input-size", type=int, default=32 if cuda else 8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    env = environment()
+    rows = []
+    for name in args.models:
+        for backend in args.backends:
+            r = profile(name, backend, args.batch, args.input_size, args.steps, device)
+            print(f"{name} {backend} batch {args.batch}: host {r['host_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms, "
+                  f"kernels {r['kernel_ms']:.1f} ms", flush=True)
+            rows.append(r)
+            write_results(results_folder(args.out, env), "profile_step", dict(env, rows=rows), markdown(env, rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
