@@ -27,6 +27,7 @@ from maskdit import distributed
 from maskdit.backends import BACKENDS
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig, model_config, parse_model_name
+from maskdit.cuda_graphs import GraphedStep
 from maskdit.data import batch_iterator, make_dataset
 from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
 from maskdit.images import save_grid, to_uint8
@@ -42,13 +43,13 @@ DEFAULTS = dict(
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
-    activation_checkpointing="none",
+    activation_checkpointing="none", cuda_graph=False,
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
 )
 # Settings that define the network and its data: fixed for the life of a run.
 FIXED_ON_RESUME = ("model", "dataset", "image_size")
 # Settings of one launch, not inherited by a resume: a sharded run may continue unsharded and vice versa.
-PER_LAUNCH = ("fsdp", "time_budget")
+PER_LAUNCH = ("fsdp", "time_budget", "cuda_graph")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute these blocks' forward in the backward instead of keeping their activations: "
                         "none (default), decoder (MaskDiT-XL/2: -17%% activation memory, +4%% FLOPs), encoder, all "
                         "(about a sixth of the activations left, +33%% FLOPs)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="capture the training step (forward, backward, AdamW, EMA) into a CUDA graph after two "
+                        "eager steps and replay it: no host work per step, for batches where the host is slower "
+                        "than the GPU. One CUDA process, a constant mask ratio, no grad accumulation, no fp16, "
+                        "no --compile")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -158,6 +164,16 @@ def validate(cfg: dict) -> None:
         (cfg["activation_checkpointing"] != "decoder" or cfg["model"].startswith("MaskDiT-"),
          f"--activation-checkpointing decoder needs a MaskDiT model ({cfg['model']} has no decoder)"),
     ]
+    if cfg["cuda_graph"]:  # the captured step has fixed shapes and does its work without the host
+        checks += [
+            (cfg["precision"] != "fp16", "--cuda-graph supports --precision fp32 and bf16, not fp16 (the grad "
+                                         "scaler's step decisions read the device)"),
+            (cfg["grad_accum"] == 1, f"--cuda-graph needs --grad-accum 1, got {cfg['grad_accum']}"),
+            (cfg["compile"] == "none", f"--cuda-graph runs the eager step, not --compile {cfg['compile']}"),
+            (cfg["mask_schedule"] == "constant" and cfg["mask_ratio_dist"] == "none",
+             "--cuda-graph needs the same number of kept tokens every step: --mask-schedule constant and "
+             "--mask-ratio-dist none"),
+        ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
@@ -224,6 +240,9 @@ def main(argv=None) -> str:
         if saved_global % (micro_batch * env.world_size) == 0:
             cfg["grad_accum"] = saved_global // (micro_batch * env.world_size)
     device, accum = env.device, cfg["grad_accum"]
+    if cfg["cuda_graph"] and (device.type != "cuda" or env.distributed):
+        raise ValueError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
+                         f"{device}")
     global_batch = env.global_batch(micro_batch, accum)
     fsdp = cfg["fsdp"] and env.distributed
 
@@ -264,7 +283,7 @@ def main(argv=None) -> str:
         train_module = torch.compile(train_module)
     elif cfg["compile"] == "regional":
         compile_blocks(model)
-    optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"])
+    optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"], capturable=cfg["cuda_graph"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None
     # One stream of noise/mask/label-dropout draws, the same on every process (each keeps its rows).
@@ -278,8 +297,9 @@ def main(argv=None) -> str:
         distributed.load_full_state_dict(model, ckpt["model"])
         distributed.load_full_state_dict(ema_model, ckpt["ema"])
         distributed.load_full_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
-        for group in optimizer.param_groups:  # flags may change lr / betas / weight decay on resume
-            group.update(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"])
+        for group in optimizer.param_groups:  # flags may change lr / betas / weight decay / capture on resume
+            group.update(lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
+                         capturable=cfg["cuda_graph"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["rng"]["generator"])
@@ -345,7 +365,9 @@ def main(argv=None) -> str:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(run_dir)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # (a captured step must not keep autocast's cast cache, which would outlive the capture)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                              cache_enabled=not cfg["cuda_graph"])
     num_classes, num_tokens = model.num_classes, model.num_tokens
     image_shape = (model.in_channels, model.input_size, model.input_size)
     # Running sums kept on the device: the loop never waits for the GPU except at log steps.
@@ -376,31 +398,25 @@ def main(argv=None) -> str:
         distributed.barrier()
         t_excluded += time.perf_counter() - t0
 
-    out_of_time = False
-    while step < cfg["steps"] and not out_of_time:
-        # Per-sample draws for the whole GLOBAL batch, identical on every process; each process keeps the
-        # rows of its micro-batches (env.rows), the rows the data sampler gives it.
-        drop = torch.rand(global_batch, generator=gen, device=device) < cfg["label_dropout"]
-        start = cfg["mask_schedule_start"]
-        ratio = schedule(min(max((step - start) / max(cfg["steps"] - start, 1), 0.0), 1.0))
-        ratios = ratio_dist(global_batch, ratio, host_gen)
-        ids_keep = None
-        if max(ratios if isinstance(ratios, list) else [ratios]) > 0:  # a ratio of 0 takes the unmasked path
-            ids_keep = random_mask(global_batch, num_tokens, ratios, generator=gen, device=device).ids_keep
-        sigma = loss_fn.sample_sigma(global_batch, device, gen)
-        noise = torch.randn((global_batch, *image_shape), generator=gen, device=device)
-        latent_eps = torch.randn((global_batch, *image_shape), generator=gen, device=device) if latent else None
+    def load_micro_batch(micro, drop, latent_eps):
+        """Micro-batch ``micro`` of this process: its rows of the global draws, images (latents drawn from
+        their moments) and labels (dropped to the null class where ``drop``) on the device."""
+        rows = env.rows(micro, micro_batch, accum)
+        images, labels = next(data)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if latent:  # z = (mean + exp(logvar / 2) * eps) * 0.18215, a fresh draw every step
+            images = dataset.prepare_batch(images, eps=latent_eps[rows])
+        return rows, images, torch.where(drop[rows], torch.full_like(labels, num_classes), labels)
 
+    def eager_step(drop, ids_keep, sigma, noise, latent_eps, decay):
+        """One optimizer step over this process's micro-batches (accumulated, DDP/FSDP-synchronised on the
+        last), the fused AdamW and the EMA update; returns the global batch's mean loss and whether it is
+        non-finite (its update skipped)."""
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
-            rows = env.rows(micro, micro_batch, accum)
-            images, labels = next(data)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if latent:  # z = (mean + exp(logvar / 2) * eps) * 0.18215, a fresh draw every step
-                images = dataset.prepare_batch(images, eps=latent_eps[rows])
-            labels = torch.where(drop[rows], torch.full_like(labels, num_classes), labels)
+            rows, images, labels = load_micro_batch(micro, drop, latent_eps)
             # packed here, outside the compiled forward: only tensors and a few ints enter the graph
             layout = None if ids_keep is None else token_layout(ids_keep[rows], micro_batch, num_tokens, device)
             with distributed.grad_sync(train_module, sync=micro == accum - 1):  # reduce on the last one only
@@ -419,8 +435,48 @@ def main(argv=None) -> str:
             optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (no sync)
             optimizer.step()
             del optimizer.found_inf
-        decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
         ema.update((1 - decay) * (~bad).float())
+        return step_loss, bad
+
+    def graph_step(images, labels, sigma, noise, ema_weight, *ids_keep):
+        """One optimizer step on one micro-batch, as the loop below does it, for --cuda-graph."""
+        layout = token_layout(ids_keep[0], micro_batch, num_tokens, device) if ids_keep else None
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = train_module(images, labels, layout, sigma, noise).mean()
+        loss.backward()
+        step_loss = loss.detach().float()
+        bad = ~torch.isfinite(step_loss)
+        optimizer.found_inf = bad.float()
+        optimizer.step()
+        del optimizer.found_inf
+        ema.update(ema_weight * (~bad).float())
+        return step_loss, bad
+
+    graphed = GraphedStep(graph_step, warmup_steps=2) if cfg["cuda_graph"] else None
+
+    out_of_time = False
+    while step < cfg["steps"] and not out_of_time:
+        # Per-sample draws for the whole GLOBAL batch, identical on every process; each process keeps the
+        # rows of its micro-batches (env.rows), the rows the data sampler gives it.
+        drop = torch.rand(global_batch, generator=gen, device=device) < cfg["label_dropout"]
+        start = cfg["mask_schedule_start"]
+        ratio = schedule(min(max((step - start) / max(cfg["steps"] - start, 1), 0.0), 1.0))
+        ratios = ratio_dist(global_batch, ratio, host_gen)
+        ids_keep = None
+        if max(ratios if isinstance(ratios, list) else [ratios]) > 0:  # a ratio of 0 takes the unmasked path
+            ids_keep = random_mask(global_batch, num_tokens, ratios, generator=gen, device=device).ids_keep
+        sigma = loss_fn.sample_sigma(global_batch, device, gen)
+        noise = torch.randn((global_batch, *image_shape), generator=gen, device=device)
+        latent_eps = torch.randn((global_batch, *image_shape), generator=gen, device=device) if latent else None
+
+        decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
+        if graphed is not None:  # one process, one micro-batch: the step is one graph replay
+            _, images, labels = load_micro_batch(0, drop, latent_eps)
+            step_loss, bad = graphed(images, labels, sigma, noise, torch.full((), 1 - decay, device=device),
+                                     *([] if ids_keep is None else [ids_keep]))
+        else:
+            step_loss, bad = eager_step(drop, ids_keep, sigma, noise, latent_eps, decay)
 
         loss_sum += torch.where(bad, 0.0, step_loss)
         good_steps += (~bad).float()

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 
@@ -58,6 +59,40 @@ def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, setup=None, rep_ms: float = 20.0, most_calls: int = 100, replays: int = 10) -> float:
+    """Median milliseconds of one ``fn()`` replayed from a CUDA graph of many calls: the GPU time of its
+    kernels alone, with no host work or launch gaps between them (and no cache flush between calls).
+    With ``setup``, ``setup()`` runs first on the capture stream and ``fn(setup())`` is timed: a backward
+    needs its forward there, since autograd runs each backward kernel on its forward's stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        arg = setup() if setup is not None else None
+        call = fn if setup is None else (lambda: fn(arg))
+        for _ in range(3):
+            call()
+        start.record()
+        for _ in range(5):
+            call()
+        end.record()
+        end.synchronize()
+        calls = max(1, min(most_calls, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                call()
+        times = []
+        for _ in range(replays):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+    torch.cuda.current_stream().wait_stream(stream)
+    return statistics.median(times)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

@@ -32,7 +32,7 @@ if [[ $PARTS == *" tests "* ]]; then
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
     PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
     timeout 120 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $PER_TEST \
-      tests/kernels tests/test_backends.py tests/test_varlen.py > "$RESULTS_DIR/tests-log.txt" 2>&1
+      tests/kernels tests/test_backends.py tests/test_varlen.py tests/test_cuda_graphs.py > "$RESULTS_DIR/tests-log.txt" 2>&1
     status=$?
     # the summary and the failures (the log's end), then every test's outcome line
     { grep -E "^(FAILED|ERROR)|passed|failed" "$RESULTS_DIR/tests-log.txt" | tail -60

@@ -26,7 +26,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, copy_bandwidth_gbs, environment, results_folder, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_ms,
+    copy_bandwidth_gbs,
+    environment,
+    graph_ms,
+    results_folder,
+    write_results,
+)
 
 TIMING_MS = 200  # do_bench's budget per measurement in ms (with bench_ms's 50, repeated runs spread up to 45%)
 
@@ -131,6 +138,27 @@ def time_op(fn, leaves) -> tuple[float, float, str]:
         return fwd, max(bench_ms(fwd_bwd, rep=TIMING_MS) - fwd, 0.0), "difference"
 
 
+def graph_times(fn, leaves) -> dict:
+    """{"fwd": ms, "bwd": ms} of the op's kernels alone, replayed from CUDA graphs (``bench.common.graph_ms``):
+    the launch overhead of the eager call left out, which at these sizes can exceed the kernels' time.  A part
+    that cannot be captured (a backward whose graph cannot be retained) is left out."""
+    def forward_and_grads():
+        outs = _outputs(fn())
+        return outs, [torch.randn_like(o) for o in outs]
+
+    def bwd(state):
+        outs, grads = state
+        torch.autograd.grad(outs, leaves, grads, allow_unused=True, retain_graph=True)
+
+    times = {}
+    for part, timed in (("fwd", lambda: graph_ms(fn)), ("bwd", lambda: graph_ms(bwd, setup=forward_and_grads))):
+        try:
+            times[part] = timed()
+        except Exception as e:  # the eager timing stands alone
+            print(f"graph timing of the {part} failed: {type(e).__name__}: {e}", flush=True)
+    return times
+
+
 def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     """Fused op (and, where its backward has one, its deterministic-mode variant), eager reference and
     compiled reference, forward and backward."""
@@ -151,7 +179,11 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
             torch.use_deterministic_algorithms(det)
             try:
                 fwd, bwd, row["bwd_timing"] = time_op(fn, spec["leaves"])
-                for part, ms, nbytes in (("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])):
+                times = [("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])]
+                if torch.cuda.is_available():
+                    times += [(f"{part}_graph", ms, spec[f"{part}_bytes"])
+                              for part, ms in graph_times(fn, spec["leaves"]).items()]
+                for part, ms, nbytes in times:
                     gbs = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
                     row.update({f"{part}_ms": ms, f"{part}_gbs": gbs, f"{part}_pct_copy_bw": 100 * gbs / bandwidth})
             except Exception as e:  # keep going: one broken row must not hide the others
@@ -166,27 +198,31 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
 
 def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices: the warps per
-    program (``kernels._common.num_warps`` picks one from the block size) and, for the LayerNorm ops, the
-    tokens per forward program (``FWD_ROWS``, 1 by default)."""
+    program of every kernel of the op (``kernels._common.num_warps`` picks them from the block size,
+    ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens per forward
+    program (``FWD_ROWS``, 1 by default)."""
     rows = []
     for spec in specs:
         module = spec["module"]
         choices = []
         if hasattr(module, "num_warps"):
-            choices += [(f"{w} warps", "num_warps", lambda _elements, w=w: w) for w in warps]
+            attrs = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]
+            choices += [(f"{w} warps", {a: (lambda _elements, w=w: w) for a in attrs}) for w in warps]
         if hasattr(module, "FWD_ROWS"):
-            choices += [(f"{r} rows a forward program", "FWD_ROWS", r) for r in fwd_rows]
-        for label, attr, value in choices:
+            choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
+        for label, forced in choices:
             row = dict(op=spec["name"], config=label)
-            chosen = getattr(module, attr)
-            setattr(module, attr, value)
+            chosen = {attr: getattr(module, attr) for attr in forced}
+            for attr, value in forced.items():
+                setattr(module, attr, value)
             try:
                 row["fwd_ms"], row["bwd_ms"], row["bwd_timing"] = time_op(spec["fused"], spec["leaves"])
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             finally:
-                setattr(module, attr, chosen)
+                for attr, value in chosen.items():
+                    setattr(module, attr, value)
             rows.append(row)
     return rows
 
@@ -241,16 +277,20 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"measured copy bandwidth {bandwidth:.0f} GB/s (read+write); timing: median of "
              f"{'triton.testing.do_bench (CUDA events)' if 'cpu' not in env['device'] else 'wall clock'}; "
-             "bwd timed alone on a retained graph (d: as (fwd+bwd) - fwd, no graph could be kept).", "",
-             "| op | shape | impl | fwd ms | fwd GB/s | fwd % copy BW | bwd ms | bwd GB/s | bwd % copy BW |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "bwd timed alone on a retained graph (d: as (fwd+bwd) - fwd, no graph could be kept). "
+             "Eager: each call issued from Python (its host time counts when it exceeds the kernels'); graph: the "
+             "op's kernels replayed from a CUDA graph (`bench.common.graph_ms`), the GPU time alone.", "",
+             "| op | shape | impl | fwd ms | fwd % copy BW | bwd ms | bwd % copy BW | fwd ms (graph) | "
+             "fwd % (graph) | bwd ms (graph) | bwd % (graph) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error'][:80]} | | | | | | | |")
             continue
-        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_gbs']:.0f} | "
-                     f"{r['fwd_pct_copy_bw']:.0f}% | {r['bwd_ms']:.3f}{_mark(r)} | {r['bwd_gbs']:.0f} | "
-                     f"{r['bwd_pct_copy_bw']:.0f}% |")
+        graph = " | ".join(f"{r[f'{p}_ms']:.3f} | {r[f'{p}_pct_copy_bw']:.0f}%" if f"{p}_ms" in r else "- | -"
+                           for p in ("fwd_graph", "bwd_graph"))
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_pct_copy_bw']:.0f}% | "
+                     f"{r['bwd_ms']:.3f}{_mark(r)} | {r['bwd_pct_copy_bw']:.0f}% | {graph} |")
     if step_rows:
         lines += ["", "| model | backend | batch | activation GB | step ms (fwd+bwd, bf16) |",
                   "|---|---|---:|---:|---:|"]

@@ -12,7 +12,10 @@ compiles with ``--compile``), ``zero_grad(set_to_none=True)``, backward, the fus
 Implementations: ``torch`` (plain PyTorch ops, eager), ``torch+compile``, ``triton`` (fused kernels, eager),
 ``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile`` (default mode).  Optional:
 ``torch+regional``, ``triton+regional`` (``maskdit.training.compile_blocks``: each transformer block compiled,
-the blocks of a stack sharing their graphs; compile time of a couple of blocks, no fusion across blocks).
+the blocks of a stack sharing their graphs; compile time of a couple of blocks, no fusion across blocks),
+``torch+graph``, ``triton+graph`` (``maskdit.cuda_graphs.GraphedStep``: the whole step, draws included,
+captured into one CUDA graph after two eager steps and replayed, so no host work remains; AdamW built
+with ``capturable=True``, autocast without its cast cache).
 
 Method (CUDA): build the model on the GPU, run ``--warmup`` steps (compilation and autotuning happen
 here), then time ``--steps`` steps one by one with CUDA events and report the median.  Peak memory is
@@ -27,9 +30,9 @@ between configurations (and ``torch._dynamo`` reset, so no configuration reuses 
 
 ``--quick`` (``make gpu-check``, about 2.5 minutes on an H200): MaskDiT-XL/2 then DiT-XL/2, ``torch`` and
 ``triton`` eager and compiled per block (``+regional``: compiles in about 15-20 s where whole-graph
-``+compile`` took over two minutes), batch 256 (the targets' batch; DiT-XL/2 at 256 peaks at 75 GB with the
-triton backend and 102 GB with torch on an H200: on an 80 GB card expect out-of-memory rows, which are
-recorded as such), 10 timed steps.
+``+compile`` took over two minutes), and ``triton+graph``, batch 256 (the targets' batch; DiT-XL/2 at 256
+peaks at 75 GB with the triton backend and 102 GB with torch on an H200: on an 80 GB card expect
+out-of-memory rows, which are recorded as such), 10 timed steps.
 
 Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
 latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
@@ -58,22 +61,26 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import bench_ms, environment, results_folder, write_results  # noqa: E402
+from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
 from maskdit.masking import random_mask, token_layout  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
 from maskdit.training import EMA, compile_blocks  # noqa: E402
 
-IMPLS = ("torch", "torch+compile", "triton", "triton+compile", "torch+regional", "triton+regional")
+IMPLS = ("torch", "torch+compile", "triton", "triton+compile", "torch+regional", "triton+regional", "torch+graph",
+         "triton+graph")
 MASK_RATIO = 0.5
 IN_CHANNELS, NUM_CLASSES = 4, 1000
 EMA_DECAY = 0.9999  # the official recipe's
+GRAPH_WARMUP = 2  # eager steps before a +graph step is captured (measure() warms up past the capture)
 
 # Defaults per mode; flags given on the command line override them.
 CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS[:4]), batches=[32, 64, 128, 256],
                      steps=20, warmup=5, input_size=32)
 QUICK_DEFAULTS = dict(CUDA_DEFAULTS, models=["MaskDiT-XL/2", "DiT-XL/2"],
-                      impls=["torch", "triton", "torch+regional", "triton+regional"], batches=[256], steps=10, warmup=3)
+                      impls=["torch", "triton", "torch+regional", "triton+regional", "triton+graph"], batches=[256],
+                      steps=10, warmup=3)
 CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
                     input_size=16)
 CPU_QUICK_DEFAULTS = dict(CPU_DEFAULTS, steps=3, warmup=1)
@@ -122,15 +129,20 @@ def matmul_rate(device: torch.device) -> tuple[float, str]:
 
 
 def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: bool):
-    """A closure running one training step as train.py does (no data loading, no label dropout)."""
+    """A closure running one training step as train.py does (no data loading, no label dropout).  With
+    ``compile_mode`` "graph" the whole step (mask, sigma and noise draws included) is captured into a CUDA
+    graph (``maskdit.cuda_graphs.GraphedStep``) after ``GRAPH_WARMUP`` eager steps, and replayed."""
     net, loss_fn = EDMPrecond(model), EDMLoss()
     masked = model.config.use_decoder
+    graphed = compile_mode == "graph"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
-                                  fused=True)
+                                  fused=True, capturable=graphed)
     averager = EMA(model, copy.deepcopy(model).eval()) if ema else None
     images = torch.randn(batch, IN_CHANNELS, model.input_size, model.input_size, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # the cast cache must not outlive a capture (PyTorch's CUDA-graph rules); eager steps keep it
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                              cache_enabled=not graphed)
 
     def batch_loss(images, labels, ids_keep, sigma, noise):
         return loss_fn(net, images, labels, ids_keep, sigma=sigma, noise=noise).mean()
@@ -140,7 +152,7 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     elif compile_mode == "regional":
         compile_blocks(model)
 
-    def step():
+    def one_step(images, labels):
         ids_keep = None
         if masked:  # packed outside the compiled function, as in train.py
             ids_keep = random_mask(batch, model.num_tokens, MASK_RATIO, device=device).ids_keep
@@ -157,8 +169,12 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
         del optimizer.found_inf
         if averager is not None:
             averager.update((1 - EMA_DECAY) * (~bad).float())  # a skipped step leaves the EMA as it is
+        return loss.detach()
 
-    return step
+    if not graphed:
+        return lambda: one_step(images, labels)
+    graph_step = GraphedStep(one_step, warmup_steps=GRAPH_WARMUP)
+    return lambda: graph_step(images, labels)
 
 
 def time_steps(step, steps: int, device: torch.device) -> tuple[list[float], float | None]:
@@ -190,7 +206,9 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
         model.set_activation_checkpointing(args.activation_checkpointing)
     step = make_step(model, batch, device, compile_mode(impl), args.ema)
     first_s = None
-    for i in range(args.warmup):
+    # +graph: the eager steps, the capture and one replay all before the timed steps
+    warmup = max(args.warmup, GRAPH_WARMUP + 2) if compile_mode(impl) == "graph" else args.warmup
+    for i in range(warmup):
         t0 = time.perf_counter()
         step()
         if i == 0:  # the first step pays for compilation (and Triton's kernel builds)
@@ -204,8 +222,8 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
 
 
 def compile_mode(impl: str) -> str:
-    """'none', 'full' (``+compile``) or 'regional' (``+regional``)."""
-    return {"compile": "full", "regional": "regional"}[impl.split("+")[1]] if "+" in impl else "none"
+    """'none', 'full' (``+compile``), 'regional' (``+regional``) or 'graph' (``+graph``)."""
+    return {"compile": "full", "regional": "regional", "graph": "graph"}[impl.split("+")[1]] if "+" in impl else "none"
 
 
 def is_oom(e: BaseException) -> bool:

@@ -13,14 +13,14 @@ images ``y`` and the noisy input ``noisy`` = y + n, both (N, C, H, W) (any strid
 A sample without a masked token has no MAE term; a sample without a visible token has DSM term 0
 (``EDMLoss.from_denoised`` would give 0/0 = NaN there).  Math in fp32 whatever the input dtypes.
 
-Grid (N, cdiv(L, BLOCK_T)): a program takes a tile of BLOCK_T tokens x BLOCK_P >= P_out columns of one
-sample, gathers the matching image pixels of y and noisy directly from (N, C, H, W) and writes one fp32
-partial sum per (sample, tile); the launcher sums the (N, tiles) partials with torch (deterministic, no
-atomics).  The per-sample coefficients (c_skip, c_out, lambda/max(n_visible, 1), mae_coef/max(n_masked, 1))
-are an (N, 4) fp32 tensor computed with torch in the launcher.  The backward saves only that (N, 4) tensor
-(and references to the inputs f_tok, y, noisy, mask): its kernel, on the same grid, reloads the tile and
-recomputes D, the patch statistics and the target, and writes d f_tok in f_tok's dtype (zero in the
-unused channels c >= C).  y, noisy, sigma and mask get no gradient.
+Forward grid (N,): a program walks its sample in tiles of BLOCK_T tokens x BLOCK_P >= P_out columns,
+gathers the matching image pixels of y and noisy directly from (N, C, H, W) and stores the sample's loss.
+The per-sample coefficients (c_skip, c_out, lambda / max(n_visible, 1), mae_coef / max(n_masked, 1)) are
+computed in the kernels from sigma and the sample's mask row, so a call is one launch (the small torch ops
+that computed them cost more host and GPU time than the kernel at N = 256).  The backward saves no
+activation (only references to the inputs): on the grid (N, cdiv(L, BLOCK_T)) each program recomputes the
+coefficients, reloads its tile, recomputes D, the patch statistics and the target, and writes d f_tok in
+f_tok's dtype (zero in the unused channels c >= C).  y, noisy, sigma and mask get no gradient.
 """
 
 from __future__ import annotations
@@ -36,10 +36,25 @@ TILE_ELEMS = 2048  # upper bound on BLOCK_T * BLOCK_P, the elements of one progr
 
 
 @triton.jit
-def _tile(F, Y, NOISY, MASK, COEF, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+def _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data, mae_coef,
+                  BLOCK_L: tl.constexpr):
+    """Sample s's c_skip, c_out, lambda / max(n_visible, 1) and mae_coef / max(n_masked, 1)."""
+    sig = tl.load(SIGMA + s * stride_sig).to(tl.float32)
+    den = sig * sig + sigma_data * sigma_data
+    c_skip = sigma_data * sigma_data / den
+    c_out = sig * sigma_data / tl.sqrt(den)
+    lam = den / ((sig * sigma_data) * (sig * sigma_data))
+    offs = tl.arange(0, BLOCK_L)
+    m = tl.load(MASK + s * stride_mn + offs.to(tl.int64) * stride_ml, mask=offs < L, other=0)
+    n_masked = tl.sum((m != 0).to(tl.float32), axis=0)
+    return c_skip, c_out, lam / tl.maximum(L - n_masked, 1.0), mae_coef / tl.maximum(n_masked, 1.0)
+
+
+@triton.jit
+def _tile(F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
           stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-          stride_mn, stride_ml, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Load one tile and return (token ids, in-range mask, masked flags, D, D - y, D - target)."""
+          stride_mn, stride_ml, c_out, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Load tile tb of sample s and return (in-range tokens, masked flags, columns, D - y, D - target)."""
     toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_P)
     tmask = toks < L
@@ -59,8 +74,6 @@ def _tile(F, Y, NOISY, MASK, COEF, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, 
     x = tl.load(NOISY + s * stride_xn + ch64 * stride_xc + row * stride_xh + col * stride_xw, mask=m2,
                 other=0.0).to(tl.float32)
     masked = tl.load(MASK + s * stride_mn + t64 * stride_ml, mask=tmask, other=0) != 0
-    c_skip = tl.load(COEF + s * 4)
-    c_out = tl.load(COEF + s * 4 + 1)
     d = c_skip * x + c_out * f
     mean = tl.sum(x, axis=1) / P
     xc = tl.where(m2, x - mean[:, None], 0.0)
@@ -71,39 +84,40 @@ def _tile(F, Y, NOISY, MASK, COEF, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, 
 
 
 @triton.jit
-def _edm_loss_fwd_kernel(F, Y, NOISY, MASK, COEF, PART, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+def _edm_loss_fwd_kernel(F, Y, NOISY, SIGMA, MASK, LOSS, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
                          stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-                         stride_mn, stride_ml, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+                         stride_sig, stride_mn, stride_ml, sigma_data, mae_coef, PATCH: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1)
-    tmask, masked, cols, e_dsm, e_mae = _tile(
-        F, Y, NOISY, MASK, COEF, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
-        stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-        stride_mn, stride_ml, PATCH, BLOCK_T, BLOCK_P)
-    w_vis = tl.load(COEF + s * 4 + 2)  # lambda / max(n_visible, 1)
-    w_mask = tl.load(COEF + s * 4 + 3)  # mae_coef / max(n_masked, 1)
-    dsm = tl.sum(e_dsm * e_dsm, axis=1) / P
-    mae = tl.sum(e_mae * e_mae, axis=1) / P
-    tok = tl.where(masked, w_mask * mae, w_vis * dsm)
-    tok = tl.where(tmask, tok, 0.0)
-    tl.store(PART + s * tl.num_programs(1) + tb, tl.sum(tok, axis=0))
+    c_skip, c_out, w_vis, w_mask = _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data,
+                                                 mae_coef, BLOCK_L)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for tb in range(0, tl.cdiv(L, BLOCK_T)):
+        tmask, masked, cols, e_dsm, e_mae = _tile(
+            F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+            stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
+            stride_mn, stride_ml, c_out, PATCH, BLOCK_T, BLOCK_P)
+        dsm = tl.sum(e_dsm * e_dsm, axis=1) / P
+        mae = tl.sum(e_mae * e_mae, axis=1) / P
+        tok = tl.where(masked, w_mask * mae, w_vis * dsm)
+        total += tl.where(tmask, tok, 0.0)
+    tl.store(LOSS + s, tl.sum(total, axis=0))
 
 
 @triton.jit
-def _edm_loss_bwd_kernel(G, F, Y, NOISY, MASK, COEF, DF, L, WP, C, C_OUT, P, P_OUT, stride_g, stride_fn, stride_fl,
+def _edm_loss_bwd_kernel(G, F, Y, NOISY, SIGMA, MASK, DF, L, WP, C, C_OUT, P, P_OUT, stride_g, stride_fn, stride_fl,
                          stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-                         stride_mn, stride_ml, stride_dn, stride_dl,
-                         PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+                         stride_sig, stride_mn, stride_ml, stride_dn, stride_dl, sigma_data, mae_coef,
+                         PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
+    c_skip, c_out, w_vis, w_mask = _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data,
+                                                 mae_coef, BLOCK_L)
     tmask, masked, cols, e_dsm, e_mae = _tile(
-        F, Y, NOISY, MASK, COEF, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+        F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
         stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-        stride_mn, stride_ml, PATCH, BLOCK_T, BLOCK_P)
+        stride_mn, stride_ml, c_out, PATCH, BLOCK_T, BLOCK_P)
     g = tl.load(G + s * stride_g).to(tl.float32)
-    c_out = tl.load(COEF + s * 4 + 1)
-    w_vis = tl.load(COEF + s * 4 + 2)
-    w_mask = tl.load(COEF + s * 4 + 3)
     base = g * c_out * 2.0 / P
     df = tl.where(masked[:, None], (base * w_mask) * e_mae, (base * w_vis) * e_dsm)  # 0 where c >= C
     toks = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -148,33 +162,21 @@ def _geometry(f_tok, y, patch_size):
     block_p = block_size(p_out)
     block_t = _block_tokens(num_tokens, block_p)
     return dict(L=num_tokens, WP=w // patch_size, C=c, C_OUT=p_out // (patch_size * patch_size),
-                P=patch_size * patch_size * c, P_OUT=p_out), (n, triton.cdiv(num_tokens, block_t)), \
-        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p)
-
-
-def _image_strides(t):
-    return tuple(t.stride())
+                P=patch_size * patch_size * c, P_OUT=p_out), triton.cdiv(num_tokens, block_t), \
+        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=triton.next_power_of_2(num_tokens))
 
 
 def _fwd_impl(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
-              patch_size: int, sigma_data: float, mae_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    n, num_tokens, _ = f_tok.shape
-    s = sigma.float()
-    sd = sigma_data
-    c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-    c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-    lam = (s ** 2 + sd ** 2) / (s * sd) ** 2
-    n_masked = mask.sum(dim=1)
-    w_vis = lam / (num_tokens - n_masked).clamp(min=1)
-    w_mask = mae_coef / n_masked.clamp(min=1)
-    coef = torch.stack([c_skip, c_out, w_vis, w_mask], dim=1).contiguous()
-    args, grid, meta = _geometry(f_tok, y, patch_size)
-    part = new_output(grid, torch.float32, f_tok.device)
+              patch_size: int, sigma_data: float, mae_coef: float) -> torch.Tensor:
+    n = f_tok.shape[0]
+    args, _, meta = _geometry(f_tok, y, patch_size)
+    loss = new_output((n,), torch.float32, f_tok.device)
     if n:
         m8 = mask.view(torch.uint8)
-        _edm_loss_fwd_kernel[grid](f_tok, y, noisy, m8, coef, part, *args.values(), f_tok.stride(0), f_tok.stride(1),
-                                   *_image_strides(y), *_image_strides(noisy), m8.stride(0), m8.stride(1), **meta)
-    return part.sum(dim=1), coef
+        _edm_loss_fwd_kernel[(n,)](f_tok, y, noisy, sigma, m8, loss, *args.values(), f_tok.stride(0), f_tok.stride(1),
+                                   *y.stride(), *noisy.stride(), sigma.stride(0), m8.stride(0), m8.stride(1),
+                                   sigma_data, mae_coef, **meta)
+    return loss
 
 
 _fwd = torch.library.custom_op("maskdit::edm_loss_fwd", _fwd_impl, mutates_args=())
@@ -182,19 +184,19 @@ _fwd = torch.library.custom_op("maskdit::edm_loss_fwd", _fwd_impl, mutates_args=
 
 @_fwd.register_fake
 def _fwd_fake(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
-    n = f_tok.shape[0]
-    return f_tok.new_empty((n,), dtype=torch.float32), f_tok.new_empty((n, 4), dtype=torch.float32)
+    return f_tok.new_empty((f_tok.shape[0],), dtype=torch.float32)
 
 
-def _bwd_impl(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor,
-              coef: torch.Tensor, patch_size: int) -> torch.Tensor:
-    args, grid, meta = _geometry(f_tok, y, patch_size)
+def _bwd_impl(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+              mask: torch.Tensor, patch_size: int, sigma_data: float, mae_coef: float) -> torch.Tensor:
+    args, tiles, meta = _geometry(f_tok, y, patch_size)
     df = new_output(tuple(f_tok.shape), f_tok.dtype, f_tok.device)
     if f_tok.shape[0]:
         m8 = mask.view(torch.uint8)
-        _edm_loss_bwd_kernel[grid](g, f_tok, y, noisy, m8, coef, df, *args.values(), g.stride(0), f_tok.stride(0),
-                                   f_tok.stride(1), *_image_strides(y), *_image_strides(noisy), m8.stride(0),
-                                   m8.stride(1), df.stride(0), df.stride(1), **meta)
+        _edm_loss_bwd_kernel[(f_tok.shape[0], tiles)](
+            g, f_tok, y, noisy, sigma, m8, df, *args.values(), g.stride(0), f_tok.stride(0), f_tok.stride(1),
+            *y.stride(), *noisy.stride(), sigma.stride(0), m8.stride(0), m8.stride(1), df.stride(0), df.stride(1),
+            sigma_data, mae_coef, **meta)
     return df
 
 
@@ -202,21 +204,19 @@ _bwd = torch.library.custom_op("maskdit::edm_loss_bwd", _bwd_impl, mutates_args=
 
 
 @_bwd.register_fake
-def _bwd_fake(g, f_tok, y, noisy, mask, coef, patch_size):
+def _bwd_fake(g, f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
     return f_tok.new_empty(f_tok.shape)
 
 
 def _setup_context(ctx, inputs, output):
     f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef = inputs
-    _, coef = output
-    ctx.save_for_backward(f_tok, y, noisy, mask, coef)
-    ctx.patch_size = patch_size
-    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(f_tok, y, noisy, sigma, mask)
+    ctx.constants = patch_size, sigma_data, mae_coef
 
 
-def _backward(ctx, bwd, g, _dcoef):
-    f_tok, y, noisy, mask, coef = ctx.saved_tensors
-    return bwd(g, f_tok, y, noisy, mask, coef, ctx.patch_size), None, None, None, None, None, None, None
+def _backward(ctx, bwd, g):
+    f_tok, y, noisy, sigma, mask = ctx.saved_tensors
+    return bwd(g, f_tok, y, noisy, sigma, mask, *ctx.constants), None, None, None, None, None, None, None
 
 
 _call = autograd_op("EdmLoss", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
@@ -229,7 +229,7 @@ def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: t
     Differentiable w.r.t. ``f_tok`` only.
     """
     _validate(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef)
-    return _call(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))[0]
+    return _call(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))
 
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ._common import (
     block_size,
     check_tensor,
     deterministic,
+    forward_warps,
     new_output,
     num_warps,
     per_sample_sums,
@@ -143,7 +144,7 @@ def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch
         _gated_residual_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
             x, h, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0), h.stride(0), gate.stride(0),
             shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
-            ROWS=FWD_ROWS, num_warps=num_warps(FWD_ROWS * block_size(d)))
+            ROWS=FWD_ROWS, num_warps=forward_warps(FWD_ROWS * block_size(d)))
     return x_new, y, mean, rstd
 
 

@@ -22,6 +22,7 @@ from ._common import (
     block_size,
     check_tensor,
     deterministic,
+    forward_warps,
     new_output,
     num_warps,
     per_sample_sums,
@@ -134,7 +135,7 @@ def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: to
     if t:
         _ln_modulate_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
             x, y, shift, scale, seg, mean, rstd, t, d, x.stride(0), y.stride(0), shift.stride(0), scale.stride(0),
-            eps, BLOCK_D=block_size(d), ROWS=FWD_ROWS, num_warps=num_warps(FWD_ROWS * block_size(d)))
+            eps, BLOCK_D=block_size(d), ROWS=FWD_ROWS, num_warps=forward_warps(FWD_ROWS * block_size(d)))
     return y, mean, rstd
 
 

@@ -81,11 +81,10 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float | torch.Tensor,
     noise = torch.rand(batch, num_tokens, generator=generator, device=device)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
-    keep_t = torch.tensor(keep, device=device)
-    mask = ids_restore >= keep_t[:, None]
-    if len(set(keep)) == 1:
-        return Mask(ids_shuffle[:, :keep[0]], ids_restore, mask)
-    return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, mask)
+    if len(set(keep)) == 1:  # no host->device copy: a CUDA step draws its mask without a sync
+        return Mask(ids_shuffle[:, :keep[0]], ids_restore, ids_restore >= keep[0])
+    keep_t = torch.tensor(keep).to(device, non_blocking=True)
+    return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, ids_restore >= keep_t[:, None])
 
 
 def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout | None, batch: int, num_tokens: int,
@@ -102,7 +101,7 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout |
             raise ValueError(f"ids_keep must be an int64 tensor of shape ({batch}, K) with 0 < K <= {num_tokens}, "
                              f"got {tuple(ids_keep.shape)} {ids_keep.dtype}")
         k = ids_keep.shape[1]
-        seg = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(k)
+        seg = torch.arange(batch, device=device, dtype=torch.int32)[:, None].expand(batch, k).contiguous().view(-1)
         cu = torch.arange(0, batch * k + 1, k, device=device, dtype=torch.int32)
         return TokenLayout(ids_keep.reshape(-1), seg, cu, batch, num_tokens, k, k)
     ids_keep = list(ids_keep)

@@ -45,10 +45,11 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float],
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (fused kernel: one launch for all parameters, and skips steps via ``found_inf`` with no sync)."""
+                   weight_decay: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW (fused kernel: one launch for all parameters, and skips steps via ``found_inf`` with no sync);
+    ``capturable`` for a step captured into a CUDA graph (``maskdit.cuda_graphs``)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8,
-                             fused=True)
+                             fused=True, capturable=capturable)
 
 
 COMPILE_MODES = ("none", "full", "regional")

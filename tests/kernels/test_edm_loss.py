@@ -102,7 +102,7 @@ def test_many_tiles_and_options(monkeypatch):
     mae_coef, non-contiguous y / noisy / f_tok."""
     monkeypatch.setattr(edm_loss_module, "TILE_ELEMS", 16 * 16)
     f_tok, y, noisy, sigma, mask = _inputs(4, 2, 8, 12, False, "mixed", torch.float32)
-    assert edm_loss_module._geometry(f_tok, y, 2)[1] == (4, 2)
+    assert edm_loss_module._geometry(f_tok, y, 2)[1] == 2  # tiles a sample
     wide = torch.randn(*f_tok.shape[:2], 40, device=DEVICE)
     wide[..., 3:19] = f_tok
     f_strided = wide[..., 3:19]
@@ -141,9 +141,8 @@ def test_saves_only_per_sample_values():
 def test_opcheck():
     f_tok, y, noisy, sigma, mask = _inputs(4, 2, 8, 8, True, "mixed", torch.float32)
     torch.library.opcheck(_fwd, (f_tok.clone().requires_grad_(), y, noisy, sigma, mask, 2, 0.5, 0.1))
-    _, coef = _fwd(f_tok, y, noisy, sigma, mask, 2, 0.5, 0.1)
     g = torch.randn(f_tok.shape[0], device=DEVICE)
-    torch.library.opcheck(_bwd, (g, f_tok, y, noisy, mask, coef, 2))
+    torch.library.opcheck(_bwd, (g, f_tok, y, noisy, sigma, mask, 2, 0.5, 0.1))
 
 
 def test_bad_inputs_are_named():
