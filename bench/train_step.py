@@ -19,7 +19,8 @@ with ``capturable=True``, autocast without its cast cache).
 
 Method (CUDA): build the model on the GPU, run ``--warmup`` steps (compilation and autotuning happen
 here), then time ``--steps`` steps one by one with CUDA events and report the median.  Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW and EMA state included).
+``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients, AdamW and EMA state included);
+for ``+graph`` rows over all steps from the first (the graph's memory is allocated during the capture).
 Achieved TFLOP/s = ``maskdit.flops.train_gflops`` (matrix products and attention of the model's forward +
 backward per image) x batch / step time; MFU = that / the dense bf16 matmul rate (8192^3,
 ``triton.testing.do_bench``) measured in the same run.  Speed-ups: each MaskDiT row against the DiT of the
@@ -177,8 +178,9 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     return lambda: graph_step(images, labels)
 
 
-def time_steps(step, steps: int, device: torch.device) -> tuple[list[float], float | None]:
-    """Milliseconds of each of ``steps`` steps, and the peak memory (GB) over them (None on the CPU)."""
+def time_steps(step, steps: int, device: torch.device, reset_peak: bool = True) -> tuple[list[float], float | None]:
+    """Milliseconds of each of ``steps`` steps, and the peak memory (GB) over them (None on the CPU); with
+    ``reset_peak`` False, the peak since the caller last reset it."""
     if device.type != "cuda":
         times = []
         for _ in range(steps):
@@ -187,7 +189,8 @@ def time_steps(step, steps: int, device: torch.device) -> tuple[list[float], flo
             times.append((time.perf_counter() - t0) * 1e3)
         return times, None
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if reset_peak:
+        torch.cuda.reset_peak_memory_stats()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
     for start, end in events:
         start.record()
@@ -206,8 +209,12 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
         model.set_activation_checkpointing(args.activation_checkpointing)
     step = make_step(model, batch, device, compile_mode(impl), args.ema)
     first_s = None
-    # +graph: the eager steps, the capture and one replay all before the timed steps
-    warmup = max(args.warmup, GRAPH_WARMUP + 2) if compile_mode(impl) == "graph" else args.warmup
+    # +graph: the eager steps, the capture and one replay all before the timed steps.  A replay allocates
+    # nothing (the graph's memory was allocated while capturing): its peak is taken from the first step on.
+    graphed = compile_mode(impl) == "graph"
+    warmup = max(args.warmup, GRAPH_WARMUP + 2) if graphed else args.warmup
+    if graphed and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warmup):
         t0 = time.perf_counter()
         step()
@@ -215,7 +222,7 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-    times, peak = time_steps(step, args.steps, device)
+    times, peak = time_steps(step, args.steps, device, reset_peak=not graphed)
     ms = statistics.median(times)
     return dict(step_ms=ms, step_ms_min=min(times), imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=peak,
                 first_step_s=first_s)
