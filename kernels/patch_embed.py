@@ -4,8 +4,9 @@ x (N, C, H, W) contiguous; kept tokens in token layout: ``ids`` (T,) the token i
 (row-major over the (H/p, W/p) grid) and ``seg`` (T,) int32 its sample.  A patch's p*p*C values are
 read in ``maskdit.ops.patchify``'s order (row in patch, column in patch, channel); masked patches are
 never read.  weight (D, p*p*C), bias (D,), pos_embed (L, D) a fixed buffer (no gradient).  The forward
-is one kernel over (block of tokens) x (block of D): an fp32 loop over the p*p*C inputs, then
-bias and the positional row, one write of (T, D).
+is one kernel over (block of tokens) x (block of D): the tile's gathered patches times the weight
+columns (``tl.dot`` in ieee fp32, chunks of up to 32 patch values), then bias and the positional row, one
+write of (T, D).
 
 Backward: a small Triton kernel gathers the kept patches into an fp32 (T, p*p*C) matrix; dweight =
 dout^T @ patches and dbias = dout.sum(0) are torch ops in fp32 (a GEMM); when x needs a gradient,
@@ -31,8 +32,9 @@ from ._common import (
     num_warps,
 )
 
-FWD_TOKENS = 16  # tokens per forward program (16 x 128 tiles: 74-86 registers a thread at sm_90)
+FWD_TOKENS = 32  # tokens per forward program
 FWD_BLOCK_D = 128  # output columns per forward program
+FWD_BLOCK_K = 32  # patch values per step of the forward's product (at least 16, for tl.dot)
 GATHER_TOKENS = 32  # tokens per gather/scatter program
 
 
@@ -49,7 +51,8 @@ def _patch_offsets(X_OFF, tok, s, k, C, H, W, GW, P: tl.constexpr):
 
 @triton.jit
 def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride_w, stride_pos, stride_out,
-                            C: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                            C: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -58,15 +61,17 @@ def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride
     cmask = cols < D
     tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
     s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
-    base = _patch_offsets(0, tok, s, 0, C, H, W, GW, P)  # top-left element of channel 0
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k in range(P * P * C):  # a loop (not unrolled: unrolling spilled registers in fp16/bf16)
-        i = k // (P * C)
-        j = (k // C) % P
-        c = k % C
-        xv = tl.load(X + base + c * (H * W) + i * W + j, mask=rmask, other=0.0).to(tl.float32)
-        wv = tl.load(WT + cols * stride_w + k, mask=cmask, other=0.0).to(tl.float32)
-        acc += xv[:, None] * wv[None, :]
+    # the tile's patches (BLOCK_T, BLOCK_K) and weight columns (BLOCK_K, BLOCK_D), each loaded at once (a
+    # loop of one patch value at a time was latency-bound), multiplied in fp32 (ieee: no tf32 rounding)
+    for k0 in range(0, P * P * C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < P * P * C
+        offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
+        xt = tl.load(X + offs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(WT + cols[None, :] * stride_w + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision="ieee")
     b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     mask2 = rmask[:, None] & cmask[None, :]
     pos = tl.load(POS + tok[:, None] * stride_pos + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
@@ -148,6 +153,7 @@ def _fwd_impl(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: tor
         _patch_embed_fwd_kernel[grid](x, ids, seg, weight, bias, pos_embed, out, t, d, h, w, w // patch_size,
                                       weight.stride(0), pos_embed.stride(0), out.stride(0),
                                       C=c, P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D,
+                                      BLOCK_K=min(FWD_BLOCK_K, block_size(patch_size * patch_size * c)),
                                       num_warps=num_warps(FWD_TOKENS * FWD_BLOCK_D))
     return out
 
