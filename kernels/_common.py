@@ -110,26 +110,39 @@ def deterministic(device: torch.device) -> bool:
     return FORCE_DETERMINISTIC or (device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
 
 
-def per_sample_sums_buffer(programs: int, num_samples: int, width: int, device, det: bool) -> torch.Tensor:
-    """The zeroed fp32 buffer that a backward kernel over consecutive token rows flushes per-sample partial
-    sums into: (N, D) for atomic adds; deterministic, (programs + N, D), program p storing its sum for
-    sample s in row p + s (distinct for every pair, as both grow along the tokens), unwritten rows zero."""
-    return torch.zeros((programs + num_samples if det else num_samples, width), device=device, dtype=torch.float32)
+def per_sample_sums_buffer(programs: int, num_samples: int, width: int, device, det: bool,
+                           count: int = 1) -> torch.Tensor:
+    """The zeroed fp32 buffer, (count, rows, D), that a backward kernel over consecutive token rows flushes
+    ``count`` per-sample partial sums into (one allocation and one zeroing for all of them): rows = N for
+    atomic adds; deterministic, programs + N, program p storing its sum for sample s in row p + s (distinct
+    for every pair, as both grow along the tokens), unwritten rows zero."""
+    rows = programs + num_samples if det else num_samples
+    return torch.zeros((count, rows, width), device=device, dtype=torch.float32)
 
 
 def row_samples_buffer(programs: int, num_samples: int, device, det: bool) -> torch.Tensor:
     """The zeroed int32 map from a deterministic buffer's rows to samples (row p + s -> s, written by the
-    kernel with the sums); one element when not deterministic (unused)."""
-    return torch.zeros(programs + num_samples if det else 1, device=device, dtype=torch.int32)
+    kernel with the sums); one unused element when not deterministic (no zeroing launched)."""
+    if not det:
+        return torch.empty(1, device=device, dtype=torch.int32)
+    return torch.zeros(programs + num_samples, device=device, dtype=torch.int32)
 
 
 def per_sample_sums(buffer: torch.Tensor, row_samples: torch.Tensor, num_samples: int, det: bool) -> torch.Tensor:
-    """(N, D) sums from ``per_sample_sums_buffer`` after the kernel: deterministic, the rows of each sample
-    added in a fixed order."""
+    """(count, N, D) sums from ``per_sample_sums_buffer`` after the kernel: deterministic, the rows of each
+    sample added in a fixed order."""
     if not det:
         return buffer
-    out = torch.zeros((num_samples, buffer.shape[1]), device=buffer.device, dtype=buffer.dtype)
-    return out.index_add_(0, row_samples.long(), buffer)
+    out = torch.zeros((buffer.shape[0], num_samples, buffer.shape[2]), device=buffer.device, dtype=buffer.dtype)
+    return out.index_add_(1, row_samples.long(), buffer)
+
+
+def cast_sums(sums: torch.Tensor, dtypes) -> tuple[torch.Tensor, ...]:
+    """The (count, N, D) fp32 sums as ``count`` gradients in ``dtypes``: one cast when the dtypes agree (the
+    modulation tensors are slices of one adaLN output)."""
+    if all(dt == dtypes[0] for dt in dtypes):
+        return sums.to(dtypes[0]).unbind(0)
+    return tuple(g.to(dt) for g, dt in zip(sums.unbind(0), dtypes))
 
 
 def alert_nondeterministic(op: str, device: torch.device) -> None:

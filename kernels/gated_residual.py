@@ -27,6 +27,7 @@ from ._common import (
     FLOAT_DTYPES,
     autograd_op,
     block_size,
+    cast_sums,
     check_tensor,
     deterministic,
     forward_warps,
@@ -160,8 +161,9 @@ def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
 
 def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
               gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's dtype), dh (h's dtype) and fp32 (N, D) dgate, dshift, dscale; a None gradient is zeros."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's dtype), dh (h's dtype) and the fp32 (3, N, D) per-sample sums dgate, dshift, dscale; a None
+    gradient is zeros."""
     t, d = x.shape
     n = gate.shape[0]
     det = deterministic(x.device)
@@ -173,18 +175,18 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
     dh = new_output((t, d), h.dtype, h.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)
     programs = triton.cdiv(t, rows)
-    dgate, dshift, dscale = (per_sample_sums_buffer(programs, n, d, x.device, det) for _ in range(3))
+    sums = per_sample_sums_buffer(programs, n, d, x.device, det, count=3)
     row_samples = row_samples_buffer(programs, n, x.device, det)
     if t:
         has_dxn, has_dy = dx_new is not None, dy is not None
         dxn_arg = dx_new if has_dxn else x  # unused placeholders when a gradient is missing
         dy_arg = dy if has_dy else x
         _gated_residual_bwd_kernel[(programs,)](
-            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, dgate, dshift, dscale, row_samples, t, d,
+            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, sums[0], sums[1], sums[2], row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=rows, HAS_DXN=has_dxn, HAS_DY=has_dy,
             DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
-    return (dx, dh, *(per_sample_sums(b, row_samples, n, det) for b in (dgate, dshift, dscale)))
+    return dx, dh, per_sample_sums(sums, row_samples, n, det)
 
 
 _bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_impl, mutates_args=())
@@ -194,8 +196,7 @@ _bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_i
 def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd):
     t, d = x.shape
     n = gate.shape[0]
-    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((n, d), dtype=torch.float32), \
-        x.new_empty((n, d), dtype=torch.float32), x.new_empty((n, d), dtype=torch.float32)
+    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((3, n, d), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -209,8 +210,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, bwd, dx_new, dy, _dmean, _drstd):
     x, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dh, dgate, dshift, dscale = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
-    return dx, dh, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
+    dx, dh, sums = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
+    return dx, dh, *cast_sums(sums, (gate.dtype, ctx.shift_dtype, scale.dtype)), None, None, None
 
 
 _call = autograd_op("GatedResidualLnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)

@@ -20,6 +20,7 @@ from ._common import (
     FLOAT_DTYPES,
     autograd_op,
     block_size,
+    cast_sums,
     check_tensor,
     deterministic,
     forward_warps,
@@ -150,23 +151,22 @@ def _fwd_fake(x, shift, scale, seg, eps, out_dtype):
 
 
 def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor,
-              rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              rstd: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (x's dtype) and the fp32 (2, N, D) per-sample sums dshift, dscale."""
     t, d = x.shape
     det = deterministic(x.device)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)
     programs = triton.cdiv(t, rows)
-    dshift = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
-    dscale = per_sample_sums_buffer(programs, num_samples, d, x.device, det)
+    sums = per_sample_sums_buffer(programs, num_samples, d, x.device, det, count=2)
     row_samples = row_samples_buffer(programs, num_samples, x.device, det)
     if t:
         _ln_modulate_bwd_kernel[(programs,)](
-            x, dy, dx, scale, seg, mean, rstd, dshift, dscale, row_samples, t, d, x.stride(0), dy.stride(0),
+            x, dy, dx, scale, seg, mean, rstd, sums[0], sums[1], row_samples, t, d, x.stride(0), dy.stride(0),
             dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=rows, DETERMINISTIC=det,
             num_warps=num_warps(block_size(d)))
-    return dx, per_sample_sums(dshift, row_samples, num_samples, det), \
-        per_sample_sums(dscale, row_samples, num_samples, det)
+    return dx, per_sample_sums(sums, row_samples, num_samples, det)
 
 
 _bwd = torch.library.custom_op("maskdit::ln_modulate_bwd", _bwd_impl, mutates_args=())
@@ -176,7 +176,7 @@ _bwd = torch.library.custom_op("maskdit::ln_modulate_bwd", _bwd_impl, mutates_ar
 def _bwd_fake(dy, x, scale, seg, mean, rstd, num_samples):
     d = x.shape[1]
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
-        x.new_empty((num_samples, d), dtype=torch.float32), x.new_empty((num_samples, d), dtype=torch.float32)
+        x.new_empty((2, num_samples, d), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,12 +185,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale, seg, mean, rstd)
     ctx.shift_dtype, ctx.num_samples = shift.dtype, shift.shape[0]
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero tensors made for mean and rstd, which get no gradient
 
 
 def _backward(ctx, bwd, dy, _dmean, _drstd):
+    if dy is None:  # y did not reach the loss
+        return None, None, None, None, None, None
     x, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = bwd(dy, x, scale, seg, mean, rstd, ctx.num_samples)
-    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None, None
+    dx, sums = bwd(dy, x, scale, seg, mean, rstd, ctx.num_samples)
+    return dx, *cast_sums(sums, (ctx.shift_dtype, scale.dtype)), None, None, None
 
 
 _call = autograd_op("LnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
