@@ -8,8 +8,9 @@ is one kernel over (block of tokens) x (block of D): the tile's gathered patches
 columns (``tl.dot`` in ieee fp32, chunks of up to 32 patch values), then bias and the positional row, one
 write of (T, D).
 
-Backward: a small Triton kernel gathers the kept patches into an fp32 (T, p*p*C) matrix; dweight =
-dout^T @ patches and dbias = dout.sum(0) are torch ops in fp32 (a GEMM); when x needs a gradient,
+Backward: a small Triton kernel gathers the kept patches into an fp32 (T, p*p*C + pad) matrix with a
+column of ones after them, so one fp32 GEMM dout^T @ [patches, 1] reads dout once for dweight and dbias
+(its last used column) instead of a GEMM and a column sum each reading it; when x needs a gradient,
 dpatches = dout @ weight (fp32 GEMM) is scattered back by a Triton kernel (fp32 atomic adds into a
 zeroed buffer, so repeated ids add up like the reference), zero at masked patches.
 """
@@ -80,8 +81,10 @@ def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride
 
 
 @triton.jit
-def _patch_tile(IDS, SEG, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's tile of (token, patch value): x offsets, (T, K) matrix offsets and the mask."""
+def _patch_tile(IDS, SEG, T, C, H, W, GW, K, stride_m, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """This program's tile of (token, patch value): x offsets, offsets in a (T, stride_m) matrix, the mask of
+    the K patch values of real tokens, and the rows' mask and the column indices."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
@@ -89,22 +92,25 @@ def _patch_tile(IDS, SEG, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.conste
     tok = tl.load(IDS + rows, mask=rmask, other=0).to(tl.int64)
     s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
     offs = _patch_offsets(0, tok[:, None], s[:, None], ks[None, :], C, H, W, GW, P)
-    return offs, rows[:, None] * K + ks[None, :], rmask[:, None] & (ks < K)[None, :]
+    return offs, rows[:, None] * stride_m + ks[None, :], rmask[:, None] & (ks < K)[None, :], rmask, ks
 
 
 @triton.jit
-def _patch_gather_kernel(X, IDS, SEG, PATCHES, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
+def _patch_gather_kernel(X, IDS, SEG, PATCHES, T, C, H, W, GW, K, KP, P: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-    """PATCHES (T, K) fp32 = the kept patches of x."""
-    offs, moffs, mask2 = _patch_tile(IDS, SEG, T, C, H, W, GW, K, P, BLOCK_T, BLOCK_K)
-    tl.store(PATCHES + moffs, tl.load(X + offs, mask=mask2, other=0.0).to(tl.float32), mask=mask2)
+    """PATCHES (T, KP) fp32 = the kept patches of x in columns < K, then a column of ones (column K), then
+    zeros: one product dout^T @ PATCHES gives the weight gradient and, in column K, the bias gradient."""
+    offs, moffs, mask2, rmask, ks = _patch_tile(IDS, SEG, T, C, H, W, GW, K, KP, P, BLOCK_T, BLOCK_K)
+    vals = tl.load(X + offs, mask=mask2, other=0.0).to(tl.float32)
+    vals = tl.where((ks == K)[None, :], 1.0, vals)
+    tl.store(PATCHES + moffs, vals, mask=rmask[:, None] & (ks < KP)[None, :])
 
 
 @triton.jit
 def _patch_scatter_kernel(DPATCHES, IDS, SEG, DX, T, C, H, W, GW, K, P: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """DX (N, C, H, W) fp32, zeroed, += DPATCHES (T, K) fp32 at the kept patches."""
-    offs, moffs, mask2 = _patch_tile(IDS, SEG, T, C, H, W, GW, K, P, BLOCK_T, BLOCK_K)
+    offs, moffs, mask2, _, _ = _patch_tile(IDS, SEG, T, C, H, W, GW, K, K, P, BLOCK_T, BLOCK_K)
     tl.atomic_add(DX + offs, tl.load(DPATCHES + moffs, mask=mask2, other=0.0), mask=mask2, sem="relaxed")
 
 
@@ -167,28 +173,29 @@ def _fwd_fake(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
 
 
 def _gather_patches(x, ids, seg, patch_size):
-    """The kept patches (T, p*p*C) in fp32, patchify's order."""
+    """The kept patches in fp32, patchify's order, with a column of ones after them: (T, K_pad), K_pad the
+    multiple of 8 above K = p*p*C (aligned rows for the product), zeros beyond column K."""
     _, c, h, w = x.shape
     t, k = ids.shape[0], patch_size * patch_size * c
-    patches = new_output((t, k), torch.float32, x.device)
+    kp = (k // 8 + 1) * 8
+    patches = new_output((t, kp), torch.float32, x.device)
     if t:
         _patch_gather_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
-            x, ids, seg, patches, t, c, h, w, w // patch_size, k, P=patch_size, BLOCK_T=GATHER_TOKENS,
-            BLOCK_K=block_size(k))
+            x, ids, seg, patches, t, c, h, w, w // patch_size, k, kp, P=patch_size, BLOCK_T=GATHER_TOKENS,
+            BLOCK_K=block_size(kp))
     return patches
 
 
 def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
-              patch_size: int, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx or an empty tensor, dweight fp32, dbias fp32)."""
+              patch_size: int, needs_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx or an empty tensor, fp32 (D, K_pad) with dweight in columns < K and dbias in column K)."""
     _, c, h, w = x.shape
     t, k = ids.shape[0], patch_size * patch_size * c
     dout32 = dout.float()
-    patches = _gather_patches(x, ids, seg, patch_size)
-    dweight = dout32.t() @ patches
-    dbias = dout32.sum(0)
+    # one pass over dout for both: dout^T @ [patches, 1]
+    dweight_bias = dout32.t() @ _gather_patches(x, ids, seg, patch_size)
     if not needs_dx:
-        return x.new_empty((0,)), dweight, dbias
+        return x.new_empty((0,)), dweight_bias
     dpatches = (dout32 @ weight.float()).contiguous()
     alert_nondeterministic("maskdit::embed_kept_patches backward to x", x.device)  # only when x needs a gradient
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -196,7 +203,7 @@ def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch
         _patch_scatter_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
             dpatches, ids, seg, dx, t, c, h, w, w // patch_size, k, P=patch_size, BLOCK_T=GATHER_TOKENS,
             BLOCK_K=block_size(k))
-    return dx.to(x.dtype), dweight, dbias
+    return dx.to(x.dtype), dweight_bias
 
 
 _bwd = torch.library.custom_op("maskdit::patch_embed_bwd", _bwd_impl, mutates_args=())
@@ -205,8 +212,8 @@ _bwd = torch.library.custom_op("maskdit::patch_embed_bwd", _bwd_impl, mutates_ar
 @_bwd.register_fake
 def _bwd_fake(dout, x, ids, seg, weight, patch_size, needs_dx):
     dx = x.new_empty(x.shape if needs_dx else (0,))
-    return dx, weight.new_empty(weight.shape, dtype=torch.float32), \
-        weight.new_empty((weight.shape[0],), dtype=torch.float32)
+    k = weight.shape[1]
+    return dx, weight.new_empty((weight.shape[0], (k // 8 + 1) * 8), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,9 +225,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, bwd, dout):
     x, ids, seg, weight = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx, dweight, dbias = bwd(dout, x, ids, seg, weight, ctx.patch_size, needs_dx)
-    return (dx if needs_dx else None), None, None, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), \
-        None, None, None
+    dx, dweight_bias = bwd(dout, x, ids, seg, weight, ctx.patch_size, needs_dx)
+    k = weight.shape[1]
+    return (dx if needs_dx else None), None, None, dweight_bias[:, :k].to(weight.dtype), \
+        dweight_bias[:, k].to(ctx.bias_dtype), None, None, None
 
 
 _call = autograd_op("EmbedKeptPatches", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
