@@ -2,9 +2,9 @@
 reference, forward and backward, at MaskDiT-XL/2 shapes (batch 256, 128 of 256 tokens kept, D 1152,
 D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plus the activation
 memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
-and 16 warps per program and, for the LayerNorm ops, 2 and 4 tokens per forward program (to check the
-launchers' choices).  Ops whose backward adds per-sample sums also get a row in deterministic mode
-(``kernels._common.deterministic``).  Results are rewritten after every stage.
+and 16 warps per program and, for the LayerNorm ops, 2 and 4 tokens per forward program and 8, 16 and 64
+per backward program (to check the launchers' choices).  Ops whose backward adds per-sample sums also get
+a row in deterministic mode (``kernels._common.deterministic``).  Results are rewritten after every stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -196,11 +196,12 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4)) -> list[dict]:
+def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices: the warps per
     program of every kernel of the op (``kernels._common.num_warps`` picks them from the block size,
     ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens per forward
-    program (``FWD_ROWS``, 1 by default)."""
+    program (``FWD_ROWS``, 1 by default) and the most tokens per backward program (``BWD_ROWS``, 32 by
+    default, which ``rows_per_program`` keeps at these sizes)."""
     rows = []
     for spec in specs:
         module = spec["module"]
@@ -210,6 +211,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4)) -> list[dict]:
             choices += [(f"{w} warps", {a: (lambda _elements, w=w: w) for a in attrs}) for w in warps]
         if hasattr(module, "FWD_ROWS"):
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
+        if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
+            choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             chosen = {attr: getattr(module, attr) for attr in forced}
