@@ -100,8 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="capture the training step (forward, backward, AdamW, EMA) into a CUDA graph after two "
                         "eager steps and replay it: no host work per step, for batches where the host is slower "
-                        "than the GPU. One CUDA process, a constant mask ratio, no grad accumulation, no fp16, "
-                        "no --compile")
+                        "than the GPU. One CUDA process, a constant mask ratio, no fp16, no --compile")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -168,7 +167,6 @@ def validate(cfg: dict) -> None:
         checks += [
             (cfg["precision"] != "fp16", "--cuda-graph supports --precision fp32 and bf16, not fp16 (the grad "
                                          "scaler's step decisions read the device)"),
-            (cfg["grad_accum"] == 1, f"--cuda-graph needs --grad-accum 1, got {cfg['grad_accum']}"),
             (cfg["compile"] == "none", f"--cuda-graph runs the eager step, not --compile {cfg['compile']}"),
             (cfg["mask_schedule"] == "constant" and cfg["mask_ratio_dist"] == "none",
              "--cuda-graph needs the same number of kept tokens every step: --mask-schedule constant and "
@@ -439,13 +437,17 @@ def main(argv=None) -> str:
         return step_loss, bad
 
     def graph_step(images, labels, sigma, noise, ema_weight, *ids_keep):
-        """One optimizer step on one micro-batch, as the loop below does it, for --cuda-graph."""
-        layout = token_layout(ids_keep[0], micro_batch, num_tokens, device) if ids_keep else None
+        """One optimizer step over the global batch's micro-batches (one process), as ``eager_step`` does it,
+        for --cuda-graph."""
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = train_module(images, labels, layout, sigma, noise).mean()
-        loss.backward()
-        step_loss = loss.detach().float()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            rows = env.rows(micro, micro_batch, accum)
+            layout = token_layout(ids_keep[0][rows], micro_batch, num_tokens, device) if ids_keep else None
+            with autocast:
+                loss = train_module(images[rows], labels[rows], layout, sigma[rows], noise[rows]).mean() / accum
+            loss.backward()
+            step_loss += loss.detach().float()
         bad = ~torch.isfinite(step_loss)
         optimizer.found_inf = bad.float()
         optimizer.step()
@@ -471,8 +473,9 @@ def main(argv=None) -> str:
         latent_eps = torch.randn((global_batch, *image_shape), generator=gen, device=device) if latent else None
 
         decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
-        if graphed is not None:  # one process, one micro-batch: the step is one graph replay
-            _, images, labels = load_micro_batch(0, drop, latent_eps)
+        if graphed is not None:  # one process: the step is one graph replay over the global batch
+            parts = [load_micro_batch(micro, drop, latent_eps)[1:] for micro in range(accum)]
+            images, labels = (torch.cat(t) if accum > 1 else t[0] for t in zip(*parts))
             step_loss, bad = graphed(images, labels, sigma, noise, torch.full((), 1 - decay, device=device),
                                      *([] if ids_keep is None else [ids_keep]))
         else:
