@@ -139,8 +139,8 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
                                   fused=True, capturable=graphed)
     averager = EMA(model, copy.deepcopy(model).eval()) if ema else None
-    images = torch.randn(batch, IN_CHANNELS, model.input_size, model.input_size, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    images = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    labels = torch.randint(0, model.num_classes, (batch,), device=device)
     # the cast cache must not outlive a capture (PyTorch's CUDA-graph rules); eager steps keep it
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                               cache_enabled=not graphed)

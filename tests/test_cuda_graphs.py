@@ -146,3 +146,22 @@ def test_train_with_cuda_graph_matches_eager_and_resumes(tmp_path, model, extra)
     train.main(["--resume", graph, "--steps", "9", "--device", "cuda", "--cuda-graph"])
     torch.testing.assert_close(_losses(graph), _losses(eager), rtol=1e-3, atol=1e-5)
     assert len(_losses(graph)) == 9
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eager_training_step_never_syncs(backend):
+    """The step of bench/train_step.py (mask draw and packing, loss, backward, fused AdamW with the non-finite
+    guard, EMA) issues no device synchronisation: the host can run ahead of the GPU."""
+    from bench.train_step import make_step
+
+    model = _setup(backend)
+    step = make_step(model, 6, torch.device("cuda"), "none", ema=True)
+    step()  # first calls may initialise lazily (cuBLAS handles, Triton builds)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
