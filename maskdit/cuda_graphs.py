@@ -1,9 +1,8 @@
 """A whole training step as one CUDA graph: the host issues the step with a single launch.
 
-At the batch sizes of multi-GPU training (32-128 images a GPU) the host's Python, autograd and launch work
-for a step of the XL/2 models takes longer than the GPU's kernels (``bench/profile_step.py``): the GPU
-waits.  Capturing the step (forward, backward, optimizer step, EMA) into a CUDA graph and replaying it
-leaves only the kernels.
+At small batches (MaskDiT-XL/2 at 32-64 images on an H200) the host's Python, autograd and launch work for
+a step takes longer than the GPU's kernels (``bench/profile_step.py``): the GPU waits.  Capturing the step
+(forward, backward, optimizer step, EMA) into a CUDA graph and replaying it leaves only the kernels.
 
 What a captured step must satisfy (PyTorch's CUDA-graph rules):
 - fixed shapes: the same batch size and, for MaskDiT, the same number of kept tokens every step (a uniform
