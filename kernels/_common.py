@@ -13,7 +13,6 @@ import os
 import warnings
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,9 +61,20 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None =
     return t
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints.  ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions that
+    cost about 5 us a call on the host (several calls a launch), so the launchers use these."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1), a host int."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def block_size(n: int) -> int:
     """The power-of-two block covering ``n`` columns (at least 16)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def num_warps(elements: int) -> int:
@@ -98,7 +108,7 @@ def rows_per_program(num_rows: int, device: torch.device, most: int) -> int:
         return most
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     rows = most
-    while rows > 8 and triton.cdiv(num_rows, rows) < 4 * sms:
+    while rows > 8 and cdiv(num_rows, rows) < 4 * sms:
         rows //= 2
     return rows
 

@@ -29,7 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, autograd_op, block_size, check_tensor, new_output
+from ._common import (
+    FLOAT_DTYPES,
+    autograd_op,
+    block_size,
+    cdiv,
+    check_tensor,
+    new_output,
+    next_power_of_2,
+)
 
 MAE_EPS = 1e-6
 TILE_ELEMS = 2048  # upper bound on BLOCK_T * BLOCK_P, the elements of one program's tile
@@ -153,7 +161,7 @@ def _validate(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
 
 
 def _block_tokens(num_tokens: int, block_p: int) -> int:
-    return max(1, min(triton.next_power_of_2(num_tokens), TILE_ELEMS // block_p))
+    return max(1, min(next_power_of_2(num_tokens), TILE_ELEMS // block_p))
 
 
 def _geometry(f_tok, y, patch_size):
@@ -162,8 +170,8 @@ def _geometry(f_tok, y, patch_size):
     block_p = block_size(p_out)
     block_t = _block_tokens(num_tokens, block_p)
     return dict(L=num_tokens, WP=w // patch_size, C=c, C_OUT=p_out // (patch_size * patch_size),
-                P=patch_size * patch_size * c, P_OUT=p_out), triton.cdiv(num_tokens, block_t), \
-        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=triton.next_power_of_2(num_tokens))
+                P=patch_size * patch_size * c, P_OUT=p_out), cdiv(num_tokens, block_t), \
+        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=next_power_of_2(num_tokens))
 
 
 def _fwd_impl(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,

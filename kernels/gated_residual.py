@@ -28,6 +28,7 @@ from ._common import (
     autograd_op,
     block_size,
     cast_sums,
+    cdiv,
     check_tensor,
     deterministic,
     forward_warps,
@@ -142,7 +143,7 @@ def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        _gated_residual_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
+        _gated_residual_fwd_kernel[(cdiv(t, FWD_ROWS),)](
             x, h, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0), h.stride(0), gate.stride(0),
             shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
             ROWS=FWD_ROWS, num_warps=forward_warps(FWD_ROWS * block_size(d)))
@@ -174,7 +175,7 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
     dx = new_output((t, d), x.dtype, x.device)
     dh = new_output((t, d), h.dtype, h.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)
-    programs = triton.cdiv(t, rows)
+    programs = cdiv(t, rows)
     sums = per_sample_sums_buffer(programs, n, d, x.device, det, count=3)
     row_samples = row_samples_buffer(programs, n, x.device, det)
     if t:

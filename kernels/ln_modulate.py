@@ -21,6 +21,7 @@ from ._common import (
     autograd_op,
     block_size,
     cast_sums,
+    cdiv,
     check_tensor,
     deterministic,
     forward_warps,
@@ -134,7 +135,7 @@ def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: to
     mean = new_output((t,), torch.float32, x.device)
     rstd = new_output((t,), torch.float32, x.device)
     if t:
-        _ln_modulate_fwd_kernel[(triton.cdiv(t, FWD_ROWS),)](
+        _ln_modulate_fwd_kernel[(cdiv(t, FWD_ROWS),)](
             x, y, shift, scale, seg, mean, rstd, t, d, x.stride(0), y.stride(0), shift.stride(0), scale.stride(0),
             eps, BLOCK_D=block_size(d), ROWS=FWD_ROWS, num_warps=forward_warps(FWD_ROWS * block_size(d)))
     return y, mean, rstd
@@ -158,7 +159,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)
-    programs = triton.cdiv(t, rows)
+    programs = cdiv(t, rows)
     sums = per_sample_sums_buffer(programs, num_samples, d, x.device, det, count=2)
     row_samples = row_samples_buffer(programs, num_samples, x.device, det)
     if t:

@@ -28,6 +28,7 @@ from ._common import (
     alert_nondeterministic,
     autograd_op,
     block_size,
+    cdiv,
     check_tensor,
     new_output,
     num_warps,
@@ -155,7 +156,7 @@ def _fwd_impl(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: tor
     t, d = ids.shape[0], weight.shape[0]
     out = new_output((t, d), out_dtype or x.dtype, x.device)
     if t and d:
-        grid = (triton.cdiv(t, FWD_TOKENS), triton.cdiv(d, FWD_BLOCK_D))
+        grid = (cdiv(t, FWD_TOKENS), cdiv(d, FWD_BLOCK_D))
         _patch_embed_fwd_kernel[grid](x, ids, seg, weight, bias, pos_embed, out, t, d, h, w, w // patch_size,
                                       weight.stride(0), pos_embed.stride(0), out.stride(0),
                                       C=c, P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D,
@@ -180,7 +181,7 @@ def _gather_patches(x, ids, seg, patch_size):
     kp = (k // 8 + 1) * 8
     patches = new_output((t, kp), torch.float32, x.device)
     if t:
-        _patch_gather_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
+        _patch_gather_kernel[(cdiv(t, GATHER_TOKENS),)](
             x, ids, seg, patches, t, c, h, w, w // patch_size, k, kp, P=patch_size, BLOCK_T=GATHER_TOKENS,
             BLOCK_K=block_size(kp))
     return patches
@@ -200,7 +201,7 @@ def _bwd_impl(dout: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, seg: torch
     alert_nondeterministic("maskdit::embed_kept_patches backward to x", x.device)  # only when x needs a gradient
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if t:
-        _patch_scatter_kernel[(triton.cdiv(t, GATHER_TOKENS),)](
+        _patch_scatter_kernel[(cdiv(t, GATHER_TOKENS),)](
             dpatches, ids, seg, dx, t, c, h, w, w // patch_size, k, P=patch_size, BLOCK_T=GATHER_TOKENS,
             BLOCK_K=block_size(k))
     return dx.to(x.dtype), dweight_bias

@@ -30,6 +30,7 @@ from ._common import (
     FLOAT_DTYPES,
     autograd_op,
     block_size,
+    cdiv,
     check_tensor,
     deterministic,
     new_output,
@@ -125,7 +126,7 @@ def _fwd_impl(x_kept: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, mask_t
     out = new_output((num_samples, L, d), x_kept.dtype, x_kept.device)
     if r and d:
         block_r, block_d = _tiles(d)
-        _unmask_fwd_kernel[(triton.cdiv(r, block_r),)](
+        _unmask_fwd_kernel[(cdiv(r, block_r),)](
             x_kept, src, mask_token, pos_embed, out, r, L, d, x_kept.stride(0), pos_embed.stride(0), d,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps(block_r * block_d))
     return out, src
@@ -148,7 +149,7 @@ def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[t
     dx = new_output((num_tokens, d), dout.dtype, dout.device)
     block_r, block_d = _tiles(d)
     tiles = max(1, rows_per_program(r, dout.device, BWD_ROWS) // block_r)
-    programs = triton.cdiv(r, block_r * tiles)
+    programs = cdiv(r, block_r * tiles)
     dmask = torch.zeros((programs if det else 1, d), dtype=torch.float32, device=dout.device)
     if r and d:
         _unmask_bwd_kernel[(programs,)](
