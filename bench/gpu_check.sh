@@ -5,7 +5,8 @@
 # results (device.txt, tests.txt with the failures' tracebacks, tests-log.txt with every test's result,
 # kernels.*, varlen.*, train_step.*) go to $RESULTS_DIR (default bench/results/<device>); with
 # GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed after every part, so a run cut
-# short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests kernels varlen train_step").
+# short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests kernels varlen train_step";
+# also "profile" and "sampling").
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -48,4 +49,7 @@ if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RES
 if [[ $PARTS == *" train_step "* ]]; then
   timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
 fi
+# optional parts (not in the default list): where a small-batch step's time goes, and sampling throughput
+if [[ $PARTS == *" profile "* ]]; then timeout 90 $PY bench/profile_step.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" sampling "* ]]; then timeout 180 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
 exit $status
