@@ -49,11 +49,18 @@ def _ln_modulate_rows(x, mask, D, eps, shift, scale):
 
 
 @triton.jit
+def _add_pairs(a, b, c, d):
+    return a + c, b + d
+
+
+@triton.jit
 def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
-    """The gradient of one row's LN(x) * (1 + scale) + shift w.r.t. x, and x_hat (for the dscale sums)."""
+    """The gradient of one row's LN(x) * (1 + scale) + shift w.r.t. x, and x_hat (for the dscale sums).  The
+    row's two sums are one reduction over pairs: one exchange between warps (two barriers) instead of two."""
     xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
     g = dy * (1.0 + scale)
-    return rstd * (g - tl.sum(g, axis=0) / D - xhat * (tl.sum(g * xhat, axis=0) / D)), xhat
+    sum_g, sum_gx = tl.reduce((g, g * xhat), 0, _add_pairs)
+    return rstd * (g - sum_g / D - xhat * (sum_gx / D)), xhat
 
 
 @triton.jit
