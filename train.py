@@ -407,6 +407,20 @@ def main(argv=None) -> str:
             images = dataset.prepare_batch(images, eps=latent_eps[rows])
         return rows, images, torch.where(drop[rows], torch.full_like(labels, num_classes), labels)
 
+    def update(step_loss, ema_weight):
+        """The optimizer and EMA updates after the backward passes, both skipped when ``step_loss`` is not
+        finite (no host sync); returns that non-finite flag."""
+        bad = ~torch.isfinite(step_loss)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (no sync)
+            optimizer.step()
+            del optimizer.found_inf
+        ema.update(ema_weight * (~bad).float())
+        return bad
+
     def eager_step(drop, ids_keep, sigma, noise, latent_eps, decay):
         """One optimizer step over this process's micro-batches (accumulated, DDP/FSDP-synchronised on the
         last), the fused AdamW and the EMA update; returns the global batch's mean loss and whether it is
@@ -425,16 +439,7 @@ def main(argv=None) -> str:
         # The global batch's mean loss on every process (an all-reduce, no host sync), so that all
         # processes make the same skip decision.
         step_loss = distributed.mean_over_ranks(step_loss)
-        bad = ~torch.isfinite(step_loss)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (no sync)
-            optimizer.step()
-            del optimizer.found_inf
-        ema.update((1 - decay) * (~bad).float())
-        return step_loss, bad
+        return step_loss, update(step_loss, 1 - decay)
 
     def graph_step(images, labels, sigma, noise, ema_weight, *ids_keep):
         """One optimizer step over the global batch's micro-batches (one process), as ``eager_step`` does it,
@@ -448,12 +453,7 @@ def main(argv=None) -> str:
                 loss = train_module(images[rows], labels[rows], layout, sigma[rows], noise[rows]).mean() / accum
             loss.backward()
             step_loss += loss.detach().float()
-        bad = ~torch.isfinite(step_loss)
-        optimizer.found_inf = bad.float()
-        optimizer.step()
-        del optimizer.found_inf
-        ema.update(ema_weight * (~bad).float())
-        return step_loss, bad
+        return step_loss, update(step_loss, ema_weight)
 
     graphed = GraphedStep(graph_step, warmup_steps=2) if cfg["cuda_graph"] else None
 

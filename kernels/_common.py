@@ -63,7 +63,7 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None =
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of host ints.  ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions that
-    cost about 5 us a call on the host (several calls a launch), so the launchers use these."""
+    cost 1.6 us a call on the host against 0.07 for these (2-core CPU; several calls a launch)."""
     return -(-a // b)
 
 

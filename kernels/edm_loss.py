@@ -59,9 +59,9 @@ def _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_dat
 
 
 @triton.jit
-def _tile(F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+def _tile(F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
           stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-          stride_mn, stride_ml, c_out, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+          stride_mn, stride_ml, c_skip, c_out, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """Load tile tb of sample s and return (in-range tokens, masked flags, columns, D - y, D - target)."""
     toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_P)
@@ -102,9 +102,9 @@ def _edm_loss_fwd_kernel(F, Y, NOISY, SIGMA, MASK, LOSS, L, WP, C, C_OUT, P, P_O
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for tb in range(0, tl.cdiv(L, BLOCK_T)):
         tmask, masked, cols, e_dsm, e_mae = _tile(
-            F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+            F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
             stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-            stride_mn, stride_ml, c_out, PATCH, BLOCK_T, BLOCK_P)
+            stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P)
         dsm = tl.sum(e_dsm * e_dsm, axis=1) / P
         mae = tl.sum(e_mae * e_mae, axis=1) / P
         tok = tl.where(masked, w_mask * mae, w_vis * dsm)
@@ -122,9 +122,9 @@ def _edm_loss_bwd_kernel(G, F, Y, NOISY, SIGMA, MASK, DF, L, WP, C, C_OUT, P, P_
     c_skip, c_out, w_vis, w_mask = _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data,
                                                  mae_coef, BLOCK_L)
     tmask, masked, cols, e_dsm, e_mae = _tile(
-        F, Y, NOISY, MASK, c_skip, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
+        F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
         stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-        stride_mn, stride_ml, c_out, PATCH, BLOCK_T, BLOCK_P)
+        stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P)
     g = tl.load(G + s * stride_g).to(tl.float32)
     base = g * c_out * 2.0 / P
     df = tl.where(masked[:, None], (base * w_mask) * e_mae, (base * w_vis) * e_dsm)  # 0 where c >= C

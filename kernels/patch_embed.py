@@ -173,12 +173,18 @@ def _fwd_fake(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
     return x.new_empty((ids.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
 
 
+def _padded_width(k: int) -> int:
+    """Columns of the gathered patches: the K patch values, the column of ones, zeros up to a multiple of 8
+    (aligned rows for the product)."""
+    return (k // 8 + 1) * 8
+
+
 def _gather_patches(x, ids, seg, patch_size):
-    """The kept patches in fp32, patchify's order, with a column of ones after them: (T, K_pad), K_pad the
-    multiple of 8 above K = p*p*C (aligned rows for the product), zeros beyond column K."""
+    """The kept patches in fp32, patchify's order, with a column of ones after them: (T, _padded_width(K)),
+    K = p*p*C, zeros beyond column K."""
     _, c, h, w = x.shape
     t, k = ids.shape[0], patch_size * patch_size * c
-    kp = (k // 8 + 1) * 8
+    kp = _padded_width(k)
     patches = new_output((t, kp), torch.float32, x.device)
     if t:
         _patch_gather_kernel[(cdiv(t, GATHER_TOKENS),)](
@@ -213,8 +219,7 @@ _bwd = torch.library.custom_op("maskdit::patch_embed_bwd", _bwd_impl, mutates_ar
 @_bwd.register_fake
 def _bwd_fake(dout, x, ids, seg, weight, patch_size, needs_dx):
     dx = x.new_empty(x.shape if needs_dx else (0,))
-    k = weight.shape[1]
-    return dx, weight.new_empty((weight.shape[0], (k // 8 + 1) * 8), dtype=torch.float32)
+    return dx, weight.new_empty((weight.shape[0], _padded_width(weight.shape[1])), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
