@@ -6,7 +6,7 @@
 # kernels.*, varlen.*, train_step.*) go to $RESULTS_DIR (default bench/results/<device>); with
 # GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed after every part, so a run cut
 # short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests kernels varlen train_step";
-# also "profile" and "sampling").
+# also "profile", "sampling" and "compile", the last into $RESULTS_DIR/compile).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -52,4 +52,9 @@ fi
 # optional parts (not in the default list): where a small-batch step's time goes, and sampling throughput
 if [[ $PARTS == *" profile "* ]]; then timeout 90 $PY bench/profile_step.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" sampling "* ]]; then timeout 180 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
+# whole-network torch.compile of MaskDiT-XL/2 at batch 256, both backends (the first step compiles for minutes)
+if [[ $PARTS == *" compile "* ]]; then
+  timeout 450 $PY bench/train_step.py --models MaskDiT-XL/2 --impls torch+compile triton+compile --batches 256 \
+    --warmup 2 --steps 10 --out "$RESULTS_DIR/compile" || status=1; pack
+fi
 exit $status

@@ -196,16 +196,18 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64)) -> list[dict]:
-    """The fused ops' time with a launch parameter forced, to check the launchers' choices: the warps per
-    program of every kernel of the op (``kernels._common.num_warps`` picks them from the block size,
-    ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens per forward
-    program (``FWD_ROWS``, 1 by default) and the most tokens per backward program (``BWD_ROWS``, 32 by
-    default, which ``rows_per_program`` keeps at these sizes)."""
+def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(2, 3)) -> list[dict]:
+    """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
+    the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
+    from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
+    per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
+    by default, which ``rows_per_program`` keeps at these sizes) and the software-pipeline stages of the
+    backward's row loop (``BWD_STAGES``, 1 by default; also 2 stages at 16 warps).  Eager and CUDA-graph
+    (kernels alone) times."""
     rows = []
     for spec in specs:
         module = spec["module"]
-        choices = []
+        choices = [("defaults", {})]
         if hasattr(module, "num_warps"):
             attrs = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]
             choices += [(f"{w} warps", {a: (lambda _elements, w=w: w) for a in attrs}) for w in warps]
@@ -213,6 +215,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64)) 
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
         if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
             choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
+        if hasattr(module, "BWD_STAGES"):
+            choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
+            choices += [("2 stages, 16 warps in the backward", {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             chosen = {attr: getattr(module, attr) for attr in forced}
@@ -220,6 +225,7 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64)) 
                 setattr(module, attr, value)
             try:
                 row["fwd_ms"], row["bwd_ms"], row["bwd_timing"] = time_op(spec["fused"], spec["leaves"])
+                row.update({f"{part}_graph_ms": ms for part, ms in graph_times(spec["fused"], spec["leaves"]).items()})
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -304,11 +310,13 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
                 lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
                              f"{r['step_ms']:.1f} |")
     if config_rows:
-        lines += ["", "Fused ops with a launch parameter forced (defaults: `kernels._common.num_warps`, one token a "
-                  "forward program):", "", "| op | configuration | fwd ms | bwd ms |", "|---|---|---:|---:|"]
+        lines += ["", "Fused ops with a launch parameter forced (graph: replayed from a CUDA graph, kernels alone):",
+                  "", "| op | configuration | fwd ms | bwd ms | fwd ms (graph) | bwd ms (graph) |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in config_rows:
-            timing = (f"error: {r['error'][:80]} |" if "error" in r
-                      else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}{_mark(r)}")
+            graph = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("fwd_graph_ms", "bwd_graph_ms"))
+            timing = (f"error: {r['error'][:80]} | | |" if "error" in r
+                      else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}{_mark(r)} | {graph}")
             lines.append(f"| {r['op']} | {r['config']} | {timing} |")
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from ._common import (
     FLOAT_DTYPES,
     autograd_op,
+    backward_options,
     block_size,
     cast_sums,
     cdiv,
@@ -44,6 +45,9 @@ from .ln_modulate import _flush_partial, _ln_modulate_row_bwd, _ln_modulate_rows
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
+# software-pipeline stages of the backward's row loop: 1 loads each row when it is processed; 2 or more issue
+# the loads of the next rows first (a launch parameter: ``bench/kernels.py`` times 2 and 3)
+BWD_STAGES = 1
 
 
 @triton.jit
@@ -73,7 +77,7 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, ROW_SAMPLES,
                                T, D, stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
                                stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
-                               HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr):
+                               HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -81,7 +85,7 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
     acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(ROWS):
+    for i in tl.range(ROWS, num_stages=STAGES):
         row = pid * ROWS + i
         valid = (zero + row) < T
         vmask = cmask & valid
@@ -186,7 +190,7 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
             dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, sums[0], sums[1], sums[2], row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=rows, HAS_DXN=has_dxn, HAS_DY=has_dy,
-            DETERMINISTIC=det, num_warps=num_warps(block_size(d)))
+            DETERMINISTIC=det, STAGES=BWD_STAGES, **backward_options(num_warps(block_size(d)), BWD_STAGES))
     return dx, dh, per_sample_sums(sums, row_samples, n, det)
 
 

@@ -19,6 +19,7 @@ import triton.language as tl
 from ._common import (
     FLOAT_DTYPES,
     autograd_op,
+    backward_options,
     block_size,
     cast_sums,
     cdiv,
@@ -36,6 +37,9 @@ from ._common import (
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
+# software-pipeline stages of the backward's row loop: 1 loads each row when it is processed; 2 or more issue
+# the loads of the next rows first (a launch parameter: ``bench/kernels.py`` times 2 and 3)
+BWD_STAGES = 1
 
 
 @triton.jit
@@ -94,14 +98,14 @@ def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, T, D, stride_x,
 @triton.jit
 def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, ROW_SAMPLES, T, D, stride_x,
                             stride_dy, stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                            DETERMINISTIC: tl.constexpr):
+                            DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
     acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(ROWS):
+    for i in tl.range(ROWS, num_stages=STAGES):
         row = pid * ROWS + i
         valid = (zero + row) < T
         r = tl.minimum(row, T - 1)
@@ -173,7 +177,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch
         _ln_modulate_bwd_kernel[(programs,)](
             x, dy, dx, scale, seg, mean, rstd, sums[0], sums[1], row_samples, t, d, x.stride(0), dy.stride(0),
             dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=rows, DETERMINISTIC=det,
-            num_warps=num_warps(block_size(d)))
+            STAGES=BWD_STAGES, **backward_options(num_warps(block_size(d)), BWD_STAGES))
     return dx, per_sample_sums(sums, row_samples, num_samples, det)
 
 

@@ -77,6 +77,15 @@ def test_several_rows_per_forward_program(rows, monkeypatch):
     _check(100, [3, 1, 7], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_backward_rows(stages, dtype, monkeypatch):
+    """The backward's row loop software-pipelined (a launch parameter timed by bench/kernels.py; on a GPU the
+    next rows' loads go through shared memory, registers capped), runs of samples crossing its programs."""
+    monkeypatch.setattr(gated_residual, "BWD_STAGES", stages)
+    _check(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
+
+
 def test_lengths_cross_the_backward_rows():
     assert BWD_ROWS == 32  # CASES' counts are chosen around this boundary
     _check(100, [31, 2, 1, 33], torch.float32)

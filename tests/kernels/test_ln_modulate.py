@@ -36,6 +36,15 @@ def test_fewer_backward_rows_a_program(monkeypatch):
     test_forward_backward_against_reference(100, [7, 2, 1, 9], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_backward_rows(stages, dtype, monkeypatch):
+    """The backward's row loop software-pipelined (a launch parameter timed by bench/kernels.py; on a GPU the
+    next rows' loads go through shared memory, registers capped), runs of samples crossing its programs."""
+    monkeypatch.setattr(ln_modulate_module, "BWD_STAGES", stages)
+    test_forward_backward_against_reference(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 def test_several_rows_per_forward_program(rows, monkeypatch):
     """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""
