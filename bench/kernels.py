@@ -196,14 +196,16 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(2, 3)) -> list[dict]:
+def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(2, 3),
+                bwd_tile_elems=(256, 512)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
     from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
     per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
     by default, which ``rows_per_program`` keeps at these sizes) and the software-pipeline stages of the
-    backward's row loop (``BWD_STAGES``, 1 by default; also 2 stages at 16 warps).  Eager and CUDA-graph
-    (kernels alone) times."""
+    backward's row loop (``BWD_STAGES``, 1 by default; also 2 stages at 16 warps); for ``edm_loss`` the
+    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256).
+    Eager and CUDA-graph (kernels alone) times."""
     rows = []
     for spec in specs:
         module = spec["module"]
@@ -215,6 +217,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
         if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
             choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
+        if hasattr(module, "BWD_TILE_ELEMS"):
+            choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):
             choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
             choices += [("2 stages, 16 warps in the backward", {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]

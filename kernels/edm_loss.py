@@ -40,7 +40,10 @@ from ._common import (
 )
 
 MAE_EPS = 1e-6
-TILE_ELEMS = 2048  # upper bound on BLOCK_T * BLOCK_P, the elements of one program's tile
+# upper bounds on BLOCK_T * BLOCK_P, the elements of a tile: the forward's programs walk their sample's tiles,
+# the backward has a program per tile (launch parameters: ``bench/kernels.py`` times smaller backward tiles)
+TILE_ELEMS = 2048
+BWD_TILE_ELEMS = 2048
 
 
 @triton.jit
@@ -160,15 +163,15 @@ def _validate(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
         raise ValueError(f"mae_coef must be a number >= 0, got {mae_coef!r}")
 
 
-def _block_tokens(num_tokens: int, block_p: int) -> int:
-    return max(1, min(next_power_of_2(num_tokens), TILE_ELEMS // block_p))
+def _block_tokens(num_tokens: int, block_p: int, tile_elems: int) -> int:
+    return max(1, min(next_power_of_2(num_tokens), tile_elems // block_p))
 
 
-def _geometry(f_tok, y, patch_size):
+def _geometry(f_tok, y, patch_size, tile_elems):
     n, num_tokens, p_out = f_tok.shape
     c, w = y.shape[1], y.shape[3]
     block_p = block_size(p_out)
-    block_t = _block_tokens(num_tokens, block_p)
+    block_t = _block_tokens(num_tokens, block_p, tile_elems)
     return dict(L=num_tokens, WP=w // patch_size, C=c, C_OUT=p_out // (patch_size * patch_size),
                 P=patch_size * patch_size * c, P_OUT=p_out), cdiv(num_tokens, block_t), \
         dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=next_power_of_2(num_tokens))
@@ -177,7 +180,7 @@ def _geometry(f_tok, y, patch_size):
 def _fwd_impl(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,
               patch_size: int, sigma_data: float, mae_coef: float) -> torch.Tensor:
     n = f_tok.shape[0]
-    args, _, meta = _geometry(f_tok, y, patch_size)
+    args, _, meta = _geometry(f_tok, y, patch_size, TILE_ELEMS)
     loss = new_output((n,), torch.float32, f_tok.device)
     if n:
         m8 = mask.view(torch.uint8)
@@ -197,7 +200,7 @@ def _fwd_fake(f_tok, y, noisy, sigma, mask, patch_size, sigma_data, mae_coef):
 
 def _bwd_impl(g: torch.Tensor, f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
               mask: torch.Tensor, patch_size: int, sigma_data: float, mae_coef: float) -> torch.Tensor:
-    args, tiles, meta = _geometry(f_tok, y, patch_size)
+    args, tiles, meta = _geometry(f_tok, y, patch_size, BWD_TILE_ELEMS)
     df = new_output(tuple(f_tok.shape), f_tok.dtype, f_tok.device)
     if f_tok.shape[0]:
         m8 = mask.view(torch.uint8)

@@ -101,8 +101,9 @@ def test_many_tiles_and_options(monkeypatch):
     """Several token tiles per sample with a partial last tile (L = 24, 16-token tiles), other sigma_data and
     mae_coef, non-contiguous y / noisy / f_tok."""
     monkeypatch.setattr(edm_loss_module, "TILE_ELEMS", 16 * 16)
+    monkeypatch.setattr(edm_loss_module, "BWD_TILE_ELEMS", 16 * 16)
     f_tok, y, noisy, sigma, mask = _inputs(4, 2, 8, 12, False, "mixed", torch.float32)
-    assert edm_loss_module._geometry(f_tok, y, 2)[1] == 2  # tiles a sample
+    assert edm_loss_module._geometry(f_tok, y, 2, 16 * 16)[1] == 2  # tiles a sample
     wide = torch.randn(*f_tok.shape[:2], 40, device=DEVICE)
     wide[..., 3:19] = f_tok
     f_strided = wide[..., 3:19]
