@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/kernels.py
+	$(PY) bench/attention.py
 
 # Time to quality on the digits: DiT vs MaskDiT, same wall-clock budget, the digits metric over time.
 quality: install

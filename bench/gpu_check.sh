@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # make gpu-check: the CUDA checks, on an NVIDIA machine with torch and triton preinstalled and no network
 # (nothing is installed), within 8 minutes.  Runs the kernel, backend and varlen tests on CUDA (bf16
-# included), the kernel benchmark, the variable-length benchmark and a reduced training-step benchmark;
-# results (device.txt, tests.txt with the failures' tracebacks, tests-log.txt with every test's result,
-# kernels.*, varlen.*, train_step.*) go to $RESULTS_DIR (default bench/results/<device>); with
-# GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed after every part, so a run cut
-# short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests kernels varlen train_step";
-# also "profile", "sampling" and "compile", the last into $RESULTS_DIR/compile).
+# included), the kernel benchmark, attention per SDPA backend, the variable-length benchmark and a reduced
+# training-step benchmark; results (device.txt, tests.txt with the failures' tracebacks, tests-log.txt with
+# every test's result, kernels.*, attention.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
+# bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
+# after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
+# kernels attention varlen train_step"; also "profile", "sampling" and "compile", the last into
+# $RESULTS_DIR/compile).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 if ! $PY -c "import pytest" 2>/dev/null && [ -d .gpu-deps ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps"; fi
 SLUG=$($PY -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 RESULTS_DIR=${RESULTS_DIR:-bench/results/$SLUG}
-PARTS=" ${GPU_CHECK_PARTS:-tests kernels varlen train_step} "
+PARTS=" ${GPU_CHECK_PARTS:-tests kernels attention varlen train_step} "
 mkdir -p "$RESULTS_DIR"
 status=0
 
@@ -45,6 +46,7 @@ if [[ $PARTS == *" tests "* ]]; then
   pack
 fi
 if [[ $PARTS == *" kernels "* ]]; then timeout 120 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" attention "* ]]; then timeout 60 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
   timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack

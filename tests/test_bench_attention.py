@@ -1,0 +1,22 @@
+"""bench/attention.py: attention per SDPA backend at the training step's shapes (CPU: a smoke run)."""
+
+import torch
+
+from bench import attention
+
+
+def test_shapes_are_the_xl2_step_layers():
+    enc, dec, dit = attention.shapes(256, 32)
+    assert (enc["seq"], enc["heads"], enc["head_dim"], enc["layers"]) == (128, 16, 72, 28)
+    assert (dec["seq"], dec["head_dim"]) == (256, dec["head_dim"]) and dec["heads"] * dec["head_dim"] == 512
+    assert (dit["seq"], dit["head_dim"], dit["layers"]) == (256, 72, 28)
+
+
+def test_backends_agree_and_rows_are_written(tmp_path):
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    fns = attention.backends(cuda=False)
+    torch.testing.assert_close(fns["math"](q, k, v), fns["default"](q, k, v))
+    rows = attention.main(["--batch", "1", "--input-size", "4", "--out", str(tmp_path)])
+    assert len(rows) == 3 * len(fns) and not any("error" in r for r in rows)
+    assert all(r["fwd_bwd_ms"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert "| MaskDiT-XL/2 encoder | 1 x 16 x 2 x 72 | math |" in (tmp_path / "attention.md").read_text()
