@@ -51,8 +51,12 @@ if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RES
 if [[ $PARTS == *" train_step "* ]]; then
   timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
 fi
-# optional parts (not in the default list): where a small-batch step's time goes, and sampling throughput
-if [[ $PARTS == *" profile "* ]]; then timeout 90 $PY bench/profile_step.py --out "$RESULTS_DIR" || status=1; pack; fi
+# optional parts (not in the default list): where a step's time goes (batch 32, both backends; batch 256,
+# triton: GPU time by kind of kernel), and sampling throughput
+if [[ $PARTS == *" profile "* ]]; then
+  timeout 90 $PY bench/profile_step.py --out "$RESULTS_DIR" || status=1; pack
+  timeout 120 $PY bench/profile_step.py --backends triton --batch 256 --out "$RESULTS_DIR/profile-256" || status=1; pack
+fi
 if [[ $PARTS == *" sampling "* ]]; then timeout 180 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
 # whole-network torch.compile of MaskDiT-XL/2 at batch 256, both backends (the first step compiles for minutes)
 if [[ $PARTS == *" compile "* ]]; then

@@ -11,7 +11,9 @@ each model and backend, after three warm-up steps:
   ``wall_ms``: until ``torch.cuda.synchronize`` returns after it; medians over ``--steps`` steps.
   A step runs at the larger of its host time and its GPU time when nothing syncs: ``host_ms`` above the
   kernels' time means the step is host-bound.
-- ``kernel_ms``: the summed GPU time of the kernels of one step (``torch.profiler``, CUDA activity).
+- ``kernel_ms``: the summed GPU time of the kernels of one step (``torch.profiler``, CUDA activity), and
+  that time by kind of kernel (``kernel_kind``: matrix products, attention, this project's Triton kernels,
+  multi-tensor optimizer/EMA updates, other PyTorch kernels): what bounds a large-batch step's MFU.
 - the profiler's operator table by self CPU time, and by self GPU time (one step's worth, two steps
   profiled), and Python's ``cProfile`` over three steps (top functions by own time and by cumulative time).
 
@@ -38,6 +40,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, results_folder, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, make_step  # noqa: E402
 from maskdit.models import create_model  # noqa: E402
+
+# (kind, substrings of kernel names), first match wins; the fused kernels are named by ``kernels/``'s functions
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
+    ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_")),
+    ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, from its name (``KERNEL_KINDS``; "other PyTorch kernels" otherwise)."""
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other PyTorch kernels"
 
 
 def _sync(device: torch.device) -> None:
@@ -73,7 +92,11 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
         _sync(device)
     events = prof.key_averages()
     # the kernels' own events (an operator's device time repeats its kernels': summing both double counts)
-    kernel_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 2
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.device_time_total for e in kernels) / 2
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time_total / 2e3
     calls = sum(e.count for e in events) / 2
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
     gpu_table = events.table(sort_by="self_device_time_total", row_limit=25) if device.type == "cuda" else ""
@@ -92,6 +115,7 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     del model, step
     return dict(model=name, backend=backend, batch=batch, host_ms=statistics.median(host),
                 wall_ms=statistics.median(wall), kernel_ms=kernel_us / 1e3, profiler_ops_per_step=calls,
+                kernel_ms_by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
                 tables=dict(cpu=cpu_table, gpu=gpu_table, cprofile_tottime=tables[0], cprofile_cumulative=tables[1]))
 
 
@@ -102,6 +126,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['backend']} | {r['batch']} | {r['host_ms']:.1f} | {r['wall_ms']:.1f} | "
               f"{r['kernel_ms']:.1f} | {r['profiler_ops_per_step']:.0f} |" for r in rows]
+    kinds = [r for r in rows if r["kernel_ms_by_kind"]]
+    if kinds:
+        lines += ["", "GPU time of one step by kind of kernel (ms, share of the step's kernel time):", "",
+                  "| model | backend | batch | kind | ms | share |", "|---|---|---:|---|---:|---:|"]
+        for r in kinds:
+            lines += [f"| {r['model']} | {r['backend']} | {r['batch']} | {kind} | {ms:.1f} | "
+                      f"{100 * ms / r['kernel_ms']:.0f}% |" for kind, ms in r["kernel_ms_by_kind"].items()]
     for r in rows:
         for key, text in r["tables"].items():
             if text:
