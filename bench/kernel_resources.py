@@ -7,7 +7,7 @@ A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2,
 each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast, plus each
 op alone on fp16/bf16 inputs; every kernel launch is intercepted (nothing runs), and each distinct
 (kernel, argument types, constexprs, launch options; the deterministic backward variants and the pipelined
-LayerNorm backwards that ``bench/kernels.py`` times included) is
+backwards that ``bench/kernels.py`` times included) is
 compiled by Triton for the target GPU down to a
 cubin with ptxas.  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
 compile for a GPU, and register spills.  The table gives registers per thread, spilled bytes and shared
@@ -156,7 +156,7 @@ def collect_launches() -> list[Launch]:
             _ops_in_half_precision()
         finally:
             common.FORCE_DETERMINISTIC = False
-        for stages in (2, 3):  # the pipelined LayerNorm backwards that bench/kernels.py times
+        for stages in (2, 3):  # the pipelined backwards that bench/kernels.py times
             with _forced(BWD_STAGES=stages):
                 _ops_in_half_precision()
     return list(dict.fromkeys(launches))
@@ -164,8 +164,8 @@ def collect_launches() -> list[Launch]:
 
 @contextlib.contextmanager
 def _forced(**values):
-    """Set the launch-parameter constants of the LayerNorm kernel modules for the block."""
-    modules = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual")]
+    """Set launch-parameter constants of the kernel modules that have them for the block."""
+    modules = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask")]
     saved = [{k: getattr(m, k) for k in values} for m in modules]
     for m in modules:
         for k, v in values.items():

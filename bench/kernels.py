@@ -202,8 +202,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
     from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
     per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
-    by default, which ``rows_per_program`` keeps at these sizes) and the software-pipeline stages of the
-    backward's row loop (``BWD_STAGES``, 1 by default; also 2 stages at 16 warps); for ``edm_loss`` the
+    by default, which ``rows_per_program`` keeps at these sizes), the software-pipeline stages of the
+    backward's loop over rows (``BWD_STAGES``, 1 by default; for the LayerNorm ops also 2 stages at 16 warps;
+    insert_mask_tokens too); for ``edm_loss`` the
     elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256).
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
@@ -221,7 +222,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):
             choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
-            choices += [("2 stages, 16 warps in the backward", {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]
+            if hasattr(module, "forward_warps"):  # (the LayerNorm ops: num_warps sets their backward's alone)
+                choices += [("2 stages, 16 warps in the backward",
+                             {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             chosen = {attr: getattr(module, attr) for attr in forced}

@@ -29,6 +29,7 @@ import triton.language as tl
 from ._common import (
     FLOAT_DTYPES,
     autograd_op,
+    backward_options,
     block_size,
     cdiv,
     check_tensor,
@@ -40,6 +41,7 @@ from ._common import (
 
 TILE_ELEMENTS = 4096  # rows x columns of one tile: BLOCK_R = TILE_ELEMENTS // BLOCK_D output rows
 BWD_ROWS = 64  # output rows a backward program covers (at least one tile): one atomic add per program
+BWD_STAGES = 1  # software-pipeline stages of the backward's tile loop (``bench/kernels.py`` times 2 and 3)
 
 
 @triton.jit
@@ -64,12 +66,13 @@ def _unmask_fwd_kernel(X, SRC, MASK, POS, OUT, R, L, D, stride_x, stride_pos, st
 
 @triton.jit
 def _unmask_bwd_kernel(DOUT, SRC, DX, DMASK, R, L, D, stride_dn, stride_dl, stride_dx,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr, DETERMINISTIC: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                       STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(TILES):
+    for i in tl.range(TILES, num_stages=STAGES):
         rows = (pid * TILES + i) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = rows < R
         src = tl.load(SRC + rows, mask=rmask, other=-1).to(tl.int64)
@@ -154,7 +157,8 @@ def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[t
     if r and d:
         _unmask_bwd_kernel[(programs,)](
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
-            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, num_warps=num_warps(block_r * block_d))
+            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            **backward_options(num_warps(block_r * block_d), BWD_STAGES))
     return dx, dmask.sum(0)
 
 

@@ -83,6 +83,15 @@ def test_fewer_backward_rows_a_program(monkeypatch):
     test_forward_backward_against_reference(32, 16, [8, 1, 16], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_backward_tiles(stages, dtype, monkeypatch):
+    """The backward's tile loop software-pipelined (a launch parameter timed by bench/kernels.py), several tiles
+    a program, a partial last one."""
+    monkeypatch.setattr(unmask, "BWD_STAGES", stages)
+    test_forward_backward_against_reference(512, 72, [40, 1, 72], dtype)  # 8-row tiles, 8 a program
+
+
 def test_no_kept_tokens():
     d, L, n = 24, 16, 2
     mask_token = torch.randn(d, device=DEVICE, requires_grad=True)
