@@ -156,9 +156,9 @@ def collect_launches() -> list[Launch]:
             _ops_in_half_precision()
         finally:
             common.FORCE_DETERMINISTIC = False
-        for stages in (2, 3):  # the pipelined backwards that bench/kernels.py times
+        for stages in (2, 3):  # the pipelined backwards that bench/kernels.py times (at XL/2 widths)
             with _forced(BWD_STAGES=stages):
-                _ops_in_half_precision()
+                _training_steps()
     return list(dict.fromkeys(launches))
 
 

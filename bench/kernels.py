@@ -77,6 +77,12 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         leaves=[x, h, mod], fwd_bytes=t_enc * d * (4 + 2 + 4 + 2) + 8 * t_enc,
         bwd_bytes=t_enc * d * (4 + 2 + 4 + 2 + 4 + 2) + 8 * t_enc))
 
+    a, dh = rnd(t_enc, 4 * d, dtype=bf, scale=2.0), rnd(t_enc, 4 * d, dtype=bf)
+    specs.append(dict(
+        name="gelu_tanh_grad", module=_kernel_module("gelu"), shape=f"a, dh ({t_enc}, {4 * d}) bf16 (a backward)",
+        fused=lambda: kernels.gelu_tanh_grad(a, dh), reference=lambda: kernels.gelu_tanh_grad_reference(a, dh),
+        leaves=[], fwd_bytes=t_enc * 4 * d * (2 + 2 + 2 + 2) + 4 * d * 4, bwd_bytes=0))
+
     img = rnd(n, c, p * int(L ** 0.5), p * int(L ** 0.5))
     ids = torch.rand(n, L, generator=g).argsort(1)[:, :k].reshape(-1).to(device)
     weight, bias = rnd(d, p * p * c, grad=True, scale=0.1), rnd(d, grad=True)
@@ -118,13 +124,15 @@ def _outputs(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def time_op(fn, leaves) -> tuple[float, float, str]:
+def time_op(fn, leaves) -> tuple[float, float | None, str]:
     """(forward ms, backward ms, how the backward was timed): alone, over one forward's graph kept with
     ``retain_graph`` ("retained"), or, where a graph cannot be kept, forward+backward minus forward
-    ("difference")."""
+    ("difference"); an op without ``leaves`` (itself a piece of a backward) has no backward (None, "none")."""
     outs = _outputs(fn())
     grads = [torch.randn_like(o) for o in outs]
     fwd = bench_ms(fn, rep=TIMING_MS)
+    if not leaves:
+        return fwd, None, "none"
 
     def bwd():
         torch.autograd.grad(outs, leaves, grads, allow_unused=True, retain_graph=True)
@@ -151,7 +159,8 @@ def graph_times(fn, leaves) -> dict:
         torch.autograd.grad(outs, leaves, grads, allow_unused=True, retain_graph=True)
 
     times = {}
-    for part, timed in (("fwd", lambda: graph_ms(fn)), ("bwd", lambda: graph_ms(bwd, setup=forward_and_grads))):
+    parts = [("fwd", lambda: graph_ms(fn)), ("bwd", lambda: graph_ms(bwd, setup=forward_and_grads))]
+    for part, timed in parts[:2 if leaves else 1]:
         try:
             times[part] = timed()
         except Exception as e:  # the eager timing stands alone
@@ -179,7 +188,9 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
             torch.use_deterministic_algorithms(det)
             try:
                 fwd, bwd, row["bwd_timing"] = time_op(fn, spec["leaves"])
-                times = [("fwd", fwd, spec["fwd_bytes"]), ("bwd", bwd, spec["bwd_bytes"])]
+                times = [("fwd", fwd, spec["fwd_bytes"])]
+                if bwd is not None:
+                    times.append(("bwd", bwd, spec["bwd_bytes"]))
                 if torch.cuda.is_available():
                     times += [(f"{part}_graph", ms, spec[f"{part}_bytes"])
                               for part, ms in graph_times(fn, spec["leaves"]).items()]
@@ -205,7 +216,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     by default, which ``rows_per_program`` keeps at these sizes), the software-pipeline stages of the
     backward's loop over rows (``BWD_STAGES``, 1 by default; for the LayerNorm ops also 2 stages at 16 warps;
     insert_mask_tokens too); for ``edm_loss`` the
-    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256).
+    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256);
+    for ``gelu_tanh_grad`` its block, tile, rows and warps.
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
     for spec in specs:
@@ -218,6 +230,10 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
         if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
             choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
+        if hasattr(module, "BLOCK_H"):  # gelu_tanh_grad
+            choices += [(f"{b}-column blocks", {"BLOCK_H": b}) for b in (128, 512)]
+            choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
+            choices += [("32-row tiles", {"TILE_ROWS": 32}), ("8 warps", {"NUM_WARPS": 8})]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):
@@ -305,8 +321,9 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
             continue
         graph = " | ".join(f"{r[f'{p}_ms']:.3f} | {r[f'{p}_pct_copy_bw']:.0f}%" if f"{p}_ms" in r else "- | -"
                            for p in ("fwd_graph", "bwd_graph"))
+        bwd = f"{r['bwd_ms']:.3f}{_mark(r)} | {r['bwd_pct_copy_bw']:.0f}%" if "bwd_ms" in r else "- | -"
         lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_pct_copy_bw']:.0f}% | "
-                     f"{r['bwd_ms']:.3f}{_mark(r)} | {r['bwd_pct_copy_bw']:.0f}% | {graph} |")
+                     f"{bwd} | {graph} |")
     if step_rows:
         lines += ["", "| model | backend | batch | activation GB | step ms (fwd+bwd, bf16) |",
                   "|---|---|---:|---:|---:|"]
@@ -322,8 +339,8 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         for r in config_rows:
             graph = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("fwd_graph_ms", "bwd_graph_ms"))
-            timing = (f"error: {r['error'][:80]} | | |" if "error" in r
-                      else f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f}{_mark(r)} | {graph}")
+            bwd = "-" if r.get("bwd_ms") is None else f"{r['bwd_ms']:.3f}{_mark(r)}"
+            timing = f"error: {r['error'][:80]} | | |" if "error" in r else f"{r['fwd_ms']:.3f} | {bwd} | {graph}"
             lines.append(f"| {r['op']} | {r['config']} | {timing} |")
     return "\n".join(lines)
 

@@ -116,46 +116,9 @@ class Attention(nn.Module):
         return self.proj(attention(q, k, v, layout).reshape(t, -1))
 
 
-@torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())
-def _gelu_tanh(a: torch.Tensor) -> torch.Tensor:
-    """GELU(tanh) as an op ``torch.compile`` does not look into, for ``_GeluLinear``'s backward: traced as
-    the plain GELU it would be merged with the forward's, and the partitioner then keeps that output (it
-    does not recompute a value a backward matrix product reads) instead of recomputing it."""
-    return F.gelu(a, approximate="tanh")
-
-
-@_gelu_tanh.register_fake
-def _(a):
-    return torch.empty_like(a)
-
-
-class _GeluLinear(torch.autograd.Function):
-    """``F.linear(gelu_tanh(a), weight, bias)`` saving ``a`` alone for the backward.
-
-    Autograd would keep both the GELU's input and its output (the second Linear's input), 2 x 4D values a
-    token: the largest activations of a block.  Here the output is recomputed in the backward (one cheap
-    elementwise pass) instead, the same math and dtypes, a fifth less activation memory per block, eager
-    and under ``torch.compile``.
-    """
-
-    @staticmethod
-    def forward(ctx, a, weight, bias):
-        ctx.save_for_backward(a, weight)
-        return F.linear(F.gelu(a, approximate="tanh"), weight, bias)
-
-    @staticmethod
-    def backward(ctx, dout):
-        a, weight = ctx.saved_tensors
-        g = _gelu_tanh(a) if torch.compiler.is_compiling() else F.gelu(a, approximate="tanh")  # eager: no op overhead
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = dout2.t() @ g.reshape(-1, g.shape[-1])
-        da = torch.ops.aten.gelu_backward(dout @ weight, a, approximate="tanh")
-        return da, dweight, dout2.sum(0)
-
-
 class Mlp(nn.Module):
-    """Linear - GELU(tanh) - Linear; the GELU output is recomputed in the backward, not stored (unless the ops
-    say otherwise: inside a checkpointed block)."""
+    """Linear - GELU(tanh) - Linear, run by ``ops.mlp``: the GELU output is recomputed in the backward, not
+    stored (unless the ops say otherwise: inside a checkpointed block)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -163,11 +126,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, y, ops) -> torch.Tensor:
-        """y: a modulated LayerNorm output of ``ops``; the GELU is recomputed when ``ops.recompute``."""
-        a = ops.linear(y, self.fc1)  # in the autocast dtype under autocast: fc2 runs in it too, as nn.Linear would
-        if not ops.recompute:
-            return self.fc2(F.gelu(a, approximate="tanh"))
-        return _GeluLinear.apply(a, self.fc2.weight.to(a.dtype), self.fc2.bias.to(a.dtype))
+        """y: a modulated LayerNorm output of ``ops``."""
+        return ops.mlp(y, self.fc1, self.fc2)
 
 
 class DiTBlock(nn.Module):

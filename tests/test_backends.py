@@ -185,3 +185,44 @@ def test_checkpointing_compiled_whole_keeps_every_block_boundary():
     LossModule(EDMPrecond(model), EDMLoss())(x, y, None, sigma, noise).sum().backward()
     for k, g in grads(model).items():
         torch.testing.assert_close(compiled_grads[k], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
+    """The triton backend's MLP on a modulated LayerNorm output (one Function, fused GELU backward) against
+    Linear - GELU - Linear on that output: the same gradients, and it keeps neither the modulated output nor
+    the GELU output (eager; compiled, the partitioner decides, given the Function's backward)."""
+    from maskdit.backends import get_ops
+    from maskdit.masking import token_layout
+    from maskdit.models import Mlp
+
+    ops = get_ops("triton", torch.device(DEVICE))
+    layout = token_layout([torch.tensor([0, 2, 3]), torch.tensor([1, 3])], 2, 4, DEVICE)
+    g = torch.Generator().manual_seed(0)
+    # x, and shift / scale as chunks of one modulation tensor (as the adaLN GEMM gives them)
+    leaves = [torch.randn(shape, generator=g).to(DEVICE).requires_grad_() for shape in ((5, 72), (2, 144))]
+    mlp = randomize(Mlp(72, 100)).to(DEVICE)  # a hidden width that is not a power of two
+    dout = torch.randn(5, 72, generator=g).to(DEVICE)
+
+    def run(through_ops):
+        def forward(x, mod):
+            y = ops.ln_modulate(x, mod[:, :72], mod[:, 72:], layout)
+            if through_ops:
+                return y.y, mlp(y, ops)
+            return y.y, mlp.fc2(torch.nn.functional.gelu(mlp.fc1(y.y), approximate="tanh"))
+
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(forward, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+        (y, out), saved = saved_storages(lambda: forward(*leaves))
+        grads = torch.autograd.grad(out, [*leaves, *mlp.parameters()], dout)
+        return out, grads, y.untyped_storage().data_ptr() in saved, sum(saved.values())
+
+    (out_p, grads_p, y_kept_p, bytes_p), (out_f, grads_f, y_kept_f, bytes_f) = run(False), run(True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(["x", "mod", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], grads_p, grads_f):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert y_kept_p and not y_kept_f
+    if not compiled:  # exactly the modulated output (5 x 72) and the GELU output (5 x 100), fp32
+        assert bytes_p - bytes_f == (5 * 72 + 5 * 100) * 4

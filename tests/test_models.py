@@ -234,7 +234,7 @@ def test_mlp_recomputes_gelu_same_gradients_less_memory(amp, compiled):
 
 
 def test_gelu_op_of_the_mlp_backward():
-    from maskdit.models import _gelu_tanh
+    from maskdit.backends import _gelu_tanh
 
     a = torch.randn(7, 33)
     torch.testing.assert_close(_gelu_tanh(a), torch.nn.functional.gelu(a, approximate="tanh"), atol=0, rtol=0)
