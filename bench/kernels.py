@@ -379,7 +379,9 @@ def main(argv=None):
         results["step_rows"] = train_step_rows(args.step_batch, device)
         save()
     if cuda and args.config_sweep:
-        results["config_rows"] = config_rows(specs)
+        for spec in specs:
+            results["config_rows"] += config_rows([spec])
+            save()
     paths = save()
     print(markdown(env, bandwidth, results["rows"], results["step_rows"], results["config_rows"]))
     print("wrote", *paths)
