@@ -139,6 +139,19 @@ def _ops_in_half_precision():
             torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), out.sum(), emb.sum()])
 
 
+def _weight_average():
+    """The EMA kernel (``kernels.ema``) on fp32, fp16 and bf16 tensors, with a float and a tensor weight, on
+    16-byte aligned tensors and on views at odd offsets."""
+    from kernels.ema import MultiTensorLerp
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        flat = torch.zeros(40001, dtype=dtype)
+        for tensors in ([torch.zeros(40000, dtype=dtype), torch.zeros(7, dtype=dtype)], [flat[1:20001], flat[20001:]]):
+            lerp = MultiTensorLerp(tensors, [t.clone() for t in tensors])
+            lerp(0.5)
+            lerp(torch.tensor(0.5))
+
+
 def collect_launches() -> list[Launch]:
     """Every distinct kernel specialisation the scenarios launch, in first-launch order."""
     import kernels._common as common
@@ -151,6 +164,7 @@ def collect_launches() -> list[Launch]:
     with intercept_launches(record):
         _training_steps()
         _ops_in_half_precision()
+        _weight_average()
         common.FORCE_DETERMINISTIC = True  # the backward kernels' variants without atomic adds
         try:
             _ops_in_half_precision()

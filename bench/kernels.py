@@ -83,6 +83,24 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         fused=lambda: kernels.gelu_tanh_grad(a, dh), reference=lambda: kernels.gelu_tanh_grad_reference(a, dh),
         leaves=[], fwd_bytes=t_enc * 4 * d * (2 + 2 + 2 + 2) + 4 * d * 4, bwd_bytes=0))
 
+    # the weight average over MaskDiT-XL/2's parameters (shapes from the meta device), one step of train.py's EMA
+    from kernels.ema import MultiTensorLerp, lerp_reference
+    from maskdit import create_model
+
+    with torch.device("meta"):
+        net = create_model("MaskDiT-XL/2" if device.type == "cuda" else "MaskDiT-T/2")
+    shapes = [q.shape for q in net.parameters()]
+    params = [torch.randn(sh, generator=g).to(device) for sh in shapes]
+    averages = [q.clone() for q in params]
+    w_ema = torch.tensor(1e-4, device=device)
+    lerp = MultiTensorLerp(averages, params) if device.type == "cuda" else None  # (the fused rows need CUDA)
+    numel = sum(q.numel() for q in params)
+    specs.append(dict(
+        name="ema (weight average)", module=_kernel_module("ema"),
+        shape=f"{len(params)} fp32 tensors, {numel / 1e6:.0f}M values", fused=lambda: lerp(w_ema),
+        reference=lambda: lerp_reference(averages, params, w_ema), leaves=[], compiled=False,
+        fwd_bytes=3 * 4 * numel, bwd_bytes=0))
+
     img = rnd(n, c, p * int(L ** 0.5), p * int(L ** 0.5))
     ids = torch.rand(n, L, generator=g).argsort(1)[:, :k].reshape(-1).to(device)
     weight, bias = rnd(d, p * p * c, grad=True, scale=0.1), rnd(d, grad=True)
@@ -129,10 +147,10 @@ def time_op(fn, leaves) -> tuple[float, float | None, str]:
     ``retain_graph`` ("retained"), or, where a graph cannot be kept, forward+backward minus forward
     ("difference"); an op without ``leaves`` (itself a piece of a backward) has no backward (None, "none")."""
     outs = _outputs(fn())
-    grads = [torch.randn_like(o) for o in outs]
     fwd = bench_ms(fn, rep=TIMING_MS)
     if not leaves:
         return fwd, None, "none"
+    grads = [torch.randn_like(o) for o in outs]
 
     def bwd():
         torch.autograd.grad(outs, leaves, grads, allow_unused=True, retain_graph=True)
@@ -175,7 +193,9 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
 
     rows = []
     for spec in specs:
-        impls = {"eager reference": spec["reference"], "compiled reference": torch.compile(spec["reference"])}
+        impls = {"eager reference": spec["reference"]}
+        if spec.get("compiled", True):  # (not for the EMA's hundreds of tensors: minutes of compilation)
+            impls["compiled reference"] = torch.compile(spec["reference"])
         if with_fused:
             fused = {"triton (fused)": spec["fused"]}
             if hasattr(spec["module"], "deterministic"):  # backward without atomic adds
@@ -234,6 +254,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"{b}-column blocks", {"BLOCK_H": b}) for b in (128, 512)]
             choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
             choices += [("32-row tiles", {"TILE_ROWS": 32}), ("8 warps", {"NUM_WARPS": 8})]
+        if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
+            choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):

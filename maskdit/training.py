@@ -7,14 +7,17 @@ import torch.nn as nn
 
 
 class EMA:
-    """Exponential moving average of a model's parameters, updated with a few ``torch._foreach_*``
-    launches per step (not one kernel per tensor).
+    """Exponential moving average of a model's parameters.
 
-    ``update(decay)`` takes a float or a 0-dim tensor (a tensor of 0 leaves the average unchanged,
-    which lets a skipped step skip the EMA without a host sync).  Buffers are copied.
+    ``update(weight)`` makes ema += weight * (param - ema), i.e. ema = decay * ema + (1 - decay) * param with
+    weight = 1 - decay, a float or a 0-dim tensor (a tensor of 0 leaves the average bitwise unchanged, which
+    lets a skipped step skip the EMA without a host sync).  With ``fused`` (default: when every parameter is
+    a CUDA tensor of one float dtype and triton is installed) one Triton launch updates all parameters, reading
+    each average and parameter once and writing the average once (``kernels.ema.MultiTensorLerp``); otherwise
+    three ``torch._foreach_*`` ops, which also make a temporary copy of the parameters.  Buffers are copied.
     """
 
-    def __init__(self, model: nn.Module, ema_model: nn.Module):
+    def __init__(self, model: nn.Module, ema_model: nn.Module, fused: bool | None = None):
         names, ema_names = [n for n, _ in model.named_parameters()], [n for n, _ in ema_model.named_parameters()]
         if names != ema_names:
             raise ValueError("ema_model must have the same parameters as model (e.g. a deepcopy of it)")
@@ -24,6 +27,17 @@ class EMA:
         self.ema_params = list(ema_model.parameters())
         self.params = [p.detach() for p in model.parameters()]
         self.copy_from_model()
+        if fused is None:
+            fused = _fusable(self.params + self.ema_params)
+        self._lerp = None
+        if fused:
+            from kernels.ema import MultiTensorLerp
+
+            self._lerp = MultiTensorLerp(self.ema_params, self.params)
+
+    @property
+    def fused(self) -> bool:
+        return self._lerp is not None
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
@@ -34,9 +48,26 @@ class EMA:
     @torch.no_grad()
     def update(self, weight: float | torch.Tensor) -> None:
         """ema += weight * (param - ema), i.e. ema = decay * ema + (1 - decay) * param with weight = 1 - decay."""
+        if self._lerp is not None:
+            self._lerp(weight)
+            return
         diff = torch._foreach_sub(self.params, self.ema_params)
         torch._foreach_mul_(diff, weight)
         torch._foreach_add_(self.ema_params, diff)
+
+
+def _fusable(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``kernels.ema`` can average these: contiguous CUDA tensors of one float dtype, triton installed."""
+    if not tensors or tensors[0].device.type != "cuda" or tensors[0].dtype not in (torch.float32, torch.bfloat16,
+                                                                                     torch.float16):
+        return False
+    if any(t.device != tensors[0].device or t.dtype != tensors[0].dtype or not t.is_contiguous() for t in tensors):
+        return False
+    try:
+        import kernels.ema  # noqa: F401  (needs triton)
+    except ImportError:
+        return False
+    return True
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:

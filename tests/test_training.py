@@ -23,10 +23,13 @@ def run(out, *extra):
     return train.main(FAST + ["--out", str(out), *extra])
 
 
-def test_ema_update_matches_formula_and_zero_weight_skips():
+@pytest.mark.parametrize("fused", [False, True])
+def test_ema_update_matches_formula_and_zero_weight_skips(fused):
+    """The foreach ops, and the one-launch Triton kernel (the CUDA default; here the interpreter)."""
     model = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=2)
     shadow = copy.deepcopy(model)
-    ema = EMA(model, shadow)
+    ema = EMA(model, shadow, fused=fused)
+    assert ema.fused == fused
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
