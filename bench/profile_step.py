@@ -45,8 +45,8 @@ from maskdit.models import create_model  # noqa: E402
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
-    ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_")),
-    ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach")),
+    ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach", "_lerp_kernel")),
+    ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_")),
 )
 
 
