@@ -356,14 +356,21 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
                 lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['activation_gb']:.2f} | "
                              f"{r['step_ms']:.1f} |")
     if config_rows:
-        lines += ["", "Fused ops with a launch parameter forced (graph: replayed from a CUDA graph, kernels alone):",
-                  "", "| op | configuration | fwd ms | bwd ms | fwd ms (graph) | bwd ms (graph) |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "Fused ops with a launch parameter forced (graph: replayed from a CUDA graph, kernels alone; "
+                  "vs defaults: graph time over the defaults row's, below 1 is faster):", "",
+                  "| op | configuration | fwd ms | bwd ms | fwd ms (graph) | bwd ms (graph) | fwd vs defaults | "
+                  "bwd vs defaults |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        defaults = {r["op"]: r for r in config_rows if r["config"] == "defaults" and "error" not in r}
         for r in config_rows:
-            graph = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("fwd_graph_ms", "bwd_graph_ms"))
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['config']} | error: {r['error'][:80]} | | | | | |")
+                continue
+            keys = ("fwd_graph_ms", "bwd_graph_ms")
+            graph = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys)
+            base = defaults.get(r["op"], {})
+            ratios = " | ".join(f"{r[k] / base[k]:.2f}" if k in r and base.get(k) else "-" for k in keys)
             bwd = "-" if r.get("bwd_ms") is None else f"{r['bwd_ms']:.3f}{_mark(r)}"
-            timing = f"error: {r['error'][:80]} | | |" if "error" in r else f"{r['fwd_ms']:.3f} | {bwd} | {graph}"
-            lines.append(f"| {r['op']} | {r['config']} | {timing} |")
+            lines.append(f"| {r['op']} | {r['config']} | {r['fwd_ms']:.3f} | {bwd} | {graph} | {ratios} |")
     return "\n".join(lines)
 
 
