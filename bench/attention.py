@@ -7,7 +7,8 @@ MaskDiT's encoder attends over 128 kept tokens (head dim 72 at XL/2), its decode
 tiles per query tile and its efficiency is far from a long-sequence figure.  For each shape, q, k and v are
 views of one packed (T, 3, heads, head_dim) bf16 projection, as in ``maskdit.models.Attention``, and
 ``F.scaled_dot_product_attention`` runs with PyTorch's own choice ("default") and with each backend forced
-(cuDNN, flash, memory-efficient, math; flash-attn's ``flash_attn_func`` too when installed).  Reports the
+(cuDNN, flash, memory-efficient, math; flash-attn's ``flash_attn_func`` too when installed), and PyTorch's
+choice on contiguous (B, heads, S, head_dim) q, k, v (does the packed layout cost copies?).  Reports the
 median forward and forward + backward milliseconds (``triton.testing.do_bench``, CUDA events) and TFLOP/s
 (forward 4 * B * heads * S^2 * head_dim; backward 2.5 times that).  A backend that rejects the inputs gets
 its error in the row.  Without CUDA, a smoke run at tiny shapes on the CPU (default and math).
@@ -68,11 +69,17 @@ def backends(cuda: bool) -> dict:
     return out
 
 
-def measure(shape: dict, fn, device, dtype) -> dict:
-    """Forward and forward + backward ms of ``fn`` on views of one packed qkv tensor, and TFLOP/s."""
+def measure(shape: dict, fn, device, dtype, layout: str = "packed") -> dict:
+    """Forward and forward + backward ms of ``fn``, and TFLOP/s, with q, k, v as views of one packed
+    (B*S, 3, heads, head_dim) projection (``layout`` "packed", the model's) or as contiguous (B, heads, S,
+    head_dim) tensors ("contiguous": what a projection writing head-major output would give)."""
     b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
-    qkv = torch.randn(b * s, 3, h, d, device=device, dtype=dtype, requires_grad=True)
-    q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in qkv.unbind(1))
+    if layout == "packed":
+        qkv = torch.randn(b * s, 3, h, d, device=device, dtype=dtype, requires_grad=True)
+        q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in qkv.unbind(1))
+    else:
+        qkv = torch.randn(3, b, h, s, d, device=device, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.unbind(0)
     grad = torch.randn(b, h, s, d, device=device, dtype=dtype)
     fwd_flop = 4 * b * h * s * s * d
 
@@ -121,10 +128,11 @@ def main(argv=None) -> list[dict]:
     env = environment()
     rows = []
     for shape in shapes(args.batch or (256 if cuda else 2), args.input_size or (32 if cuda else 8)):
-        for name, fn in backends(cuda).items():
-            row = dict(shape, backend=name)
+        fns = backends(cuda)
+        for name, layout in [(name, "packed") for name in fns] + [("default", "contiguous")]:
+            row = dict(shape, backend=name if layout == "packed" else f"{name}, contiguous q/k/v", layout=layout)
             try:
-                row.update(measure(shape, fn, device, dtype))
+                row.update(measure(shape, fns[name], device, dtype, layout))
             except Exception as e:  # a backend that rejects these inputs: say so and go on
                 row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
                 if not isinstance(e, RuntimeError):

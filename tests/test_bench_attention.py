@@ -17,6 +17,7 @@ def test_backends_agree_and_rows_are_written(tmp_path):
     fns = attention.backends(cuda=False)
     torch.testing.assert_close(fns["math"](q, k, v), fns["default"](q, k, v))
     rows = attention.main(["--batch", "1", "--input-size", "4", "--out", str(tmp_path)])
-    assert len(rows) == 3 * len(fns) and not any("error" in r for r in rows)
+    assert len(rows) == 3 * (len(fns) + 1) and not any("error" in r for r in rows)
+    assert [r["layout"] for r in rows[:len(fns) + 1]] == ["packed"] * len(fns) + ["contiguous"]
     assert all(r["fwd_bwd_ms"] > 0 and r["step_ms"] > 0 for r in rows)
     assert "| MaskDiT-XL/2 encoder | 1 x 16 x 2 x 72 | math |" in (tmp_path / "attention.md").read_text()
