@@ -33,7 +33,7 @@ BLOCK = 2048  # elements of one step of a program
 
 @triton.jit
 def _lerp_kernel(BASE, DST_OFFS, SRC_OFFS, SIZES, CHUNKS, W, w_value, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 W_IS_TENSOR: tl.constexpr, ALIGNED: tl.constexpr):
+                 W_IS_TENSOR: tl.constexpr, ALIGNED: tl.constexpr, VECTOR: tl.constexpr):
     pid = tl.program_id(0)
     ti = tl.load(CHUNKS + 2 * pid)  # (tensor, first element) of this program's chunk
     start = tl.multiple_of(tl.load(CHUNKS + 2 * pid + 1), CHUNK)
@@ -41,8 +41,8 @@ def _lerp_kernel(BASE, DST_OFFS, SRC_OFFS, SIZES, CHUNKS, W, w_value, CHUNK: tl.
     dst_off = tl.load(DST_OFFS + ti)
     src_off = tl.load(SRC_OFFS + ti)
     if ALIGNED:  # every address a multiple of 16 bytes (checked by the launcher): vector loads and stores
-        dst_off = tl.multiple_of(dst_off, 16 // BASE.dtype.element_ty.primitive_bitwidth * 8)
-        src_off = tl.multiple_of(src_off, 16 // BASE.dtype.element_ty.primitive_bitwidth * 8)
+        dst_off = tl.multiple_of(dst_off, VECTOR)
+        src_off = tl.multiple_of(src_off, VECTOR)
     end = tl.minimum(start + CHUNK, tl.load(SIZES + ti))
     if W_IS_TENSOR:
         w = tl.load(W).to(tl.float32)
@@ -106,7 +106,7 @@ class MultiTensorLerp:
             _lerp_kernel[(self.num_chunks,)](
                 self.dst[0], self._dst_offs, self._src_offs, self._sizes, self._chunks,
                 weight if is_tensor else self._sizes, 0.0 if is_tensor else float(weight), CHUNK=CHUNK, BLOCK=BLOCK,
-                W_IS_TENSOR=is_tensor, ALIGNED=self.aligned, num_warps=4)
+                W_IS_TENSOR=is_tensor, ALIGNED=self.aligned, VECTOR=16 // self.dst[0].element_size(), num_warps=4)
 
 
 def lerp_reference(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
