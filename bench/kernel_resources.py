@@ -179,7 +179,7 @@ def collect_launches() -> list[Launch]:
 @contextlib.contextmanager
 def _forced(**values):
     """Set launch-parameter constants of the kernel modules that have them for the block."""
-    modules = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask")]
+    modules = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu")]
     saved = [{k: getattr(m, k) for k in values} for m in modules]
     for m in modules:
         for k, v in values.items():

@@ -20,12 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, check_tensor, deterministic, new_output, next_power_of_2
+from ._common import (
+    FLOAT_DTYPES,
+    backward_options,
+    cdiv,
+    check_tensor,
+    deterministic,
+    new_output,
+    next_power_of_2,
+)
 
 BLOCK_H = 256  # columns of a program
 TILE_ROWS = 16  # rows of one tile (a program walks its rows tile by tile)
 ROWS = 256  # most rows of a program: one atomic add of its column sums
-NUM_WARPS = 4  # (BLOCK_H, TILE_ROWS, ROWS and NUM_WARPS are launch parameters that bench/kernels.py varies)
+NUM_WARPS = 4
+BWD_STAGES = 1  # software-pipeline stages of the tile loop (BLOCK_H, TILE_ROWS, ROWS, NUM_WARPS and BWD_STAGES
+# are launch parameters that bench/kernels.py varies)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # (globals a kernel reads must be constexpr)
 KAPPA = tl.constexpr(0.044715)
 
@@ -33,12 +43,12 @@ KAPPA = tl.constexpr(0.044715)
 @triton.jit
 def _gelu_tanh_grad_kernel(A, DH, G, DA, DBIAS, T, H, stride_a, stride_dh, stride_g, stride_da,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
-                           DETERMINISTIC: tl.constexpr):
+                           DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for i in range(TILES):
+    for i in tl.range(TILES, num_stages=STAGES):
         rows = (pid_t * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         m = (rows < T)[:, None] & cmask[None, :]
         a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -84,7 +94,8 @@ def _impl(a: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if t and h:
         _gelu_tanh_grad_kernel[(row_blocks, cdiv(h, BLOCK_H))](
             a, dh, g, da, dbias, t, h, a.stride(0), dh.stride(0), g.stride(0), da.stride(0),
-            BLOCK_T=block_t, BLOCK_H=BLOCK_H, TILES=tiles, DETERMINISTIC=det, num_warps=NUM_WARPS)
+            BLOCK_T=block_t, BLOCK_H=BLOCK_H, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            **backward_options(NUM_WARPS, BWD_STAGES))
     return g, da, dbias.sum(0) if det else dbias.view(h)
 
 

@@ -56,6 +56,12 @@ def test_row_strided_inputs():
     _check(a_wide[:, 20:180], dh_wide[:, 5:165], torch.float32)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_tiles(stages, monkeypatch):
+    monkeypatch.setattr(gelu_module, "BWD_STAGES", stages)
+    _check(*_inputs(300, 288, torch.float32), torch.float32)
+
+
 def test_fewer_rows_a_program(monkeypatch):
     monkeypatch.setattr(gelu_module, "ROWS", 32)
     _check(*_inputs(100, 300, torch.float32), torch.float32)
