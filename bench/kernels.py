@@ -253,7 +253,7 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "BLOCK_H"):  # gelu_tanh_grad
             choices += [(f"{b}-column blocks", {"BLOCK_H": b}) for b in (128, 512)]
             choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
-            choices += [("32-row tiles", {"TILE_ROWS": 32}), ("8 warps", {"NUM_WARPS": 8})]
+            choices += [("32-row tiles", {"TILE_ROWS": 32}), ("4 warps", {"NUM_WARPS": 4})]
         if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
             choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
         if hasattr(module, "BWD_TILE_ELEMS"):
