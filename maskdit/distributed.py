@@ -74,7 +74,11 @@ def setup(device: torch.device) -> DistEnv:
 
 
 def cleanup() -> None:
+    """Leave the process group, all processes together (a barrier first: one rank tearing down while another
+    still talks to it once aborted a 2-process gloo run at exit, "terminate called without an active
+    exception", in CI)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
