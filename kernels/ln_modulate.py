@@ -218,6 +218,15 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: 
     return _call(x, shift, scale, seg, eps, out_dtype)[0]
 
 
+def ln_modulate_recompute(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
+                          eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``ln_modulate``'s output again, inside a backward, from inputs a forward ``ln_modulate`` already took:
+    no validation and no autograd (host time: a backward recomputes two of these a block)."""
+    if torch.compiler.is_compiling():
+        return _fwd(x, shift, scale, seg, eps, out_dtype)[0]
+    return _fwd_impl(x, shift, scale, seg, eps, out_dtype)[0]
+
+
 def ln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
                           eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain-PyTorch reference of ``ln_modulate`` (fp32 math)."""

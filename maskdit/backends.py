@@ -177,8 +177,7 @@ class _LinearOnRecomputedLN(torch.autograd.Function):
         import kernels
 
         weight, x, shift, scale, seg = ctx.saved_tensors
-        with torch.no_grad():
-            y = kernels.ln_modulate(x, shift, scale, seg, out_dtype=ctx.y_dtype)
+        y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         return dout @ weight, dout2.t() @ y.reshape(-1, y.shape[-1]), dout2.sum(0), None, None, None, None
 
@@ -241,8 +240,7 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         import kernels
 
         w1, w2, x, shift, scale, seg, a = ctx.saved_tensors
-        with torch.no_grad():
-            y = kernels.ln_modulate(x, shift, scale, seg, out_dtype=ctx.y_dtype)
+        y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
         dw2, db2 = dout2.t() @ g, dout2.sum(0, dtype=torch.float32)

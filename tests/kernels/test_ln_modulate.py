@@ -113,3 +113,18 @@ def test_bad_inputs_are_named():
         ln_modulate(x.t().contiguous().t(), shift, scale, seg)
     with pytest.raises(ValueError, match="must be on"):
         ln_modulate(x, shift.to("meta"), scale, seg)
+
+
+def test_recompute_gives_the_forward_output_without_autograd():
+    """What a backward uses to recompute a modulated output: the same values, no graph, eager and compiled."""
+    from kernels.ln_modulate import ln_modulate_recompute
+
+    x, shift, scale, seg = _inputs(100, [3, 34, 1], torch.float32)
+    x.requires_grad_()
+    y = ln_modulate(x, shift, scale, seg, out_dtype=torch.float16)
+    again = ln_modulate_recompute(x, shift, scale, seg, out_dtype=torch.float16)
+    assert again.grad_fn is None and again.dtype == torch.float16
+    torch.testing.assert_close(again, y.detach(), atol=0, rtol=0)
+    compiled = torch.compile(ln_modulate_recompute, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x.detach(), shift, scale, seg, out_dtype=torch.float16), y.detach(),
+                               atol=0, rtol=0)
