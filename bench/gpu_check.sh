@@ -33,7 +33,7 @@ if [[ $PARTS == *" tests "* ]]; then
     # the tests compile a few hundred kernel specialisations: spread them over processes when xdist is there
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
     PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
-    timeout 120 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $PER_TEST \
+    timeout 180 $PY -m pytest -v -rfE --tb=short -p no:cacheprovider $XDIST $PER_TEST \
       tests/kernels tests/test_backends.py tests/test_varlen.py tests/test_cuda_graphs.py > "$RESULTS_DIR/tests-log.txt" 2>&1
     status=$?
     # the summary and the failures (the log's end), then every test's outcome line
