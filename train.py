@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from maskdit import distributed
+from maskdit.attention import SDPA_BACKENDS, set_sdpa_backend
 from maskdit.backends import BACKENDS
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig, model_config, parse_model_name
@@ -43,13 +44,13 @@ DEFAULTS = dict(
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
     ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
-    activation_checkpointing="none", cuda_graph=False,
+    activation_checkpointing="none", cuda_graph=False, sdpa_backend="auto",
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
 )
 # Settings that define the network and its data: fixed for the life of a run.
 FIXED_ON_RESUME = ("model", "dataset", "image_size")
 # Settings of one launch, not inherited by a resume: a sharded run may continue unsharded and vice versa.
-PER_LAUNCH = ("fsdp", "time_budget", "cuda_graph")
+PER_LAUNCH = ("fsdp", "time_budget", "cuda_graph", "sdpa_backend")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the training step (forward, backward, AdamW, EMA) into a CUDA graph after two "
                         "eager steps and replay it: no host work per step, for batches where the host is slower "
                         "than the GPU. One CUDA process, a constant mask ratio, no fp16, no --compile")
+    p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS),
+                   help="the attention kernel of equal-length samples: auto (default, PyTorch's choice) or one of "
+                        "cudnn, flash, efficient (CUDA) and math; bench/attention.py times them at a step's shapes")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -241,6 +245,9 @@ def main(argv=None) -> str:
     if cfg["cuda_graph"] and (device.type != "cuda" or env.distributed):
         raise ValueError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
                          f"{device}")
+    if device.type != "cuda" and cfg["sdpa_backend"] in ("cudnn", "efficient"):
+        raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device, got {device}")
+    set_sdpa_backend(cfg["sdpa_backend"])
     global_batch = env.global_batch(micro_batch, accum)
     fsdp = cfg["fsdp"] and env.distributed
 

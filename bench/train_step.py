@@ -62,6 +62,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import bench_ms, environment, results_folder, write_results  # noqa: E402
+from maskdit.attention import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
@@ -104,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none",
                    help="DiT.set_activation_checkpointing for every model ('decoder': MaskDiT rows only, DiT rows "
                         "run without)")
+    p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS), default="auto",
+                   help="the attention kernel (maskdit.attention.set_sdpa_backend; default PyTorch's choice)")
     p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, "
                                                         "batch 256, 10 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
@@ -332,7 +335,8 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
              f"{args.input_size}x{args.input_size}x{IN_CHANNELS} latents ({8 * args.input_size}x"
              f"{8 * args.input_size} images), {NUM_CLASSES} classes; {'bf16 autocast' if cuda else 'fp32'}; "
              f"step = EDM loss fwd + bwd + fused AdamW{' + EMA' if args.ema else ''}; MaskDiT ratio {MASK_RATIO}; "
-             f"{args.warmup} warm-up then {args.steps} timed steps, {timing}.",
+             f"{args.warmup} warm-up then {args.steps} timed steps, {timing}"
+             f"{'' if args.sdpa_backend == 'auto' else f'; attention kernel: {args.sdpa_backend}'}.",
              f"MFU against the measured {matmul[1]}: {matmul[0]:.3g} TFLOP/s.  TFLOP/s counts the model's "
              "matrix products and attention (maskdit.flops.train_gflops).  Speed-ups are step-time ratios.", "",
              "First step: seconds of the first warm-up step (compilation included).", "",
@@ -421,7 +425,7 @@ def main(argv=None) -> dict:
     out = results_folder(args.out, env)
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
-                    activation_checkpointing=args.activation_checkpointing,
+                    activation_checkpointing=args.activation_checkpointing, sdpa_backend=args.sdpa_backend,
                     mask_ratio=MASK_RATIO, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
                     precision="bf16 autocast" if device.type == "cuda" else "fp32",
                     timing="median of per-step CUDA events" if device.type == "cuda" else
@@ -432,7 +436,8 @@ def main(argv=None) -> dict:
         payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
         return payload, write_results(out, "train_step", payload, markdown(env, matmul, args, rows))
 
-    rows = sweep(args, device, matmul[0], on_row=save)
+    with sdpa_backend(args.sdpa_backend):
+        rows = sweep(args, device, matmul[0], on_row=save)
     payload, paths = save(rows)
     print(markdown(env, matmul, args, rows))
     paths += tuple(plots(rows, out))

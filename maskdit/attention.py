@@ -12,7 +12,9 @@ per call, from what is installed and what the inputs allow:
 5. "padded-sdpa": pad to the longest sample with a key mask and use SDPA (any device, the CPU path).
 
 The path of each call is logged (logger "maskdit.attention", INFO, when it changes) and counted in
-``PATHS_USED``.
+``PATHS_USED``.  ``sdpa_backend(name)`` / ``set_sdpa_backend(name)`` make the dense path use one SDPA kernel
+("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice: at the short sequences of a MaskDiT
+step (128 kept tokens) they differ (``bench/attention.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masking import TokenLayout
 
@@ -32,6 +35,9 @@ PATHS_USED: Counter = Counter()
 _last_path = None
 _forced_path = None
 _HALF = (torch.float16, torch.bfloat16)
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+_sdpa_backend: str | None = None  # None: PyTorch's choice
 
 
 def _installed(module: str) -> bool:
@@ -66,6 +72,35 @@ def forced_path(path: str | None):
         _forced_path = previous
 
 
+def set_sdpa_backend(name: str | None) -> None:
+    """Run the dense path's SDPA with this kernel only (one of ``SDPA_BACKENDS``; None or "auto": PyTorch's
+    choice).  A kernel that cannot take the inputs fails with PyTorch's error saying why."""
+    global _sdpa_backend
+    if name == "auto":
+        name = None
+    if name is not None and name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa backend must be 'auto' or one of {tuple(SDPA_BACKENDS)}, got {name!r}")
+    _sdpa_backend = name
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str | None):
+    """``set_sdpa_backend(name)`` for the block (benchmarks and tests)."""
+    previous = _sdpa_backend
+    set_sdpa_backend(name)
+    try:
+        yield
+    finally:
+        set_sdpa_backend(previous)
+
+
+def _dense_sdpa(q, k, v):
+    if _sdpa_backend is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel([SDPA_BACKENDS[_sdpa_backend]]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def choose_path(q: torch.Tensor, layout: TokenLayout) -> str:
     """The implementation ``attention`` uses for these inputs."""
     if _forced_path is not None:
@@ -93,7 +128,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
     if path == "dense-sdpa":
         n, klen, (t, heads, dim) = layout.num_samples, layout.uniform_len, q.shape
         q, k, v = (x.view(n, klen, heads, dim).transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(t, heads, dim)
+        return _dense_sdpa(q, k, v).transpose(1, 2).reshape(t, heads, dim)
     if path == "flash-attn-varlen":
         from flash_attn import flash_attn_varlen_func
 

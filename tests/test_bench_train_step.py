@@ -59,6 +59,19 @@ def test_tiny_run_writes_consistent_results(tmp_path, one_thread):
         assert not png
 
 
+def test_sdpa_backend_flag(tmp_path, one_thread, monkeypatch):
+    from maskdit import attention
+
+    seen = []
+    real = attention._dense_sdpa
+    monkeypatch.setattr(attention, "_dense_sdpa", lambda q, k, v: seen.append(attention._sdpa_backend) or real(q, k, v))
+    payload = train_step.main(["--models", "MaskDiT-T/2", "--impls", "torch", "--batches", "2", "--steps", "1",
+                               "--warmup", "0", "--input-size", "8", "--sdpa-backend", "math", "--out", str(tmp_path)])
+    assert seen and set(seen) == {"math"} and payload["settings"]["sdpa_backend"] == "math"
+    assert attention._sdpa_backend is None  # restored after the run
+    assert "attention kernel: math" in (tmp_path / "train_step.md").read_text()
+
+
 def test_sweep_records_oom_and_speedups(monkeypatch):
     """Step times made up by a fake measurement: MaskDiT triton runs out of memory at batch 8, so batch 16
     is skipped as out of memory; speed-ups are the step-time ratios and None where a side is missing."""

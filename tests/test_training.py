@@ -111,11 +111,27 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--model", "DiT-T/2", "--activation-checkpointing", "decoder"], "needs a MaskDiT model"),
     (["--dataset", "/nonexistent/folder"], "does not exist"),
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
+    (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
 ])
 def test_invalid_configuration_fails_at_start(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, *flags)
     assert latest_checkpoint(str(tmp_path)) is None
+
+
+def test_sdpa_backend_flag_selects_the_attention_kernel(tmp_path, monkeypatch):
+    """--sdpa-backend math: every dense attention call runs under that kernel only; the flag is not inherited
+    by a resume, and a later run without it is back to PyTorch's choice."""
+    from maskdit import attention
+
+    seen = []
+    real = attention._dense_sdpa
+    monkeypatch.setattr(attention, "_dense_sdpa", lambda q, k, v: seen.append(attention._sdpa_backend) or real(q, k, v))
+    run(tmp_path / "a", "--steps", "1", "--sdpa-backend", "math")
+    assert seen and set(seen) == {"math"}
+    seen.clear()
+    train.main(["--resume", str(tmp_path / "a"), "--steps", "2"])
+    assert seen and set(seen) == {None}
 
 
 def test_nonfinite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch):

@@ -107,6 +107,29 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
     torch.testing.assert_close(attention(q, k, v, layout, path="padded-sdpa"), out, atol=1e-5, rtol=1e-5)
 
 
+def test_forced_sdpa_backend_on_the_dense_path():
+    """``sdpa_backend``: one SDPA kernel for the dense path (math and flash anywhere; on CUDA also
+    memory-efficient, in bf16), the same result, eager and compiled; a kernel that cannot run fails with
+    PyTorch's error; a bad name is refused."""
+    from maskdit.attention import sdpa_backend, set_sdpa_backend
+
+    layout = token_layout(torch.stack([torch.randperm(L)[:6] for _ in range(3)]).to(DEVICE), 3, L, DEVICE)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(18, 2, 8).to(DEVICE, dtype) for _ in range(3))
+    expected = attention(q, k, v, layout)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for name in ["math", "flash"] + (["efficient"] if DEVICE == "cuda" else []):
+        with sdpa_backend(name):
+            torch.testing.assert_close(attention(q, k, v, layout), expected, **tol)
+            compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(q, k, v, layout), expected, **tol)
+    if DEVICE == "cpu":
+        with sdpa_backend("cudnn"), pytest.raises(RuntimeError, match="No viable backend"):
+            attention(q, k, v, layout)
+    with pytest.raises(ValueError, match="sdpa backend must be"):
+        set_sdpa_backend("fast")
+
+
 def test_random_mask_per_sample_ratios():
     ratios = torch.tensor([0.0, 0.5, 0.75, 0.3])
     mk = random_mask(4, L, ratios, generator=torch.Generator().manual_seed(0))
