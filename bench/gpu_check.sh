@@ -6,8 +6,8 @@
 # every test's result, kernels.*, attention.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
 # bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
 # after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
-# kernels attention varlen train_step"; also "profile", "sampling" and "compile", the last into
-# $RESULTS_DIR/compile).
+# kernels attention varlen train_step"; also "profile", "sampling", "sdpa" (the step with each attention
+# kernel, into $RESULTS_DIR/sdpa-*) and "compile" (into $RESULTS_DIR/compile)).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -58,6 +58,13 @@ if [[ $PARTS == *" profile "* ]]; then
   timeout 120 $PY bench/profile_step.py --backends triton --batch 256 --out "$RESULTS_DIR/profile-256" || status=1; pack
 fi
 if [[ $PARTS == *" sampling "* ]]; then timeout 180 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
+# the training step at batch 256 with each SDPA kernel forced (the quick run above has PyTorch's choice)
+if [[ $PARTS == *" sdpa "* ]]; then
+  for k in cudnn flash efficient; do
+    timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
+      --steps 10 --sdpa-backend $k --out "$RESULTS_DIR/sdpa-$k" || status=1; pack
+  done
+fi
 # whole-network torch.compile of MaskDiT-XL/2 at batch 256, both backends (the first step compiles for minutes)
 if [[ $PARTS == *" compile "* ]]; then
   timeout 450 $PY bench/train_step.py --models MaskDiT-XL/2 --impls torch+compile triton+compile --batches 256 \
