@@ -146,18 +146,31 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "the EDM loss forward created that are still alive after it, under bf16 autocast (exact sizes, no "
              "GPU); 256x256 images (32x32x4 latents). Static = fp32 weights + gradients + AdamW moments + EMA.", "",
              "Compiled rows: what the compiled graphs save (Inductor's partitioner, see the script).", "",
+             "vs DiT: against the DiT row of the same size, backend, compile mode and checkpointing (DiT without "
+             "checkpointing for MaskDiT's 'decoder'); activations + static is what the step holds at its peak, "
+             "before the backward's transient buffers.", "",
              "| model | backend | compile | checkpointing | mask ratio | activations GB | MB per image | "
-             "batch-independent GB | static GB | activations vs eager torch backend |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "batch-independent GB | static GB | activations vs eager torch backend | activations vs DiT | "
+             "activations + static vs DiT |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     torch_rows = {r["model"]: r for r in rows
                   if r["backend"] == "torch" and r["checkpointing"] == "none" and r["compile"] == "none"}
+    dit_rows = {(r["model"].split("-", 1)[1], r["backend"], r["compile"], r["checkpointing"]): r for r in rows
+                if r["model"].startswith("DiT-")}
     for r in rows:
         base = torch_rows.get(r["model"])
         ratio = f"{r['activation_gb'] / base['activation_gb']:.2f}x" if base else "-"
+        dit = None
+        if r["model"].startswith("MaskDiT-"):
+            ckpt = "none" if r["checkpointing"] == "decoder" else r["checkpointing"]
+            dit = dit_rows.get((r["model"].split("-", 1)[1], r["backend"], r["compile"], ckpt))
+        vs_dit = (f"{r['activation_gb'] / dit['activation_gb']:.2f}x | "
+                  f"{(r['activation_gb'] + r['static_gb']) / (dit['activation_gb'] + dit['static_gb']):.2f}x"
+                  if dit else "- | -")
         lines.append(f"| {r['model']} | {r['backend']} | {r['compile']} | {r['checkpointing']} | {r['mask_ratio']} | "
                      f"{r['activation_gb']:.1f} | "
                      f"{r['activation_mb_per_image']:.1f} | {r['batch_independent_gb']:.2f} | {r['static_gb']:.1f} "
-                     f"| {ratio} |")
+                     f"| {ratio} | {vs_dit} |")
     return "\n".join(lines)
 
 
