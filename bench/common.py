@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -115,3 +116,19 @@ def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple
     with open(mpath, "w") as f:
         f.write(markdown + "\n")
     return jpath, mpath
+
+
+@contextlib.contextmanager
+def module_constants(modules, **values):
+    """Within the block, each of ``modules`` has the attributes ``values`` (launch-parameter constants of the
+    kernel modules: ``BWD_STAGES``, ``num_warps``, ...); the previous values come back after it."""
+    saved = [{name: getattr(m, name) for name in values} for m in modules]
+    for m in modules:
+        for name, value in values.items():
+            setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, before in zip(modules, saved):
+            for name, value in before.items():
+                setattr(m, name, value)

@@ -35,7 +35,7 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from bench.common import environment, write_results  # noqa: E402
+from bench.common import environment, module_constants, write_results  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -170,26 +170,11 @@ def collect_launches() -> list[Launch]:
             _ops_in_half_precision()
         finally:
             common.FORCE_DETERMINISTIC = False
+        pipelined = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu")]
         for stages in (2, 3):  # the pipelined backwards that bench/kernels.py times (at XL/2 widths)
-            with _forced(BWD_STAGES=stages):
+            with module_constants(pipelined, BWD_STAGES=stages):
                 _training_steps()
     return list(dict.fromkeys(launches))
-
-
-@contextlib.contextmanager
-def _forced(**values):
-    """Set launch-parameter constants of the kernel modules that have them for the block."""
-    modules = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu")]
-    saved = [{k: getattr(m, k) for k in values} for m in modules]
-    for m in modules:
-        for k, v in values.items():
-            setattr(m, k, v)
-    try:
-        yield
-    finally:
-        for m, before in zip(modules, saved):
-            for k, v in before.items():
-                setattr(m, k, v)
 
 
 # ptxas and cuobjdump as shipped in Triton's wheel (x86-64 Linux)

@@ -31,6 +31,7 @@ from bench.common import (  # noqa: E402
     copy_bandwidth_gbs,
     environment,
     graph_ms,
+    module_constants,
     results_folder,
     write_results,
 )
@@ -233,12 +234,11 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
     from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
     per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
-    by default, which ``rows_per_program`` keeps at these sizes), the software-pipeline stages of the
-    backward's loop over rows (``BWD_STAGES``, 1 by default; for the LayerNorm ops also 2 stages at 16 warps;
-    insert_mask_tokens too); for ``edm_loss`` the
-    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256);
-    for ``gelu_tanh_grad`` its block, tile, rows and warps.
-    Eager and CUDA-graph (kernels alone) times."""
+    by default, which ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's
+    loop over rows (``BWD_STAGES``, 1 by default: the LayerNorm ops, also 2 stages at 16 warps, and
+    insert_mask_tokens and gelu_tanh_grad); for ``edm_loss`` the elements of a backward program's tile
+    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``gelu_tanh_grad`` its block, tile,
+    rows and warps; for the EMA its step.  Eager and CUDA-graph (kernels alone) times."""
     rows = []
     for spec in specs:
         module = spec["module"]
@@ -265,18 +265,14 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
                              {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
-            chosen = {attr: getattr(module, attr) for attr in forced}
-            for attr, value in forced.items():
-                setattr(module, attr, value)
             try:
-                row["fwd_ms"], row["bwd_ms"], row["bwd_timing"] = time_op(spec["fused"], spec["leaves"])
-                row.update({f"{part}_graph_ms": ms for part, ms in graph_times(spec["fused"], spec["leaves"]).items()})
+                with module_constants([module], **forced):
+                    row["fwd_ms"], row["bwd_ms"], row["bwd_timing"] = time_op(spec["fused"], spec["leaves"])
+                    row.update({f"{part}_graph_ms": ms
+                                for part, ms in graph_times(spec["fused"], spec["leaves"]).items()})
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            finally:
-                for attr, value in chosen.items():
-                    setattr(module, attr, value)
             rows.append(row)
     return rows
 

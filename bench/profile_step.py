@@ -96,7 +96,8 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     kernel_us = sum(e.device_time_total for e in kernels) / 2
     by_kind: dict[str, float] = {}
     for e in kernels:
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + e.device_time_total / 2e3
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 2e3
     calls = sum(e.count for e in events) / 2
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
     gpu_table = events.table(sort_by="self_device_time_total", row_limit=25) if device.type == "cuda" else ""

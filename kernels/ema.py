@@ -79,7 +79,7 @@ class MultiTensorLerp:
             check_tensor(f"dst[{i}]", d, dtypes=(dtype,) if dtype in FLOAT_DTYPES else FLOAT_DTYPES, device=device,
                          contiguous=True)
             check_tensor(f"src[{i}]", s, shape=tuple(d.shape), dtypes=(dtype,), device=device, contiguous=True)
-        self.dst, self.src, self.dtype, self.device = dst, src, dtype, device
+        self.dst, self.src, self.device = dst, src, device
         self._storages = self._addresses()
         self.aligned = all(a % 16 == 0 and b % 16 == 0 for a, b in self._storages)
         chunks = [(i, start) for i, d in enumerate(dst) for start in range(0, d.numel(), CHUNK)]
