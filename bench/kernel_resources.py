@@ -171,7 +171,7 @@ def collect_launches() -> list[Launch]:
         finally:
             common.FORCE_DETERMINISTIC = False
         pipelined = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu")]
-        for stages in (2, 3):  # the pipelined backwards that bench/kernels.py times (at XL/2 widths)
+        for stages in (1, 2, 3):  # the backwards' pipeline depths that bench/kernels.py times (at XL/2 widths)
             with module_constants(pipelined, BWD_STAGES=stages):
                 _training_steps()
     return list(dict.fromkeys(launches))

@@ -243,9 +243,11 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     for spec in specs:
         module = spec["module"]
         choices = [("defaults", {})]
-        if hasattr(module, "num_warps"):
-            attrs = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]
-            choices += [(f"{w} warps", {a: (lambda _elements, w=w: w) for a in attrs}) for w in warps]
+        rules = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]  # functions of the block size
+        constants = [a for a in ("NUM_WARPS", "FWD_WARPS", "BWD_WARPS") if hasattr(module, a)]
+        if rules or constants:
+            choices += [(f"{w} warps", {**{a: (lambda _elements, w=w: w) for a in rules}, **{a: w for a in constants}})
+                        for w in warps]
         if hasattr(module, "FWD_ROWS"):
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
         if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
@@ -253,16 +255,19 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "BLOCK_H"):  # gelu_tanh_grad
             choices += [(f"{b}-column blocks", {"BLOCK_H": b}) for b in (128, 512)]
             choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
-            choices += [("32-row tiles", {"TILE_ROWS": 32}), ("4 warps", {"NUM_WARPS": 4})]
+            choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, "BLOCK_H": b, "NUM_WARPS": w})
+                        for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8)]
         if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
             choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):
             choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
-            if hasattr(module, "forward_warps"):  # (the LayerNorm ops: num_warps sets their backward's alone)
-                choices += [("2 stages, 16 warps in the backward",
-                             {"BWD_STAGES": 2, "num_warps": lambda _elements: 16})]
+            if hasattr(module, "forward_warps"):  # the LayerNorm ops: stages with other backward warps
+                warp_attr = "BWD_WARPS" if hasattr(module, "BWD_WARPS") else "num_warps"
+                choices += [(f"{st} stages, {w} warps in the backward",
+                             {"BWD_STAGES": st, warp_attr: w if warp_attr == "BWD_WARPS" else (lambda _e, w=w: w)})
+                            for st in (1, 2, 3) for w in (4, 8)]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             try:
@@ -375,6 +380,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--step-batch", type=int, default=32, help="batch of the training-step measurement (0: skip)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                        help="time these ops alone (names as in the tables, e.g. ln_modulate gelu_tanh_grad)")
     parser.add_argument("--no-config-sweep", dest="config_sweep", action="store_false",
                         help="skip timing the fused ops with other launch parameters")
     args = parser.parse_args(argv)
@@ -397,6 +404,11 @@ def main(argv=None):
                                                                 results["step_rows"], results["config_rows"]))
 
     specs = op_specs(**shapes, device=device)
+    if args.ops:
+        unknown = set(args.ops) - {spec["name"] for spec in specs}
+        if unknown:
+            parser.error(f"--ops: unknown op(s) {sorted(unknown)}; expected some of {[s['name'] for s in specs]}")
+        specs = [spec for spec in specs if spec["name"] in args.ops]
     for spec in specs:
         results["rows"] += kernel_rows([spec], bandwidth, with_fused=cuda)
         save()

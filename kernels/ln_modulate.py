@@ -27,7 +27,6 @@ from ._common import (
     deterministic,
     forward_warps,
     new_output,
-    num_warps,
     per_sample_sums,
     per_sample_sums_buffer,
     row_samples_buffer,
@@ -37,9 +36,12 @@ from ._common import (
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
-# software-pipeline stages of the backward's row loop: 1 loads each row when it is processed; 2 or more issue
-# the loads of the next rows first (a launch parameter: ``bench/kernels.py`` times 2 and 3)
-BWD_STAGES = 1
+# software-pipeline stages of the backward's row loop (1: each row loaded when it is processed; more: the next
+# rows' loads issued first) and warps of a backward program.  H200, D 1152, CUDA-graph times of
+# bench/kernels.py's launch-parameter rows: 0.188 ms with 1 stage and 8 warps (``num_warps``' rule), 0.153
+# with 4 warps, 0.134 with 4 warps and 3 stages
+BWD_STAGES = 3
+BWD_WARPS = 4
 
 
 @triton.jit
@@ -177,7 +179,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch
         _ln_modulate_bwd_kernel[(programs,)](
             x, dy, dx, scale, seg, mean, rstd, sums[0], sums[1], row_samples, t, d, x.stride(0), dy.stride(0),
             dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=rows, DETERMINISTIC=det,
-            STAGES=BWD_STAGES, **backward_options(num_warps(block_size(d)), BWD_STAGES))
+            STAGES=BWD_STAGES, **backward_options(BWD_WARPS, BWD_STAGES))
     return dx, per_sample_sums(sums, row_samples, num_samples, det)
 
 

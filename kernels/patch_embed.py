@@ -31,13 +31,13 @@ from ._common import (
     cdiv,
     check_tensor,
     new_output,
-    num_warps,
 )
 
 FWD_TOKENS = 32  # tokens per forward program
 FWD_BLOCK_D = 128  # output columns per forward program
 FWD_BLOCK_K = 32  # patch values per step of the forward's product (at least 16, for tl.dot)
 GATHER_TOKENS = 32  # tokens per gather/scatter program
+FWD_WARPS = 4  # warps of a forward program (H200, D 1152: 0.151 ms against 0.202 with 8, CUDA-graph times)
 
 
 @triton.jit
@@ -161,7 +161,7 @@ def _fwd_impl(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: tor
                                       weight.stride(0), pos_embed.stride(0), out.stride(0),
                                       C=c, P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D,
                                       BLOCK_K=min(FWD_BLOCK_K, block_size(patch_size * patch_size * c)),
-                                      num_warps=num_warps(FWD_TOKENS * FWD_BLOCK_D))
+                                      num_warps=FWD_WARPS)
     return out
 
 
