@@ -235,10 +235,11 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
     per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
     by default, which ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's
-    loop over rows (``BWD_STAGES``, 1 by default: the LayerNorm ops, also 2 stages at 16 warps, and
+    loop over rows (``BWD_STAGES``: the LayerNorm ops, also 1-3 stages at 4 and 8 backward warps, and
     insert_mask_tokens and gelu_tanh_grad); for ``edm_loss`` the elements of a backward program's tile
-    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``gelu_tanh_grad`` its block, tile,
-    rows and warps; for the EMA its step.  Eager and CUDA-graph (kernels alone) times."""
+    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``gelu_tanh_grad`` its block, tile
+    rows and warps together, and its rows a program; for the EMA its step.  Eager and CUDA-graph (kernels
+    alone) times."""
     rows = []
     for spec in specs:
         module = spec["module"]
