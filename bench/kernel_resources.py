@@ -137,6 +137,7 @@ def _ops_in_half_precision():
             out = kernels.insert_mask_tokens(x, ids, seg, rnd(d), rnd(4, d), 2)
             emb = kernels.embed_kept_patches(rnd(2, 4, 4, 4), ids, seg, rnd(d, 16), rnd(d), rnd(4, d).detach(), 2)
             torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), out.sum(), emb.sum()])
+            kernels.bias_grad(rnd(6, d).detach())
 
 
 def _weight_average():
@@ -170,7 +171,8 @@ def collect_launches() -> list[Launch]:
             _ops_in_half_precision()
         finally:
             common.FORCE_DETERMINISTIC = False
-        pipelined = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu")]
+        pipelined = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu",
+                                                                "bias")]
         for stages in (1, 2, 3):  # the backwards' pipeline depths that bench/kernels.py times (at XL/2 widths)
             with module_constants(pipelined, BWD_STAGES=stages):
                 _training_steps()

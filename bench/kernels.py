@@ -84,6 +84,12 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         fused=lambda: kernels.gelu_tanh_grad(a, dh), reference=lambda: kernels.gelu_tanh_grad_reference(a, dh),
         leaves=[], fwd_bytes=t_enc * 4 * d * (2 + 2 + 2 + 2) + 4 * d * 4, bwd_bytes=0))
 
+    dy = rnd(t_enc, d, dtype=bf)
+    specs.append(dict(
+        name="bias_grad", module=_kernel_module("bias"), shape=f"dy ({t_enc}, {d}) bf16 (a backward)",
+        fused=lambda: kernels.bias_grad(dy), reference=lambda: kernels.bias_grad_reference(dy),
+        leaves=[], fwd_bytes=t_enc * d * 2 + d * 4, bwd_bytes=0))
+
     # the weight average over MaskDiT-XL/2's parameters (shapes from the meta device), one step of train.py's EMA
     from kernels.ema import MultiTensorLerp, lerp_reference
     from maskdit import create_model
@@ -229,17 +235,19 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
 
 
 def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(2, 3),
-                bwd_tile_elems=(256, 512)) -> list[dict]:
+                bwd_tile_elems=(512, 4096, 8192)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
-    from the block size, ``forward_warps`` for the LayerNorm forwards) and, for the LayerNorm ops, the tokens
-    per forward program (``FWD_ROWS``, 1 by default), the most tokens per backward program (``BWD_ROWS``, 32
-    by default, which ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's
-    loop over rows (``BWD_STAGES``: the LayerNorm ops, also 1-3 stages at 4 and 8 backward warps, and
-    insert_mask_tokens and gelu_tanh_grad); for ``edm_loss`` the elements of a backward program's tile
-    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``gelu_tanh_grad`` its block, tile
-    rows and warps together, and its rows a program; for the EMA its step.  Eager and CUDA-graph (kernels
-    alone) times."""
+    from the block size, ``forward_warps`` for the LayerNorm forwards, constants ``NUM_WARPS``, ``FWD_WARPS``
+    and ``BWD_WARPS`` elsewhere) and, for the LayerNorm ops, the tokens per forward program (``FWD_ROWS``, 1
+    by default), the most tokens per backward program (``BWD_ROWS``, 32 by default, which
+    ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's loop over rows
+    (``BWD_STAGES``: the LayerNorm ops, also 1-3 stages at 4 and 8 backward warps, insert_mask_tokens,
+    gelu_tanh_grad and bias_grad); for ``edm_loss`` the elements of a backward program's tile
+    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``embed_kept_patches`` the tokens and
+    output columns of a forward program; for ``gelu_tanh_grad`` and
+    ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
+    Eager and CUDA-graph (kernels alone) times."""
     rows = []
     for spec in specs:
         module = spec["module"]
@@ -253,13 +261,17 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
         if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
             choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
-        if hasattr(module, "BLOCK_H"):  # gelu_tanh_grad
-            choices += [(f"{b}-column blocks", {"BLOCK_H": b}) for b in (128, 512)]
+        if hasattr(module, "TILE_ROWS"):  # gelu_tanh_grad and bias_grad: tiles of rows x a block of columns
+            block = "BLOCK_H" if hasattr(module, "BLOCK_H") else "BLOCK_D"
+            choices += [(f"{b}-column blocks", {block: b}) for b in (128, 512)]
             choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
-            choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, "BLOCK_H": b, "NUM_WARPS": w})
+            choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, block: b, "NUM_WARPS": w})
                         for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8)]
         if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
             choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
+        if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
+            choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
+                        for t, b in ((16, 128), (64, 128), (32, 64), (32, 256), (64, 64))]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):

@@ -46,8 +46,12 @@ KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
     ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach", "_lerp_kernel")),
-    ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_")),
+    ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_",
+                                 "_column_sums_")),
 )
+
+
+TOP_KERNELS = 30  # kernels listed by name, most GPU time first
 
 
 def kernel_kind(name: str) -> str:
@@ -95,9 +99,14 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     kernel_us = sum(e.device_time_total for e in kernels) / 2
     by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}  # kernel name -> [ms a step, calls a step]
     for e in kernels:
         kind = kernel_kind(e.name)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 2e3
+        entry = by_name.setdefault(e.name, [0.0, 0.0])
+        entry[0] += e.device_time_total / 2e3
+        entry[1] += 0.5
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     calls = sum(e.count for e in events) / 2
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
     gpu_table = events.table(sort_by="self_device_time_total", row_limit=25) if device.type == "cuda" else ""
@@ -117,6 +126,7 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     return dict(model=name, backend=backend, batch=batch, host_ms=statistics.median(host),
                 wall_ms=statistics.median(wall), kernel_ms=kernel_us / 1e3, profiler_ops_per_step=calls,
                 kernel_ms_by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+                top_kernels=[dict(name=n, kind=kernel_kind(n), ms=ms, calls=calls) for n, (ms, calls) in top],
                 tables=dict(cpu=cpu_table, gpu=gpu_table, cprofile_tottime=tables[0], cprofile_cumulative=tables[1]))
 
 
@@ -134,6 +144,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
         for r in kinds:
             lines += [f"| {r['model']} | {r['backend']} | {r['batch']} | {kind} | {ms:.1f} | "
                       f"{100 * ms / r['kernel_ms']:.0f}% |" for kind, ms in r["kernel_ms_by_kind"].items()]
+    tops = [r for r in rows if r.get("top_kernels")]
+    if tops:
+        lines += ["", f"The {TOP_KERNELS} kernels with the most GPU time a step (names cut at 90 characters):", "",
+                  "| model | backend | batch | kernel | kind | ms | calls |", "|---|---|---:|---|---|---:|---:|"]
+        for r in tops:
+            lines += [f"| {r['model']} | {r['backend']} | {r['batch']} | `{k['name'][:90]}` | {k['kind']} | "
+                      f"{k['ms']:.2f} | {k['calls']:.0f} |" for k in r["top_kernels"]]
     for r in rows:
         for key, text in r["tables"].items():
             if text:

@@ -59,6 +59,11 @@ class _Ops:
             return fc2(F.gelu(a, approximate="tanh"))
         return _GeluLinear.apply(a, fc2.weight.to(a.dtype), fc2.bias.to(a.dtype))
 
+    @staticmethod
+    def dense(x, layer):
+        """``layer(x)`` for a Linear layer on a plain tensor (the attention's output projection)."""
+        return layer(x)
+
 
 class TorchOps(_Ops):
     """Plain PyTorch (``maskdit.ops``)."""
@@ -123,8 +128,15 @@ class TritonOps(_Ops):
         """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``) when recomputing."""
         if not (self.recompute and torch.is_grad_enabled()):
             return layer(y.y)
-        weight, bias = layer.weight.to(y.y.dtype), layer.bias.to(y.y.dtype)
-        return _LinearOnRecomputedLN.apply(y.y, weight, bias, y.x, y.shift, y.scale, y.seg)
+        return _LinearOnRecomputedLN.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, y.x, y.shift, y.scale,
+                                           y.seg)
+
+    def dense(self, x, layer):
+        """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
+        if not torch.is_grad_enabled():
+            return layer(x)
+        dt = _autocast_dtype(x) or x.dtype
+        return _Linear.apply(x.to(dt), layer.weight.to(dt), layer.bias)
 
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
@@ -157,20 +169,42 @@ class TritonOps(_Ops):
         return out.view(-1, out.shape[-1])
 
 
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` (x and weight in the compute dtype, the bias in its own) whose backward sums
+    the bias gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
+    averaged about a third of it in a profiled step).  Saves what autograd's Linear saves: x and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = bias.dtype
+        return F.linear(x, weight, bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dout):
+        import kernels
+
+        x, weight = ctx.saved_tensors
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        dweight = dout2.t() @ x.reshape(-1, x.shape[-1])
+        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype)
+
+
 class _LinearOnRecomputedLN(torch.autograd.Function):
     """``F.linear(y, weight, bias)`` for y = ln_modulate(x, shift, scale) that saves x, shift and scale
     (which the LayerNorm's own backward keeps anyway) instead of y: the backward recomputes y with the
     forward kernel, from the same stored x, for the weight gradient.  A block no longer keeps its two
     modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's activations at XL/2.  Under
     ``torch.compile`` the Function is traced into the graph and the partitioner keeps what its backward uses:
-    x, shift and scale, not y.
+    x, shift and scale, not y.  The bias comes in its own dtype; its gradient is summed in fp32
+    (``kernels.bias_grad``).
     """
 
     @staticmethod
     def forward(ctx, y, weight, bias, x, shift, scale, seg):
         ctx.save_for_backward(weight, x, shift, scale, seg)
-        ctx.y_dtype = y.dtype
-        return F.linear(y, weight, bias)
+        ctx.y_dtype, ctx.bias_dtype = y.dtype, bias.dtype
+        return F.linear(y, weight, bias.to(y.dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -179,7 +213,8 @@ class _LinearOnRecomputedLN(torch.autograd.Function):
         weight, x, shift, scale, seg = ctx.saved_tensors
         y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
-        return dout @ weight, dout2.t() @ y.reshape(-1, y.shape[-1]), dout2.sum(0), None, None, None, None
+        dweight = dout2.t() @ y.reshape(-1, y.shape[-1])
+        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), None, None, None, None
 
 
 @torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())
@@ -225,7 +260,8 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     backward recomputes y with the LayerNorm kernel and runs the GELU backward as one kernel
     (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight gradient, a's gradient and fc1's
     bias gradient from one read of a and of its incoming gradient, where the unfused backward reads a twice and
-    a's gradient once more).  The biases come in their own (fp32) dtype, their gradients summed in fp32.
+    a's gradient once more).  The biases come in their own (fp32) dtype, their gradients summed in fp32 (fc2's
+    by ``kernels.bias_grad``).
     """
 
     @staticmethod
@@ -243,7 +279,7 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
-        dw2, db2 = dout2.t() @ g, dout2.sum(0, dtype=torch.float32)
+        dw2, db2 = dout2.t() @ g, kernels.bias_grad(dout2)
         dw1, dy = da.t() @ y.reshape(-1, y.shape[-1]), (da @ w1).view(y.shape)
         return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), None, None, None, None
 

@@ -113,7 +113,7 @@ class Attention(nn.Module):
         qkv = ops.linear(y, self.qkv)
         t = qkv.shape[0]
         q, k, v = qkv.view(t, 3, self.num_heads, -1).unbind(1)
-        return self.proj(attention(q, k, v, layout).reshape(t, -1))
+        return ops.dense(attention(q, k, v, layout).reshape(t, -1), self.proj)
 
 
 class Mlp(nn.Module):
