@@ -173,9 +173,12 @@ def collect_launches() -> list[Launch]:
             common.FORCE_DETERMINISTIC = False
         pipelined = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual", "unmask", "gelu",
                                                                 "bias")]
+        layer_norms = [sys.modules[f"kernels.{name}"] for name in ("ln_modulate", "gated_residual")]
         for stages in (1, 2, 3):  # the backwards' pipeline depths that bench/kernels.py times (at XL/2 widths)
             with module_constants(pipelined, BWD_STAGES=stages):
                 _training_steps()
+                with module_constants(layer_norms, BWD_WARPS=8):  # (the LayerNorm backwards at 8 warps too)
+                    _training_steps()
     return list(dict.fromkeys(launches))
 
 

@@ -133,7 +133,7 @@ class TritonOps(_Ops):
 
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or layer.bias is None:
             return layer(x)
         dt = _autocast_dtype(x) or x.dtype
         return _Linear.apply(x.to(dt), layer.weight.to(dt), layer.bias)

@@ -78,11 +78,13 @@ def test_several_rows_per_forward_program(rows, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("stages", [2, 3])
-def test_pipelined_backward_rows(stages, dtype, monkeypatch):
-    """The backward's row loop software-pipelined (a launch parameter timed by bench/kernels.py; on a GPU the
-    next rows' loads go through shared memory, registers capped), runs of samples crossing its programs."""
+@pytest.mark.parametrize("stages,warps", [(1, 4), (2, 4), (1, 8), (3, 8)])
+def test_backward_pipeline_depths_and_warps(stages, warps, dtype, monkeypatch):
+    """The backward's row loop at other depths of software pipelining (3 by default; on a GPU the next rows'
+    loads go through shared memory) and warps (4 by default; at 8 pipelined programs get a register cap):
+    launch parameters timed by bench/kernels.py; runs of samples crossing the programs."""
     monkeypatch.setattr(gated_residual, "BWD_STAGES", stages)
+    monkeypatch.setattr(gated_residual, "BWD_WARPS", warps)
     _check(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
 
 

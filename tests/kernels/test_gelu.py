@@ -56,8 +56,8 @@ def test_row_strided_inputs():
     _check(a_wide[:, 20:180], dh_wide[:, 5:165], torch.float32)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_pipelined_tiles(stages, monkeypatch):
+@pytest.mark.parametrize("stages", [1, 2])  # (3 by default)
+def test_pipeline_depths(stages, monkeypatch):
     monkeypatch.setattr(gelu_module, "BWD_STAGES", stages)
     _check(*_inputs(300, 288, torch.float32), torch.float32)
 

@@ -37,11 +37,13 @@ def test_fewer_backward_rows_a_program(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("stages", [2, 3])
-def test_pipelined_backward_rows(stages, dtype, monkeypatch):
-    """The backward's row loop software-pipelined (a launch parameter timed by bench/kernels.py; on a GPU the
-    next rows' loads go through shared memory, registers capped), runs of samples crossing its programs."""
+@pytest.mark.parametrize("stages,warps", [(1, 4), (2, 4), (1, 8), (3, 8)])
+def test_backward_pipeline_depths_and_warps(stages, warps, dtype, monkeypatch):
+    """The backward's row loop at other depths of software pipelining (3 by default; on a GPU the next rows'
+    loads go through shared memory) and warps (4 by default; at 8 pipelined programs get a register cap):
+    launch parameters timed by bench/kernels.py; runs of samples crossing the programs."""
     monkeypatch.setattr(ln_modulate_module, "BWD_STAGES", stages)
+    monkeypatch.setattr(ln_modulate_module, "BWD_WARPS", warps)
     test_forward_backward_against_reference(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
 
 
