@@ -120,11 +120,12 @@ def training_loss(model: torch.nn.Module, compile_mode: str = "none"):
 
 
 def measure(name: str, backend: str, batch: int, checkpointing: str = "none", compile_mode: str = "none",
-            small=(2, 4)) -> dict:
+            small=(2, 4), keep_norm_outputs: bool = False) -> dict:
     """Held activation bytes at ``batch`` from two small batches (affine fit), and the static bytes."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = create_model(name, backend=backend).set_activation_checkpointing(checkpointing)
+    model.set_keep_norm_outputs(keep_norm_outputs)
     ratio = 0.5 if name.startswith("MaskDiT") else 0.0
     loss_fn = training_loss(model, compile_mode)
     counts = [held_bytes(model, b, ratio, loss_fn, compiled=compile_mode != "none") for b in small]
@@ -135,7 +136,7 @@ def measure(name: str, backend: str, batch: int, checkpointing: str = "none", co
     torch._dynamo.reset()
     gc.collect()  # an XL model and its autocast copies are gigabytes: one at a time
     return dict(model=name, backend=backend, checkpointing=checkpointing, compile=compile_mode, batch=batch,
-                mask_ratio=ratio,
+                mask_ratio=ratio, keep_norm_outputs=keep_norm_outputs,
                 activation_gb=(fixed + per_image * batch) / 1e9, activation_mb_per_image=per_image / 1e6,
                 batch_independent_gb=fixed / 1e9, static_gb=n_params * STATIC_BYTES_PER_PARAM / 1e9)
 
@@ -148,14 +149,19 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "Compiled rows: what the compiled graphs save (Inductor's partitioner, see the script).", "",
              "vs DiT: against the DiT row of the same size, backend, compile mode and checkpointing (DiT without "
              "checkpointing for MaskDiT's 'decoder'); activations + static is what the step holds at its peak, "
-             "before the backward's transient buffers.", "",
+             "before the backward's transient buffers. 'triton, norms kept': DiT.set_keep_norm_outputs (the "
+             "modulated LayerNorm outputs kept for the backward, not recomputed).", "",
              "| model | backend | compile | checkpointing | mask ratio | activations GB | MB per image | "
              "batch-independent GB | static GB | activations vs eager torch backend | activations vs DiT | "
              "activations + static vs DiT |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     torch_rows = {r["model"]: r for r in rows
                   if r["backend"] == "torch" and r["checkpointing"] == "none" and r["compile"] == "none"}
-    dit_rows = {(r["model"].split("-", 1)[1], r["backend"], r["compile"], r["checkpointing"]): r for r in rows
+
+    def backend(r):
+        return r["backend"] + (", norms kept" if r.get("keep_norm_outputs") else "")
+
+    dit_rows = {(r["model"].split("-", 1)[1], backend(r), r["compile"], r["checkpointing"]): r for r in rows
                 if r["model"].startswith("DiT-")}
     for r in rows:
         base = torch_rows.get(r["model"])
@@ -163,11 +169,11 @@ def markdown(env: dict, rows: list[dict]) -> str:
         dit = None
         if r["model"].startswith("MaskDiT-"):
             ckpt = "none" if r["checkpointing"] == "decoder" else r["checkpointing"]
-            dit = dit_rows.get((r["model"].split("-", 1)[1], r["backend"], r["compile"], ckpt))
+            dit = dit_rows.get((r["model"].split("-", 1)[1], backend(r), r["compile"], ckpt))
         vs_dit = (f"{r['activation_gb'] / dit['activation_gb']:.2f}x | "
                   f"{(r['activation_gb'] + r['static_gb']) / (dit['activation_gb'] + dit['static_gb']):.2f}x"
                   if dit else "- | -")
-        lines.append(f"| {r['model']} | {r['backend']} | {r['compile']} | {r['checkpointing']} | {r['mask_ratio']} | "
+        lines.append(f"| {r['model']} | {backend(r)} | {r['compile']} | {r['checkpointing']} | {r['mask_ratio']} | "
                      f"{r['activation_gb']:.1f} | "
                      f"{r['activation_mb_per_image']:.1f} | {r['batch_independent_gb']:.2f} | {r['static_gb']:.1f} "
                      f"| {ratio} | {vs_dit} |")
@@ -185,6 +191,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--compile", nargs="+", default=["none", "full"], choices=COMPILE_MODES,
                     help="count eager training and/or training compiled as train.py --compile full|regional "
                          "(compiled rows without checkpointing only; each compiles for about a minute here)")
+    ap.add_argument("--no-kept-norms", dest="kept_norms", action="store_false",
+                    help="skip the triton rows with the modulated LayerNorm outputs kept (DiT.set_keep_norm_outputs; "
+                         "eager, without checkpointing)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="folder for activation_memory.json / .md (default bench/results: the counts are exact "
                          "sizes, the same on every machine)")
@@ -199,6 +208,9 @@ def main(argv=None) -> list[dict]:
                             continue  # compiled + checkpointing: not countable here (see the docstring)
                         rows.append(measure(name, backend, args.batch, which, mode))
                         print(rows[-1], flush=True)
+                        if args.kept_norms and backend == "triton" and mode == "none" == which:
+                            rows.append(measure(name, backend, args.batch, which, mode, keep_norm_outputs=True))
+                            print(rows[-1], flush=True)
     env = environment()
     md = markdown(env, rows)
     print(md)

@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none",
                    help="DiT.set_activation_checkpointing for every model ('decoder': MaskDiT rows only, DiT rows "
                         "run without)")
+    p.add_argument("--keep-norm-outputs", action="store_true",
+                   help="DiT.set_keep_norm_outputs for every model (triton rows: the modulated LayerNorm outputs "
+                        "kept for the backward, not recomputed)")
     p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS), default="auto",
                    help="the attention kernel (maskdit.attention.set_sdpa_backend; default PyTorch's choice)")
     p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, "
@@ -210,6 +213,7 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
         model = create_model(name, args.input_size, IN_CHANNELS, NUM_CLASSES, backend=impl.split("+")[0])
     if args.activation_checkpointing != "decoder" or model.config.use_decoder:
         model.set_activation_checkpointing(args.activation_checkpointing)
+    model.set_keep_norm_outputs(args.keep_norm_outputs)
     step = make_step(model, batch, device, compile_mode(impl), args.ema)
     first_s = None
     # +graph: the eager steps, the capture and one replay all before the timed steps.  A replay allocates
@@ -336,7 +340,8 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
              f"{8 * args.input_size} images), {NUM_CLASSES} classes; {'bf16 autocast' if cuda else 'fp32'}; "
              f"step = EDM loss fwd + bwd + fused AdamW{' + EMA' if args.ema else ''}; MaskDiT ratio {MASK_RATIO}; "
              f"{args.warmup} warm-up then {args.steps} timed steps, {timing}"
-             f"{'' if args.sdpa_backend == 'auto' else f'; attention kernel: {args.sdpa_backend}'}.",
+             f"{'' if args.sdpa_backend == 'auto' else f'; attention kernel: {args.sdpa_backend}'}"
+             f"{'; modulated LayerNorm outputs kept (DiT.set_keep_norm_outputs)' if args.keep_norm_outputs else ''}.",
              f"MFU against the measured {matmul[1]}: {matmul[0]:.3g} TFLOP/s.  TFLOP/s counts the model's "
              "matrix products and attention (maskdit.flops.train_gflops).  Speed-ups are step-time ratios.", "",
              "First step: seconds of the first warm-up step (compilation included).", "",
@@ -426,6 +431,7 @@ def main(argv=None) -> dict:
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
                     activation_checkpointing=args.activation_checkpointing, sdpa_backend=args.sdpa_backend,
+                    keep_norm_outputs=args.keep_norm_outputs,
                     mask_ratio=MASK_RATIO, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
                     precision="bf16 autocast" if device.type == "cuda" else "fp32",
                     timing="median of per-step CUDA events" if device.type == "cuda" else

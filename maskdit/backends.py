@@ -105,12 +105,13 @@ class TritonOps(_Ops):
     name = "triton"
     scatter_tokens = staticmethod(ops.scatter_tokens)
 
-    def __init__(self, recompute: bool = True):
+    def __init__(self, recompute: bool = True, keep_norm_outputs: bool = False):
         try:
             import kernels
         except ImportError as e:  # triton missing
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
         self.k = kernels
+        self.keep_norm_outputs = keep_norm_outputs  # the Linear Functions keep y instead of recomputing it
         super().__init__(recompute)
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
@@ -125,11 +126,12 @@ class TritonOps(_Ops):
         return x, ModulatedLN(y, x, shift, scale, layout.seg)
 
     def linear(self, y: ModulatedLN, layer):
-        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``) when recomputing."""
+        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``) when recomputing
+        (unless ``keep_norm_outputs``)."""
         if not (self.recompute and torch.is_grad_enabled()):
             return layer(y.y)
         return _LinearOnRecomputedLN.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, y.x, y.shift, y.scale,
-                                           y.seg)
+                                           y.seg, self.keep_norm_outputs)
 
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
@@ -145,7 +147,7 @@ class TritonOps(_Ops):
             return super().mlp(y, fc1, fc2)
         dt = y.y.dtype
         return _MlpOnRecomputedLN.apply(y.y, fc1.weight.to(dt), fc1.bias, fc2.weight.to(dt), fc2.bias, y.x, y.shift,
-                                        y.scale, y.seg)
+                                        y.scale, y.seg, self.keep_norm_outputs)
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):
@@ -167,6 +169,21 @@ class TritonOps(_Ops):
         out = self.k.insert_mask_tokens(x_kept.to(dtype), layout.ids, layout.seg, mask_token.to(dtype),
                                         pos_embed.to(dtype), layout.num_samples)
         return out.view(-1, out.shape[-1])
+
+
+def _norm_or_inputs(y, x, shift, scale, seg, keep_y: bool) -> tuple:
+    """What a Function on a modulated LayerNorm output saves to have y in its backward: y itself, or what
+    recomputes it (x, shift, scale and seg, which the LayerNorm's own backward keeps anyway)."""
+    return (y,) if keep_y else (x, shift, scale, seg)
+
+
+def _norm_output(kept, dtype):
+    """y from what ``_norm_or_inputs`` saved."""
+    if len(kept) == 1:
+        return kept[0]
+    import kernels
+
+    return kernels.ln_modulate_recompute(*kept, out_dtype=dtype)
 
 
 class _Linear(torch.autograd.Function):
@@ -197,12 +214,12 @@ class _LinearOnRecomputedLN(torch.autograd.Function):
     modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's activations at XL/2.  Under
     ``torch.compile`` the Function is traced into the graph and the partitioner keeps what its backward uses:
     x, shift and scale, not y.  The bias comes in its own dtype; its gradient is summed in fp32
-    (``kernels.bias_grad``).
+    (``kernels.bias_grad``).  ``keep_y``: keep y instead (more memory, no LayerNorm pass in the backward).
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, x, shift, scale, seg):
-        ctx.save_for_backward(weight, x, shift, scale, seg)
+    def forward(ctx, y, weight, bias, x, shift, scale, seg, keep_y=False):
+        ctx.save_for_backward(weight, *_norm_or_inputs(y, x, shift, scale, seg, keep_y))
         ctx.y_dtype, ctx.bias_dtype = y.dtype, bias.dtype
         return F.linear(y, weight, bias.to(y.dtype))
 
@@ -210,11 +227,12 @@ class _LinearOnRecomputedLN(torch.autograd.Function):
     def backward(ctx, dout):
         import kernels
 
-        weight, x, shift, scale, seg = ctx.saved_tensors
-        y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
+        weight, *kept = ctx.saved_tensors
+        y = _norm_output(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         dweight = dout2.t() @ y.reshape(-1, y.shape[-1])
-        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), None, None, None, None
+        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), None, None, None, None, None
+
 
 
 @torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())
@@ -261,13 +279,13 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight gradient, a's gradient and fc1's
     bias gradient from one read of a and of its incoming gradient, where the unfused backward reads a twice and
     a's gradient once more).  The biases come in their own (fp32) dtype, their gradients summed in fp32 (fc2's
-    by ``kernels.bias_grad``).
+    by ``kernels.bias_grad``).  ``keep_y``: keep y instead of recomputing it.
     """
 
     @staticmethod
-    def forward(ctx, y, w1, b1, w2, b2, x, shift, scale, seg):
+    def forward(ctx, y, w1, b1, w2, b2, x, shift, scale, seg, keep_y=False):
         a = F.linear(y, w1, b1.to(y.dtype))
-        ctx.save_for_backward(w1, w2, x, shift, scale, seg, a)
+        ctx.save_for_backward(w1, w2, a, *_norm_or_inputs(y, x, shift, scale, seg, keep_y))
         ctx.y_dtype, ctx.bias_dtypes = y.dtype, (b1.dtype, b2.dtype)
         return F.linear(F.gelu(a, approximate="tanh"), w2, b2.to(a.dtype))
 
@@ -275,26 +293,27 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     def backward(ctx, dout):
         import kernels
 
-        w1, w2, x, shift, scale, seg, a = ctx.saved_tensors
-        y = kernels.ln_modulate_recompute(x, shift, scale, seg, out_dtype=ctx.y_dtype)
+        w1, w2, a, *kept = ctx.saved_tensors
+        y = _norm_output(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
         dw2, db2 = dout2.t() @ g, kernels.bias_grad(dout2)
         dw1, dy = da.t() @ y.reshape(-1, y.shape[-1]), (da @ w1).view(y.shape)
-        return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), None, None, None, None
+        return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), None, None, None, None, None
 
 
 _TORCH = TorchOps()
-_TRITON = None
+_TRITON: dict[bool, TritonOps] = {}  # by keep_norm_outputs
 
 
-def get_ops(backend: str, device: torch.device):
-    """The ops for ``backend``; "auto" is "triton" on CUDA and "torch" elsewhere."""
-    global _TRITON
+def get_ops(backend: str, device: torch.device, keep_norm_outputs: bool = False):
+    """The ops for ``backend``; "auto" is "triton" on CUDA and "torch" elsewhere.  ``keep_norm_outputs``
+    (triton): keep the modulated LayerNorm outputs that the Linear layers read instead of recomputing them in
+    the backward (the torch backend keeps them anyway)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return _TORCH
-    if _TRITON is None:
-        _TRITON = TritonOps()
-    return _TRITON
+    if keep_norm_outputs not in _TRITON:
+        _TRITON[keep_norm_outputs] = TritonOps(keep_norm_outputs=keep_norm_outputs)
+    return _TRITON[keep_norm_outputs]

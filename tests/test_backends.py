@@ -86,9 +86,12 @@ def test_backends_share_state_dicts_and_auto_picks_by_device():
         create_model("MaskDiT-T/2", backend="cuda", **SMALL)
 
 
-def test_compile_fullgraph_triton_backend():
+@pytest.mark.parametrize("keep_norm_outputs", [False, True])
+def test_compile_fullgraph_triton_backend(keep_norm_outputs):
     """The custom ops trace without graph breaks (fullgraph=True); on CPU with a graph-only backend."""
+    torch._dynamo.reset()
     _, fused = pair("MaskDiT-T/2")
+    fused.set_keep_norm_outputs(keep_norm_outputs)
     x, t, y = inputs()
     ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
@@ -226,3 +229,61 @@ def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
     assert y_kept_p and not y_kept_f
     if not compiled:  # exactly the modulated output (5 x 72) and the GELU output (5 x 100), fp32
         assert bytes_p - bytes_f == (5 * 72 + 5 * 100) * 4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_triton_dense_matches_linear_and_saves_the_same(autocast):
+    """``ops.dense`` (the attention projection: a Linear whose bias gradient ``kernels.bias_grad`` sums) against
+    the Linear itself: the same output and gradients, also for an expanded output gradient (``out.sum()``), and
+    the same saved bytes; under bf16 autocast the bias gradient is an fp32 sum, close to the Linear's."""
+    from maskdit.backends import get_ops
+
+    ops = get_ops("triton", torch.device(DEVICE))
+    layer = randomize(torch.nn.Linear(72, 100)).to(DEVICE)
+    x = torch.randn(37, 72, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    tol = dict(atol=5e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+
+    def run(fn):
+        with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+            out, saved = saved_storages(lambda: fn(x))
+        grads = torch.autograd.grad(out.float().sum(), [x, layer.weight, layer.bias])
+        return out, grads, sum(saved.values())
+
+    (out_r, grads_r, bytes_r), (out_f, grads_f, bytes_f) = run(layer), run(lambda v: ops.dense(v, layer))
+    torch.testing.assert_close(out_f, out_r, **tol)
+    for name, a, b in zip(["x", "weight", "bias"], grads_r, grads_f):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
+    assert bytes_f == bytes_r
+
+
+def test_keeping_the_norm_outputs_gives_the_same_gradients_for_exactly_their_bytes():
+    """DiT.set_keep_norm_outputs: the triton backend's Linear Functions keep each block's two modulated
+    LayerNorm outputs (qkv and fc1 inputs) instead of recomputing them: the same loss and gradients (the
+    recomputation is the forward's kernel on the same input: bitwise), and exactly those outputs' bytes more
+    saved (T tokens x D, 2 a block).  (The decoder bridge and the final layer keep their input y instead of the
+    stack's last residual stream, which nothing else keeps: the same bytes in fp32, half under bf16.)"""
+    _, fused = pair("MaskDiT-T/2")
+    g = torch.Generator().manual_seed(3)
+    images, noise = (torch.randn(3, 3, 8, 8, generator=g).to(DEVICE) for _ in range(2))
+    sigma, labels = torch.tensor([0.05, 0.8, 12.0]).to(DEVICE), torch.tensor([1, 2, 5]).to(DEVICE)
+    ids = random_mask(3, 16, 0.5, generator=g).ids_keep.to(DEVICE)
+
+    def run(keep):
+        fused.set_keep_norm_outputs(keep)
+        fused.zero_grad(set_to_none=True)
+        loss, saved = saved_storages(lambda: EDMLoss()(EDMPrecond(fused), images, labels, ids, sigma=sigma,
+                                                       noise=noise))
+        loss.sum().backward()
+        return loss, grads(fused), sum(saved.values())
+
+    (l_r, g_r, bytes_r), (l_k, g_k, bytes_k) = run(False), run(True)
+    assert torch.equal(l_k, l_r)
+    for k in g_r:
+        torch.testing.assert_close(g_k[k], g_r[k], atol=0, rtol=0, msg=lambda m: f"{k}: {m}")
+    cfg = fused.config
+    enc_tokens, dec_tokens = 3 * 8, 3 * 16  # 8 of 16 tokens kept a sample; the decoder sees all
+    expected = 2 * (cfg.depth * enc_tokens * cfg.hidden_size + cfg.decoder_depth * dec_tokens * cfg.decoder_hidden_size)
+    assert bytes_k - bytes_r == expected * 4  # fp32
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        fused.set_keep_norm_outputs("yes")

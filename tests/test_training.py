@@ -307,3 +307,8 @@ def test_triton_backend_trains_like_the_torch_backend(tmp_path):
     for k in a["model"]:  # Adam's first steps move every weight by about lr, so sign flips of ~0 gradients
         diff = (b["model"][k] - a["model"][k]).abs()  # could differ by 2 lr: compare in bulk
         assert diff.float().mean() < 1e-5, k
+    # --keep-norm-outputs keeps what the triton backend recomputes, bitwise the same: the same weights
+    run(tmp_path / "kept", *flags, "--backend", "triton", "--keep-norm-outputs")
+    c = load_checkpoint(str(tmp_path / "kept"))
+    assert all(torch.equal(c["model"][k], b["model"][k]) for k in b["model"])
+    assert c["config"]["train"]["keep_norm_outputs"] is True
