@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, backward_options, cdiv, check_tensor, deterministic, next_power_of_2
+from ._common import FLOAT_DTYPES, backward_options, cdiv, check_tensor, deterministic, new_output, next_power_of_2
 
 BLOCK_D = 256  # columns of a program
 TILE_ROWS = 16  # rows of one tile (a program walks its rows tile by tile)
@@ -36,7 +36,8 @@ def _column_sums_kernel(DY, OUT, T, D, stride_t, stride_d, BLOCK_T: tl.constexpr
     for i in tl.range(TILES, num_stages=STAGES):
         rows = (pid_t * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         m = (rows < T)[:, None] & cmask[None, :]
-        acc += tl.load(DY + rows[:, None] * stride_t + cols[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
+        offs = rows[:, None] * stride_t + cols.to(tl.int64)[None, :] * stride_d
+        acc += tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
     sums = tl.sum(acc, axis=0)
     if DETERMINISTIC:  # this row block's sums in its own row; the launcher adds the rows in order
         tl.store(OUT + pid_t * D + cols, sums, mask=cmask)
@@ -55,7 +56,9 @@ def _impl(dy: torch.Tensor) -> torch.Tensor:
     t, d = dy.shape
     det = deterministic(dy.device)
     block_t, tiles, row_blocks = _geometry(t)
-    out = torch.zeros((row_blocks if det else 1, d), dtype=torch.float32, device=dy.device)
+    # deterministic: every row written (poisoned in the tests); otherwise one zeroed row the programs add into
+    out = new_output((row_blocks, d), torch.float32, dy.device) if det else \
+        torch.zeros((1, d), dtype=torch.float32, device=dy.device)
     if t and d:
         _column_sums_kernel[(row_blocks, cdiv(d, BLOCK_D))](
             dy, out, t, d, dy.stride(0), dy.stride(1), BLOCK_T=block_t, BLOCK_D=BLOCK_D, TILES=tiles, DETERMINISTIC=det,
