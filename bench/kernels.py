@@ -234,7 +234,7 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
-def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(2, 3),
+def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(1, 2, 3, 4),
                 bwd_tile_elems=(512, 4096, 8192)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
@@ -275,7 +275,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):
-            choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
+            choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages
+                        if st != module.BWD_STAGES]  # (the defaults row has the module's own)
             if hasattr(module, "forward_warps"):  # the LayerNorm ops: stages with other backward warps
                 warp_attr = "BWD_WARPS" if hasattr(module, "BWD_WARPS") else "num_warps"
                 choices += [(f"{st} stages, {w} warps in the backward",
