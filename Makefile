@@ -38,9 +38,11 @@ gpu-deps:
 
 # Compute table (anywhere), training-step, sampling and kernel benchmarks (full tables need CUDA).
 bench: install
-	$(PY) bench/compute_table.py
-	$(PY) bench/activation_memory.py
-	$(PY) bench/compiled_backward.py
+	@# The counting benchmarks (nothing timed) side by side: the activation count (minutes of compiling XL
+	@# graphs on a CPU) beside the compute table and the compiled backward; then the timed ones, alone.
+	log=$$(mktemp); $(PY) bench/activation_memory.py > $$log 2>&1 & pid=$$!; \
+	$(PY) bench/compute_table.py && $(PY) bench/compiled_backward.py; status=$$?; \
+	wait $$pid || status=1; cat $$log; rm -f $$log; exit $$status
 	$(PY) bench/host_overhead.py
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py

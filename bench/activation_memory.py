@@ -128,7 +128,10 @@ def measure(name: str, backend: str, batch: int, checkpointing: str = "none", co
     model.set_keep_norm_outputs(keep_norm_outputs)
     ratio = 0.5 if name.startswith("MaskDiT") else 0.0
     loss_fn = training_loss(model, compile_mode)
-    counts = [held_bytes(model, b, ratio, loss_fn, compiled=compile_mode != "none") for b in small]
+    # compiled: each batch size compiles its own static graph (the second compile, with dynamic shapes, took
+    # a third longer here for the same count)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        counts = [held_bytes(model, b, ratio, loss_fn, compiled=compile_mode != "none") for b in small]
     per_image = (counts[1] - counts[0]) / (small[1] - small[0])
     fixed = counts[0] - per_image * small[0]
     n_params = sum(p.numel() for p in model.parameters())
