@@ -111,7 +111,7 @@ class TritonOps(_Ops):
         except ImportError as e:  # triton missing
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
         self.k = kernels
-        self.keep_norm_outputs = keep_norm_outputs  # the Linear Functions keep y instead of recomputing it
+        self.keep_norm_outputs = keep_norm_outputs  # see _recomputed_from
         super().__init__(recompute)
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
@@ -125,13 +125,18 @@ class TritonOps(_Ops):
         x, y = self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
         return x, ModulatedLN(y, x, shift, scale, layout.seg)
 
+    def _recomputed_from(self, y: ModulatedLN) -> tuple:
+        """What the Linear Functions on y save instead of y to recompute it in their backward (x, shift, scale
+        and seg, which the LayerNorm's own backward keeps anyway); nothing with ``keep_norm_outputs``: they
+        keep y."""
+        return () if self.keep_norm_outputs else (y.x, y.shift, y.scale, y.seg)
+
     def linear(self, y: ModulatedLN, layer):
-        """``layer(y.y)``, not keeping y.y for the backward (see ``_LinearOnRecomputedLN``) when recomputing
-        (unless ``keep_norm_outputs``)."""
+        """``layer(y.y)``, not keeping y.y for the backward (see ``_Linear``) when recomputing (unless
+        ``keep_norm_outputs``)."""
         if not (self.recompute and torch.is_grad_enabled()):
             return layer(y.y)
-        return _LinearOnRecomputedLN.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, y.x, y.shift, y.scale,
-                                           y.seg, self.keep_norm_outputs)
+        return _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, *self._recomputed_from(y))
 
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
@@ -146,8 +151,8 @@ class TritonOps(_Ops):
         if not (self.recompute and torch.is_grad_enabled()):
             return super().mlp(y, fc1, fc2)
         dt = y.y.dtype
-        return _MlpOnRecomputedLN.apply(y.y, fc1.weight.to(dt), fc1.bias, fc2.weight.to(dt), fc2.bias, y.x, y.shift,
-                                        y.scale, y.seg, self.keep_norm_outputs)
+        return _MlpOnRecomputedLN.apply(y.y, fc1.weight.to(dt), fc1.bias, fc2.weight.to(dt), fc2.bias,
+                                        *self._recomputed_from(y))
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):
@@ -171,14 +176,9 @@ class TritonOps(_Ops):
         return out.view(-1, out.shape[-1])
 
 
-def _norm_or_inputs(y, x, shift, scale, seg, keep_y: bool) -> tuple:
-    """What a Function on a modulated LayerNorm output saves to have y in its backward: y itself, or what
-    recomputes it (x, shift, scale and seg, which the LayerNorm's own backward keeps anyway)."""
-    return (y,) if keep_y else (x, shift, scale, seg)
-
-
-def _norm_output(kept, dtype):
-    """y from what ``_norm_or_inputs`` saved."""
+def _saved_input(kept: list, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear's input in its backward from what its Function saved: the input itself, or (x, shift, scale,
+    seg) to recompute it, ``ln_modulate``'s output, with the forward's kernel."""
     if len(kept) == 1:
         return kept[0]
     import kernels
@@ -189,50 +189,29 @@ def _norm_output(kept, dtype):
 class _Linear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` (x and weight in the compute dtype, the bias in its own) whose backward sums
     the bias gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
-    averaged about a third of it in a profiled step).  Saves what autograd's Linear saves: x and the weight."""
+    averaged about a third of it in a profiled step).  It saves the weight and x, as autograd's Linear does, or,
+    given ``recomputed_from`` = (x0, shift, scale, seg) with x = ln_modulate(x0, shift, scale, seg), those
+    instead of x: the backward recomputes x with the forward kernel for the weight gradient.  A block then
+    keeps neither of its two modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's
+    activations at XL/2.  Under ``torch.compile`` the Function is traced into the graph and the partitioner
+    keeps what its backward uses: x0, shift and scale, not x.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype
+    def forward(ctx, x, weight, bias, *recomputed_from):
+        ctx.save_for_backward(weight, *(recomputed_from or (x,)))
+        ctx.x_dtype, ctx.bias_dtype, ctx.num_extra = x.dtype, bias.dtype, len(recomputed_from)
         return F.linear(x, weight, bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dout):
         import kernels
 
-        x, weight = ctx.saved_tensors
+        weight, *kept = ctx.saved_tensors
+        x = _saved_input(kept, ctx.x_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         dweight = dout2.t() @ x.reshape(-1, x.shape[-1])
-        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype)
-
-
-class _LinearOnRecomputedLN(torch.autograd.Function):
-    """``F.linear(y, weight, bias)`` for y = ln_modulate(x, shift, scale) that saves x, shift and scale
-    (which the LayerNorm's own backward keeps anyway) instead of y: the backward recomputes y with the
-    forward kernel, from the same stored x, for the weight gradient.  A block no longer keeps its two
-    modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's activations at XL/2.  Under
-    ``torch.compile`` the Function is traced into the graph and the partitioner keeps what its backward uses:
-    x, shift and scale, not y.  The bias comes in its own dtype; its gradient is summed in fp32
-    (``kernels.bias_grad``).  ``keep_y``: keep y instead (more memory, no LayerNorm pass in the backward).
-    """
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, x, shift, scale, seg, keep_y=False):
-        ctx.save_for_backward(weight, *_norm_or_inputs(y, x, shift, scale, seg, keep_y))
-        ctx.y_dtype, ctx.bias_dtype = y.dtype, bias.dtype
-        return F.linear(y, weight, bias.to(y.dtype))
-
-    @staticmethod
-    def backward(ctx, dout):
-        import kernels
-
-        weight, *kept = ctx.saved_tensors
-        y = _norm_output(kept, ctx.y_dtype)
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = dout2.t() @ y.reshape(-1, y.shape[-1])
-        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), None, None, None, None, None
-
+        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), *[None] * ctx.num_extra
 
 
 @torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())
@@ -273,20 +252,20 @@ class _GeluLinear(torch.autograd.Function):
 
 
 class _MlpOnRecomputedLN(torch.autograd.Function):
-    """``fc2(gelu_tanh(fc1(y)))`` for y = ln_modulate(x, shift, scale), keeping what ``_LinearOnRecomputedLN``
-    and ``_GeluLinear`` keep together (x, shift, scale and the GELU input a; not y, not the GELU output).  The
-    backward recomputes y with the LayerNorm kernel and runs the GELU backward as one kernel
-    (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight gradient, a's gradient and fc1's
-    bias gradient from one read of a and of its incoming gradient, where the unfused backward reads a twice and
-    a's gradient once more).  The biases come in their own (fp32) dtype, their gradients summed in fp32 (fc2's
-    by ``kernels.bias_grad``).  ``keep_y``: keep y instead of recomputing it.
+    """``fc2(gelu_tanh(fc1(y)))`` for y = ln_modulate(x, shift, scale), keeping what ``_Linear`` and
+    ``_GeluLinear`` keep together (given ``recomputed_from``: x, shift, scale and the GELU input a; not y, not
+    the GELU output; without it y and a).  The backward recomputes y with the LayerNorm kernel and runs the
+    GELU backward as one kernel (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight
+    gradient, a's gradient and fc1's bias gradient from one read of a and of its incoming gradient, where the
+    unfused backward reads a twice and a's gradient once more).  The biases come in their own (fp32) dtype,
+    their gradients summed in fp32 (fc2's by ``kernels.bias_grad``).
     """
 
     @staticmethod
-    def forward(ctx, y, w1, b1, w2, b2, x, shift, scale, seg, keep_y=False):
+    def forward(ctx, y, w1, b1, w2, b2, *recomputed_from):
         a = F.linear(y, w1, b1.to(y.dtype))
-        ctx.save_for_backward(w1, w2, a, *_norm_or_inputs(y, x, shift, scale, seg, keep_y))
-        ctx.y_dtype, ctx.bias_dtypes = y.dtype, (b1.dtype, b2.dtype)
+        ctx.save_for_backward(w1, w2, a, *(recomputed_from or (y,)))
+        ctx.y_dtype, ctx.bias_dtypes, ctx.num_extra = y.dtype, (b1.dtype, b2.dtype), len(recomputed_from)
         return F.linear(F.gelu(a, approximate="tanh"), w2, b2.to(a.dtype))
 
     @staticmethod
@@ -294,12 +273,12 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         import kernels
 
         w1, w2, a, *kept = ctx.saved_tensors
-        y = _norm_output(kept, ctx.y_dtype)
+        y = _saved_input(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
         dw2, db2 = dout2.t() @ g, kernels.bias_grad(dout2)
         dw1, dy = da.t() @ y.reshape(-1, y.shape[-1]), (da @ w1).view(y.shape)
-        return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), None, None, None, None, None
+        return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), *[None] * ctx.num_extra
 
 
 _TORCH = TorchOps()
