@@ -158,6 +158,27 @@ def per_sample_sums(buffer: torch.Tensor, row_samples: torch.Tensor, num_samples
     return out.index_add_(1, row_samples.long(), buffer)
 
 
+def row_tiles(num_rows: int, tile_rows: int, most_rows: int) -> tuple[int, int, int]:
+    """(rows of a tile, tiles of a program, row blocks) for a kernel whose programs walk up to ``most_rows``
+    rows of a column block in tiles of ``tile_rows`` (a power of two) and sum them over the rows."""
+    block_t = min(tile_rows, next_power_of_2(max(num_rows, 1)))
+    tiles = max(1, min(most_rows, num_rows) // block_t)
+    return block_t, tiles, cdiv(num_rows, block_t * tiles)
+
+
+def column_sums_buffer(row_blocks: int, width: int, device, det: bool) -> torch.Tensor:
+    """The fp32 buffer such a kernel leaves its column sums in: one zeroed row its programs add into with
+    atomics; deterministic, one row per row block, every one written (``new_output``: poisoned in the tests)."""
+    if det:
+        return new_output((row_blocks, width), torch.float32, device)
+    return torch.zeros((1, width), dtype=torch.float32, device=device)
+
+
+def column_sums(buffer: torch.Tensor, det: bool) -> torch.Tensor:
+    """The (width,) sums from ``column_sums_buffer`` after the kernel: deterministic, the rows added in order."""
+    return buffer.sum(0) if det else buffer.view(-1)
+
+
 def cast_sums(sums: torch.Tensor, dtypes) -> tuple[torch.Tensor, ...]:
     """The (count, N, D) fp32 sums as ``count`` gradients in ``dtypes``: one cast when the dtypes agree (the
     modulation tensors are slices of one adaLN output)."""

@@ -17,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, backward_options, cdiv, check_tensor, deterministic, new_output, next_power_of_2
+from ._common import (
+    FLOAT_DTYPES,
+    backward_options,
+    cdiv,
+    check_tensor,
+    column_sums,
+    column_sums_buffer,
+    deterministic,
+    row_tiles,
+)
 
 BLOCK_D = 256  # columns of a program
 TILE_ROWS = 16  # rows of one tile (a program walks its rows tile by tile)
@@ -45,25 +54,16 @@ def _column_sums_kernel(DY, OUT, T, D, stride_t, stride_d, BLOCK_T: tl.constexpr
         tl.atomic_add(OUT + cols, sums, mask=cmask, sem="relaxed")
 
 
-def _geometry(t: int) -> tuple[int, int, int]:
-    """(rows of a tile, tiles of a program, row blocks) for T rows."""
-    block_t = min(TILE_ROWS, next_power_of_2(max(t, 1)))
-    tiles = max(1, min(ROWS, t) // block_t)
-    return block_t, tiles, cdiv(t, block_t * tiles)
-
-
 def _impl(dy: torch.Tensor) -> torch.Tensor:
     t, d = dy.shape
     det = deterministic(dy.device)
-    block_t, tiles, row_blocks = _geometry(t)
-    # deterministic: every row written (poisoned in the tests); otherwise one zeroed row the programs add into
-    out = new_output((row_blocks, d), torch.float32, dy.device) if det else \
-        torch.zeros((1, d), dtype=torch.float32, device=dy.device)
+    block_t, tiles, row_blocks = row_tiles(t, TILE_ROWS, ROWS)
+    out = column_sums_buffer(row_blocks, d, dy.device, det)
     if t and d:
         _column_sums_kernel[(row_blocks, cdiv(d, BLOCK_D))](
             dy, out, t, d, dy.stride(0), dy.stride(1), BLOCK_T=block_t, BLOCK_D=BLOCK_D, TILES=tiles, DETERMINISTIC=det,
             STAGES=BWD_STAGES, **backward_options(NUM_WARPS, BWD_STAGES))
-    return out.sum(0) if det else out.view(d)
+    return column_sums(out, det)
 
 
 _op = torch.library.custom_op("maskdit::bias_grad", _impl, mutates_args=())

@@ -25,9 +25,11 @@ from ._common import (
     backward_options,
     cdiv,
     check_tensor,
+    column_sums,
+    column_sums_buffer,
     deterministic,
     new_output,
-    next_power_of_2,
+    row_tiles,
 )
 
 BLOCK_H = 256  # columns of a program
@@ -80,26 +82,19 @@ def _validate(a, dh):
     check_tensor("dh", dh, shape=tuple(a.shape), dtypes=(a.dtype,), device=a.device, last_stride_one=True)
 
 
-def _geometry(t: int, h: int) -> tuple[int, int, int]:
-    """(rows of a tile, tiles of a program, row blocks) for T rows."""
-    block_t = min(TILE_ROWS, next_power_of_2(max(t, 1)))
-    tiles = max(1, min(ROWS, t) // block_t)
-    return block_t, tiles, cdiv(t, block_t * tiles)
-
-
 def _impl(a: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, h = a.shape
     det = deterministic(a.device)
     g = new_output((t, h), a.dtype, a.device)
     da = new_output((t, h), a.dtype, a.device)
-    block_t, tiles, row_blocks = _geometry(t, h)
-    dbias = torch.zeros((row_blocks if det else 1, h), dtype=torch.float32, device=a.device)
+    block_t, tiles, row_blocks = row_tiles(t, TILE_ROWS, ROWS)
+    dbias = column_sums_buffer(row_blocks, h, a.device, det)
     if t and h:
         _gelu_tanh_grad_kernel[(row_blocks, cdiv(h, BLOCK_H))](
             a, dh, g, da, dbias, t, h, a.stride(0), dh.stride(0), g.stride(0), da.stride(0),
             BLOCK_T=block_t, BLOCK_H=BLOCK_H, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
             **backward_options(NUM_WARPS, BWD_STAGES))
-    return g, da, dbias.sum(0) if det else dbias.view(h)
+    return g, da, column_sums(dbias, det)
 
 
 _op = torch.library.custom_op("maskdit::gelu_tanh_grad", _impl, mutates_args=())
