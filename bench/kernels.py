@@ -265,8 +265,10 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             block = "BLOCK_H" if hasattr(module, "BLOCK_H") else "BLOCK_D"
             choices += [(f"{b}-column blocks", {block: b}) for b in (128, 512)]
             choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
+            t0, b0, w0 = module.TILE_ROWS, getattr(module, block), module.NUM_WARPS
+            timed = {(t0, b0, w0), *((t0, b0, w) for w in warps), *((t0, b, w0) for b in (128, 512))}  # rows above
             choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, block: b, "NUM_WARPS": w})
-                        for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8)]
+                        for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8) if (t, b, w) not in timed]
         if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
             choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
         if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
@@ -277,11 +279,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "BWD_STAGES"):
             choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages
                         if st != module.BWD_STAGES]  # (the defaults row has the module's own)
-            if hasattr(module, "forward_warps"):  # the LayerNorm ops: stages with other backward warps
-                warp_attr = "BWD_WARPS" if hasattr(module, "BWD_WARPS") else "num_warps"
-                choices += [(f"{st} stages, {w} warps in the backward",
-                             {"BWD_STAGES": st, warp_attr: w if warp_attr == "BWD_WARPS" else (lambda _e, w=w: w)})
-                            for st in (1, 2, 3) for w in (4, 8)]
+            if hasattr(module, "BWD_WARPS"):  # the LayerNorm ops: the stages at the other backward warps
+                choices += [(f"{st} stages, {w} warps in the backward", {"BWD_STAGES": st, "BWD_WARPS": w})
+                            for st in (1, 2, 3) for w in (4, 8) if w != module.BWD_WARPS]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             try:

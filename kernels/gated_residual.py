@@ -44,10 +44,10 @@ from .ln_modulate import _flush_partial, _ln_modulate_row_bwd, _ln_modulate_rows
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
-# software-pipeline stages of the backward's row loop: 1 loads each row when it is processed; 2 or more issue
-# the loads of the next rows first (a launch parameter: ``bench/kernels.py`` times 2 and 3)
-# (and warps of a backward program: H200, D 1152, CUDA-graph times: 0.326 ms with 1 stage and 8 warps,
-# ``num_warps``' rule; 0.277 with 3 stages; 0.246 with 3 stages and 4 warps)
+# software-pipeline stages of the backward's row loop (1: each row loaded when it is processed; more: the next
+# rows' loads issued first) and warps of a backward program, launch parameters bench/kernels.py varies.  H200,
+# D 1152, CUDA-graph times: 0.326 ms with 1 stage and 8 warps (``num_warps``' rule), 0.277 with 3 stages,
+# 0.246 with 3 stages and 4 warps
 BWD_STAGES = 3
 BWD_WARPS = 4
 
