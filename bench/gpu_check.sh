@@ -8,7 +8,8 @@
 # after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
 # kernels attention varlen train_step"; also "profile", "sampling", "sdpa" (the step with each attention
 # kernel, into $RESULTS_DIR/sdpa-*), "keep" (the triton step with the LayerNorm outputs kept, into
-# $RESULTS_DIR/keep), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
+# $RESULTS_DIR/keep), "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into
+# $RESULTS_DIR/split), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
 # $RESULTS_DIR/compile)).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
@@ -71,6 +72,12 @@ fi
 if [[ $PARTS == *" keep "* ]]; then
   timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
     --steps 10 --keep-norm-outputs --out "$RESULTS_DIR/keep" || status=1; pack
+fi
+# the triton step at batch 256 with the LayerNorm backwards' rows in two column blocks (BWD_SPLIT_COLUMNS)
+if [[ $PARTS == *" split "* ]]; then
+  timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
+    --steps 10 --kernel-constant ln_modulate.BWD_SPLIT_COLUMNS=True gated_residual.BWD_SPLIT_COLUMNS=True \
+    --out "$RESULTS_DIR/split" || status=1; pack
 fi
 # XL/2 at 512x512 (64x64x4 latents, 1024 tokens), batch 64
 if [[ $PARTS == *" res512 "* ]]; then

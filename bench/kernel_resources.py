@@ -179,6 +179,10 @@ def collect_launches() -> list[Launch]:
                 _training_steps()
                 with module_constants(layer_norms, BWD_WARPS=8):  # (the LayerNorm backwards at 8 warps too)
                     _training_steps()
+        for warps in (4, 8):  # the LayerNorm backwards' rows in two column blocks (1024 + 128 at D 1152)
+            with module_constants(layer_norms, BWD_SPLIT_COLUMNS=True, BWD_WARPS=warps):
+                _training_steps()
+                _ops_in_half_precision()
     return list(dict.fromkeys(launches))
 
 

@@ -243,9 +243,10 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     by default), the most tokens per backward program (``BWD_ROWS``, 32 by default, which
     ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's loop over rows
     (``BWD_STAGES``: the LayerNorm ops, also 1-3 stages at 4 and 8 backward warps, insert_mask_tokens,
-    gelu_tanh_grad and bias_grad); for ``edm_loss`` the elements of a backward program's tile
-    (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for ``embed_kept_patches`` the tokens and
-    output columns of a forward program; for ``gelu_tanh_grad`` and
+    gelu_tanh_grad and bias_grad); the LayerNorm backwards' row in one or two power-of-two column blocks
+    (``BWD_SPLIT_COLUMNS``, the other than the default, at 4 and 8 warps and 2-4 stages); for ``edm_loss`` the
+    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for
+    ``embed_kept_patches`` the tokens and output columns of a forward program; for ``gelu_tanh_grad`` and
     ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
@@ -282,6 +283,11 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             if hasattr(module, "BWD_WARPS"):  # the LayerNorm ops: the stages at the other backward warps
                 choices += [(f"{st} stages, {w} warps in the backward", {"BWD_STAGES": st, "BWD_WARPS": w})
                             for st in (1, 2, 3) for w in (4, 8) if w != module.BWD_WARPS]
+        if hasattr(module, "BWD_SPLIT_COLUMNS"):  # the LayerNorm backwards' rows in two column blocks
+            other = "one column block" if module.BWD_SPLIT_COLUMNS else "two column blocks"
+            choices += [(f"backward rows in {other}, {w} warps, {st} stages",
+                         {"BWD_SPLIT_COLUMNS": not module.BWD_SPLIT_COLUMNS, "BWD_WARPS": w, "BWD_STAGES": st})
+                        for w in (4, 8) for st in (2, 3, 4)]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             try:

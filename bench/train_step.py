@@ -2,6 +2,7 @@
 
     python bench/train_step.py [--models M ...] [--impls I ...] [--batches B ...] [--steps 20] [--warmup 5]
                                [--input-size 32] [--no-ema] [--threads N] [--quick] [--out DIR]
+                               [--kernel-constant MODULE.NAME=VALUE ...]
 
 One step is what ``train.py`` does per step, data loading and label dropout left out: draw sigma and the
 noise (and, for MaskDiT, ``random_mask`` at ratio 0.5 packed by ``token_layout`` outside the compiled
@@ -49,8 +50,11 @@ bench/results/<device>).
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import copy
 import gc
+import importlib
 import os
 import statistics
 import sys
@@ -61,7 +65,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, environment, results_folder, write_results  # noqa: E402
+from bench.common import bench_ms, environment, module_constants, results_folder, write_results  # noqa: E402
 from maskdit.attention import SDPA_BACKENDS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
@@ -110,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "kept for the backward, not recomputed)")
     p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS), default="auto",
                    help="the attention kernel (maskdit.attention.set_sdpa_backend; default PyTorch's choice)")
+    p.add_argument("--kernel-constant", nargs="+", default=[], metavar="MODULE.NAME=VALUE",
+                   help="launch parameters of the triton rows' kernels for the whole run, e.g. "
+                        "ln_modulate.BWD_SPLIT_COLUMNS=True (an existing upper-case constant of kernels.MODULE, "
+                        "a value of its type)")
     p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, "
                                                         "batch 256, 10 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
@@ -123,7 +131,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or min(args.batches) < 1:
         p.error("--steps and --batches must be >= 1, --warmup >= 0")
     args.batches = sorted(set(args.batches))
+    try:
+        args.kernel_constants = kernel_constants(args.kernel_constant)
+    except ValueError as e:
+        p.error(f"--kernel-constant: {e}")
     return args
+
+
+def kernel_constants(assignments: list[str]) -> dict[str, dict]:
+    """{module: {NAME: value}} from "MODULE.NAME=VALUE" strings (the value a Python literal of the constant's
+    type); ValueError naming what is wrong."""
+    out: dict[str, dict] = {}
+    for text in assignments:
+        target, sep, value_text = text.partition("=")
+        module, _, name = target.strip().rpartition(".")
+        if not sep or not module or not name:
+            raise ValueError(f"expected MODULE.NAME=VALUE, got {text!r}")
+        try:
+            mod = importlib.import_module(f"kernels.{module}")
+        except ImportError as e:
+            raise ValueError(f"no kernel module kernels.{module} ({e})") from None
+        if not name.isupper() or not hasattr(mod, name):
+            raise ValueError(f"kernels.{module} has no launch-parameter constant {name!r}")
+        try:
+            value = ast.literal_eval(value_text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{text!r}: the value must be a Python literal") from None
+        current = getattr(mod, name)
+        if type(value) is not type(current):
+            raise ValueError(f"kernels.{module}.{name} must be of type {type(current).__name__} (it is {current!r}), "
+                             f"got {value!r}")
+        out.setdefault(module, {})[name] = value
+    return out
 
 
 def matmul_rate(device: torch.device) -> tuple[float, str]:
@@ -334,6 +373,7 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> str:
     cuda = any(r["precision"] == "bf16" for r in rows)
     timing = "median of CUDA-event step times" if cuda else "median of time.perf_counter step times"
+    constants = "".join(f"; kernels.{m}.{k} = {v!r}" for m, kv in args.kernel_constants.items() for k, v in kv.items())
     lines = [f"## Training step: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"{args.input_size}x{args.input_size}x{IN_CHANNELS} latents ({8 * args.input_size}x"
@@ -341,7 +381,8 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
              f"step = EDM loss fwd + bwd + fused AdamW{' + EMA' if args.ema else ''}; MaskDiT ratio {MASK_RATIO}; "
              f"{args.warmup} warm-up then {args.steps} timed steps, {timing}"
              f"{'' if args.sdpa_backend == 'auto' else f'; attention kernel: {args.sdpa_backend}'}"
-             f"{'; modulated LayerNorm outputs kept (DiT.set_keep_norm_outputs)' if args.keep_norm_outputs else ''}.",
+             f"{'; modulated LayerNorm outputs kept (DiT.set_keep_norm_outputs)' if args.keep_norm_outputs else ''}"
+             f"{constants}.",
              f"MFU against the measured {matmul[1]}: {matmul[0]:.3g} TFLOP/s.  TFLOP/s counts the model's "
              "matrix products and attention (maskdit.flops.train_gflops).  Speed-ups are step-time ratios.", "",
              "First step: seconds of the first warm-up step (compilation included).", "",
@@ -431,7 +472,7 @@ def main(argv=None) -> dict:
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
                     activation_checkpointing=args.activation_checkpointing, sdpa_backend=args.sdpa_backend,
-                    keep_norm_outputs=args.keep_norm_outputs,
+                    keep_norm_outputs=args.keep_norm_outputs, kernel_constants=args.kernel_constants,
                     mask_ratio=MASK_RATIO, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
                     precision="bf16 autocast" if device.type == "cuda" else "fp32",
                     timing="median of per-step CUDA events" if device.type == "cuda" else
@@ -442,7 +483,9 @@ def main(argv=None) -> dict:
         payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
         return payload, write_results(out, "train_step", payload, markdown(env, matmul, args, rows))
 
-    with sdpa_backend(args.sdpa_backend):
+    with sdpa_backend(args.sdpa_backend), contextlib.ExitStack() as constants:
+        for module, values in args.kernel_constants.items():
+            constants.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
         rows = sweep(args, device, matmul[0], on_row=save)
     payload, paths = save(rows)
     print(markdown(env, matmul, args, rows))

@@ -77,6 +77,21 @@ def block_size(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
+def column_blocks(n: int, split: bool) -> dict:
+    """The power-of-two column blocks (BLOCK_A, BLOCK_B) a row kernel covers ``n`` columns with: one,
+    ``block_size(n)`` (BLOCK_B = 0), or with ``split`` two, the largest power of two <= n and a block for the
+    rest, when they cover fewer columns: 1024 + 128 at D 1152 instead of 2048, whose 896 idle lanes cost
+    registers and instructions (two blocks: two reductions a row instead of one).  n a power of two, or no
+    smaller cover: one block."""
+    one = block_size(n)
+    if split and n > 16:
+        first = 1 << (n.bit_length() - 1)
+        rest = n - first
+        if rest and first + block_size(rest) < one:
+            return dict(BLOCK_A=first, BLOCK_B=block_size(rest))
+    return dict(BLOCK_A=one, BLOCK_B=0)
+
+
 def num_warps(elements: int) -> int:
     """Warps for a program holding ``elements`` values per row/tile tensor: one per 256 values, 4 to 8.
 

@@ -31,6 +31,7 @@ from ._common import (
     cast_sums,
     cdiv,
     check_tensor,
+    column_blocks,
     deterministic,
     forward_warps,
     new_output,
@@ -39,7 +40,7 @@ from ._common import (
     row_samples_buffer,
     rows_per_program,
 )
-from .ln_modulate import _flush_partial, _ln_modulate_row_bwd, _ln_modulate_rows
+from .ln_modulate import _flush_partial, _ln_bwd_dx, _ln_bwd_sums, _ln_bwd_terms, _ln_modulate_rows
 
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
@@ -50,6 +51,11 @@ BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left 
 # 0.246 with 3 stages and 4 warps
 BWD_STAGES = 3
 BWD_WARPS = 4
+# the backward's row as two power-of-two column blocks where they cover it more tightly, a launch parameter as
+# in ``ln_modulate``.  Offline sm_90 build of the training step's variant (fp32 x and x_new gradient, bf16 h
+# and dy; D 1152, 4 warps, 3 stages): 154 instead of 212 registers a thread and 39.0 instead of 69.7 KB of
+# shared memory, so 3 programs an SM instead of 2.  Not yet timed on a GPU.
+BWD_SPLIT_COLUMNS = False
 
 
 @triton.jit
@@ -76,55 +82,107 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 
 
 @triton.jit
+def _gated_residual_bwd_part(DXN, DY, X, H, GATE, SCALE, r, s, cols, cmask, valid, stride_dxn, stride_dy, stride_x,
+                             stride_h, stride_gate, stride_scale, mean, rstd, HAS_DXN: tl.constexpr,
+                             HAS_DY: tl.constexpr):
+    """One column block of row r in fp32: h, gate, the incoming x_new gradient, and (with HAS_DY; zeros
+    otherwise) dy, g and x_hat of the LayerNorm backward (``_ln_bwd_terms``)."""
+    vmask = cmask & valid
+    h = tl.load(H + r * stride_h + cols, mask=vmask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_DXN:
+        dxn = tl.load(DXN + r * stride_dxn + cols, mask=vmask, other=0.0).to(tl.float32)
+    else:
+        dxn = tl.zeros(h.shape, dtype=tl.float32)
+    if HAS_DY:
+        dy = tl.load(DY + r * stride_dy + cols, mask=vmask, other=0.0).to(tl.float32)
+        x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+        xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)  # x_new as the forward stored it
+        scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+        g, xhat = _ln_bwd_terms(dy, xn, mean, rstd, scale, cmask)
+    else:
+        dy = tl.zeros(h.shape, dtype=tl.float32)
+        g = dy
+        xhat = dy
+    return h, gate, dxn, dy, g, xhat
+
+
+@triton.jit
 def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, ROW_SAMPLES,
                                T, D, stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
-                               stride_dh, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_DXN: tl.constexpr,
-                               HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
+                               stride_dh, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
+                               HAS_DXN: tl.constexpr, HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                               STAGES: tl.constexpr):
+    # a row's columns as one or two power-of-two blocks, as in ``_ln_modulate_bwd_kernel``
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
-    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ca = tl.arange(0, BLOCK_A)
+    ma = ca < D
+    zero_a = tl.zeros([BLOCK_A], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_gate_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    if BLOCK_B > 0:
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        mb = cb < D
+        zero_b = tl.zeros([BLOCK_B], dtype=tl.int64)
+        acc_gate_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
     for i in tl.range(ROWS, num_stages=STAGES):
         row = pid * ROWS + i
-        valid = (zero + row) < T
-        vmask = cmask & valid
         r = tl.minimum(row, T - 1)
         s = tl.load(SEG + r).to(tl.int64)
-        h = tl.load(H + r * stride_h + cols, mask=vmask, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_DXN:
-            dxn = tl.load(DXN + r * stride_dxn + cols, mask=vmask, other=0.0).to(tl.float32)
-        else:
-            dxn = tl.zeros([BLOCK_D], dtype=tl.float32)
+        mean = tl.load(MEAN + r)
+        rstd = tl.load(RSTD + r)
+        va = (zero_a + row) < T
+        h_a, gate_a, dxn_a, dy_a, g_a, xh_a = _gated_residual_bwd_part(
+            DXN, DY, X, H, GATE, SCALE, r, s, ca, ma, va, stride_dxn, stride_dy, stride_x, stride_h, stride_gate,
+            stride_scale, mean, rstd, HAS_DXN, HAS_DY)
+        if BLOCK_B > 0:
+            vb = (zero_b + row) < T
+            h_b, gate_b, dxn_b, dy_b, g_b, xh_b = _gated_residual_bwd_part(
+                DXN, DY, X, H, GATE, SCALE, r, s, cb, mb, vb, stride_dxn, stride_dy, stride_x, stride_h, stride_gate,
+                stride_scale, mean, rstd, HAS_DXN, HAS_DY)
         if HAS_DY:
-            dy = tl.load(DY + r * stride_dy + cols, mask=vmask, other=0.0).to(tl.float32)
-            x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-            xn = (x + gate * h).to(X.dtype.element_ty).to(tl.float32)  # x_new as the forward stored it
-            mean = tl.load(MEAN + r)
-            rstd = tl.load(RSTD + r)
-            scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-            dln, xhat = _ln_modulate_row_bwd(dy, xn, mean, rstd, scale, cmask, D)
-            acc_shift += dy
-            acc_scale += dy * xhat
-            dxn += dln
-        acc_gate += dxn * h
-        tl.store(DX + r * stride_dx + cols, dxn.to(DX.dtype.element_ty), mask=vmask)
-        tl.store(DH + r * stride_dh + cols, (dxn * gate).to(DH.dtype.element_ty), mask=vmask)
+            sum_g, sum_gx = _ln_bwd_sums(g_a, xh_a)
+            if BLOCK_B > 0:
+                sum_g_b, sum_gx_b = _ln_bwd_sums(g_b, xh_b)
+                sum_g += sum_g_b
+                sum_gx += sum_gx_b
+            dxn_a += _ln_bwd_dx(g_a, xh_a, rstd, sum_g / D, sum_gx / D)
+            acc_shift_a += dy_a
+            acc_scale_a += dy_a * xh_a
+            if BLOCK_B > 0:
+                dxn_b += _ln_bwd_dx(g_b, xh_b, rstd, sum_g / D, sum_gx / D)
+                acc_shift_b += dy_b
+                acc_scale_b += dy_b * xh_b
+        acc_gate_a += dxn_a * h_a
+        tl.store(DX + r * stride_dx + ca, dxn_a.to(DX.dtype.element_ty), mask=ma & va)
+        tl.store(DH + r * stride_dh + ca, (dxn_a * gate_a).to(DH.dtype.element_ty), mask=ma & va)
+        if BLOCK_B > 0:
+            acc_gate_b += dxn_b * h_b
+            tl.store(DX + r * stride_dx + cb, dxn_b.to(DX.dtype.element_ty), mask=mb & vb)
+            tl.store(DH + r * stride_dh + cb, (dxn_b * gate_b).to(DH.dtype.element_ty), mask=mb & vb)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
-            _flush_partial(DGATE, s, pid, D, cols, acc_gate, cmask, DETERMINISTIC)
-            acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+            _flush_partial(DGATE, s, pid, D, ca, acc_gate_a, ma, DETERMINISTIC)
+            acc_gate_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+            if BLOCK_B > 0:
+                _flush_partial(DGATE, s, pid, D, cb, acc_gate_b, mb, DETERMINISTIC)
+                acc_gate_b = tl.zeros([BLOCK_B], dtype=tl.float32)
             if DETERMINISTIC:
                 tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
             if HAS_DY:
-                _flush_partial(DSHIFT, s, pid, D, cols, acc_shift, cmask, DETERMINISTIC)
-                _flush_partial(DSCALE, s, pid, D, cols, acc_scale, cmask, DETERMINISTIC)
-                acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
-                acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+                _flush_partial(DSHIFT, s, pid, D, ca, acc_shift_a, ma, DETERMINISTIC)
+                _flush_partial(DSCALE, s, pid, D, ca, acc_scale_a, ma, DETERMINISTIC)
+                acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+                acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+                if BLOCK_B > 0:
+                    _flush_partial(DSHIFT, s, pid, D, cb, acc_shift_b, mb, DETERMINISTIC)
+                    _flush_partial(DSCALE, s, pid, D, cb, acc_scale_b, mb, DETERMINISTIC)
+                    acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+                    acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
 
 
 def _validate(x, h, gate, shift, scale, seg, out_dtype):
@@ -191,8 +249,8 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
         _gated_residual_bwd_kernel[(programs,)](
             dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, sums[0], sums[1], sums[2], row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
-            dx.stride(0), dh.stride(0), BLOCK_D=block_size(d), ROWS=rows, HAS_DXN=has_dxn, HAS_DY=has_dy,
-            DETERMINISTIC=det, STAGES=BWD_STAGES, **backward_options(BWD_WARPS, BWD_STAGES))
+            dx.stride(0), dh.stride(0), **column_blocks(d, BWD_SPLIT_COLUMNS), ROWS=rows, HAS_DXN=has_dxn,
+            HAS_DY=has_dy, DETERMINISTIC=det, STAGES=BWD_STAGES, **backward_options(BWD_WARPS, BWD_STAGES))
     return dx, dh, per_sample_sums(sums, row_samples, n, det)
 
 

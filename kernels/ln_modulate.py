@@ -24,6 +24,7 @@ from ._common import (
     cast_sums,
     cdiv,
     check_tensor,
+    column_blocks,
     deterministic,
     forward_warps,
     new_output,
@@ -42,6 +43,11 @@ BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left 
 # with 4 warps, 0.134 with 4 warps and 3 stages
 BWD_STAGES = 3
 BWD_WARPS = 4
+# the backward's row as two power-of-two column blocks where they cover it more tightly (``column_blocks``:
+# 1024 + 128 at D 1152 instead of 2048).  Offline sm_90 build of the training step's variant (fp32 x, bf16 dy;
+# 4 warps, 3 stages): 72 instead of 108 registers a thread and 17.5 instead of 32.9 KB of shared memory, so 7
+# programs an SM instead of 4.  A launch parameter bench/kernels.py times; not yet timed on a GPU.
+BWD_SPLIT_COLUMNS = False
 
 
 @triton.jit
@@ -60,13 +66,23 @@ def _add_pairs(a, b, c, d):
 
 
 @triton.jit
-def _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D):
-    """The gradient of one row's LN(x) * (1 + scale) + shift w.r.t. x, and x_hat (for the dscale sums).  The
-    row's two sums are one reduction over pairs: one exchange between warps (two barriers) instead of two."""
+def _ln_bwd_terms(dy, x, mean, rstd, scale, cmask):
+    """One column block of a row's LayerNorm backward: g = dy * (1 + scale) and x_hat (zero outside cmask)."""
     xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
-    g = dy * (1.0 + scale)
-    sum_g, sum_gx = tl.reduce((g, g * xhat), 0, _add_pairs)
-    return rstd * (g - sum_g / D - xhat * (sum_gx / D)), xhat
+    return dy * (1.0 + scale), xhat
+
+
+@triton.jit
+def _ln_bwd_sums(g, xhat):
+    """A column block's share of a row's two sums, sum(g) and sum(g * x_hat): one reduction over pairs (one
+    exchange between warps, two barriers) instead of two."""
+    return tl.reduce((g, g * xhat), 0, _add_pairs)
+
+
+@triton.jit
+def _ln_bwd_dx(g, xhat, rstd, mean_g, mean_gx):
+    """The LayerNorm's input gradient on a column block, from the row's means of g and g * x_hat."""
+    return rstd * (g - mean_g - xhat * mean_gx)
 
 
 @triton.jit
@@ -98,38 +114,73 @@ def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, T, D, stride_x,
 
 
 @triton.jit
+def _ln_modulate_bwd_part(X, DY, SCALE, r, s, cols, cmask, valid, stride_x, stride_dy, stride_scale, mean, rstd):
+    """One column block of row r: (dy, g, x_hat) in fp32 (``_ln_bwd_terms``)."""
+    x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r * stride_dy + cols, mask=cmask & valid, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    g, xhat = _ln_bwd_terms(dy, x, mean, rstd, scale, cmask)
+    return dy, g, xhat
+
+
+@triton.jit
 def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, ROW_SAMPLES, T, D, stride_x,
-                            stride_dy, stride_dx, stride_scale, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-                            DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
+                            stride_dy, stride_dx, stride_scale, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                            ROWS: tl.constexpr, DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
+    # a row's columns as one power-of-two block [0, BLOCK_A), or two (BLOCK_B > 0: [BLOCK_A, BLOCK_A + BLOCK_B)
+    # too, ``_common.column_blocks``); each "if BLOCK_B > 0" is resolved at compile time
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    zero = tl.zeros([BLOCK_D], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
-    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ca = tl.arange(0, BLOCK_A)
+    ma = ca < D
+    zero_a = tl.zeros([BLOCK_A], dtype=tl.int64)  # scalar conditions are broadcast to vectors before use
+    acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    if BLOCK_B > 0:
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        mb = cb < D
+        zero_b = tl.zeros([BLOCK_B], dtype=tl.int64)
+        acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
     for i in tl.range(ROWS, num_stages=STAGES):
         row = pid * ROWS + i
-        valid = (zero + row) < T
         r = tl.minimum(row, T - 1)
         s = tl.load(SEG + r).to(tl.int64)
-        x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * stride_dy + cols, mask=cmask & valid, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + r)
         rstd = tl.load(RSTD + r)
-        scale = tl.load(SCALE + s * stride_scale + cols, mask=cmask, other=0.0).to(tl.float32)
-        dx, xhat = _ln_modulate_row_bwd(dy, x, mean, rstd, scale, cmask, D)
-        acc_shift += dy
-        acc_scale += dy * xhat
-        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask & valid)
+        va = (zero_a + row) < T
+        dy_a, g_a, xh_a = _ln_modulate_bwd_part(X, DY, SCALE, r, s, ca, ma, va, stride_x, stride_dy, stride_scale,
+                                                mean, rstd)
+        sum_g, sum_gx = _ln_bwd_sums(g_a, xh_a)
+        if BLOCK_B > 0:
+            vb = (zero_b + row) < T
+            dy_b, g_b, xh_b = _ln_modulate_bwd_part(X, DY, SCALE, r, s, cb, mb, vb, stride_x, stride_dy,
+                                                    stride_scale, mean, rstd)
+            sum_g_b, sum_gx_b = _ln_bwd_sums(g_b, xh_b)
+            sum_g += sum_g_b
+            sum_gx += sum_gx_b
+        dx_a = _ln_bwd_dx(g_a, xh_a, rstd, sum_g / D, sum_gx / D)
+        acc_shift_a += dy_a
+        acc_scale_a += dy_a * xh_a
+        tl.store(DX + r * stride_dx + ca, dx_a.to(DX.dtype.element_ty), mask=ma & va)
+        if BLOCK_B > 0:
+            dx_b = _ln_bwd_dx(g_b, xh_b, rstd, sum_g / D, sum_gx / D)
+            acc_shift_b += dy_b
+            acc_scale_b += dy_b * xh_b
+            tl.store(DX + r * stride_dx + cb, dx_b.to(DX.dtype.element_ty), mask=mb & vb)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
-            _flush_partial(DSHIFT, s, pid, D, cols, acc_shift, cmask, DETERMINISTIC)
-            _flush_partial(DSCALE, s, pid, D, cols, acc_scale, cmask, DETERMINISTIC)
+            _flush_partial(DSHIFT, s, pid, D, ca, acc_shift_a, ma, DETERMINISTIC)
+            _flush_partial(DSCALE, s, pid, D, ca, acc_scale_a, ma, DETERMINISTIC)
+            acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+            acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+            if BLOCK_B > 0:
+                _flush_partial(DSHIFT, s, pid, D, cb, acc_shift_b, mb, DETERMINISTIC)
+                _flush_partial(DSCALE, s, pid, D, cb, acc_scale_b, mb, DETERMINISTIC)
+                acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+                acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
             if DETERMINISTIC:
                 tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
-            acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
-            acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
 
 
 def _validate(x, shift, scale, seg):
@@ -178,7 +229,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch
     if t:
         _ln_modulate_bwd_kernel[(programs,)](
             x, dy, dx, scale, seg, mean, rstd, sums[0], sums[1], row_samples, t, d, x.stride(0), dy.stride(0),
-            dx.stride(0), scale.stride(0), BLOCK_D=block_size(d), ROWS=rows, DETERMINISTIC=det,
+            dx.stride(0), scale.stride(0), **column_blocks(d, BWD_SPLIT_COLUMNS), ROWS=rows, DETERMINISTIC=det,
             STAGES=BWD_STAGES, **backward_options(BWD_WARPS, BWD_STAGES))
     return dx, per_sample_sums(sums, row_samples, num_samples, det)
 

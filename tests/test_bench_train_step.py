@@ -107,6 +107,33 @@ def test_sweep_records_oom_and_speedups(monkeypatch):
     assert md.count("| OOM |") == 2 and "Errors:" not in md
 
 
+def test_kernel_constants_hold_for_the_run_and_are_recorded(tmp_path, monkeypatch):
+    """--kernel-constant sets a kernel module's launch parameter during the sweep only, and the results say so."""
+    from kernels import gated_residual
+
+    seen = []
+    monkeypatch.setattr(train_step, "sweep", lambda args, device, tflops, on_row: seen.append(
+        (gated_residual.BWD_SPLIT_COLUMNS, gated_residual.BWD_STAGES)) or [])
+    default = gated_residual.BWD_SPLIT_COLUMNS, gated_residual.BWD_STAGES
+    payload = train_step.main(["--models", "DiT-T/2", "--kernel-constant", "gated_residual.BWD_SPLIT_COLUMNS=True",
+                               "gated_residual.BWD_STAGES=2", "--out", str(tmp_path)])
+    assert seen == [(True, 2)] and (gated_residual.BWD_SPLIT_COLUMNS, gated_residual.BWD_STAGES) == default
+    assert payload["settings"]["kernel_constants"] == {"gated_residual": {"BWD_SPLIT_COLUMNS": True, "BWD_STAGES": 2}}
+    assert "kernels.gated_residual.BWD_SPLIT_COLUMNS = True" in (tmp_path / "train_step.md").read_text()
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("BWD_STAGES=2", "MODULE.NAME=VALUE"), ("nosuch.BWD_STAGES=2", "no kernel module"),
+    ("ln_modulate.bwd_stages=2", "no launch-parameter constant"), ("ln_modulate.BWD_STAGES=two", "Python literal"),
+    ("ln_modulate.BWD_STAGES=True", "type int"), ("ln_modulate.BWD_SPLIT_COLUMNS=1", "type bool")])
+def test_bad_kernel_constants_are_named(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--kernel-constant", bad])
+    assert "--kernel-constant" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        train_step.kernel_constants([bad])
+
+
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     row = dict(model="DiT-T/2", impl="torch", batch=4, imgs_per_s=1.0, peak_mem_gb=None)

@@ -4,11 +4,21 @@ import pytest
 import torch
 
 from kernels import _common
-from kernels._common import alert_nondeterministic, num_warps, rows_per_program
+from kernels._common import alert_nondeterministic, column_blocks, num_warps, rows_per_program
 
 
 def test_num_warps_one_per_256_values_between_4_and_8():
     assert [num_warps(n) for n in (16, 128, 512, 1024, 2048, 4096, 8192)] == [4, 4, 4, 4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("n,split", [(1152, (1024, 128)), (384, (256, 128)), (72, (64, 16)), (4608, (4096, 512)),
+                                     (512, (512, 0)), (100, (128, 0)), (1000, (1024, 0)), (16, (16, 0)), (1, (16, 0))])
+def test_column_blocks_split_only_where_they_cover_fewer_columns(n, split):
+    """Two blocks where the largest power of two plus a block for the rest is smaller than one block (not at
+    D 100: 64 + 64 = 128); one block without ``split``; the blocks always cover the row."""
+    assert column_blocks(n, True) == dict(BLOCK_A=split[0], BLOCK_B=split[1])
+    assert column_blocks(n, False) == dict(BLOCK_A=max(16, 1 << (n - 1).bit_length()), BLOCK_B=0)
+    assert sum(split) >= n
 
 
 def test_rows_per_program_halves_until_four_programs_per_multiprocessor(monkeypatch):

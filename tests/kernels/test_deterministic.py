@@ -2,6 +2,8 @@
 without atomic adds, against the references and bitwise equal from run to run.  ``FORCE_DETERMINISTIC``
 takes these paths on any device (on CUDA the run-to-run check is the real one)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,4 +55,20 @@ def test_deterministic_backward_matches_reference_and_repeats_exactly(op, dtype,
     for got, want, fast, again in zip(first, expected, atomic, second):
         torch.testing.assert_close(got, want, **TOL[dtype]["grad"])
         torch.testing.assert_close(got, fast, **TOL[dtype]["grad"])
+        assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("op,module", [("ln_modulate", "ln_modulate"),
+                                       ("gated_residual_ln_modulate", "gated_residual")])
+def test_deterministic_backward_in_two_column_blocks(op, module, monkeypatch, deterministic_mode):
+    """The deterministic path with the backward's row in two column blocks (64 + 16 at D 72)."""
+    monkeypatch.setattr(importlib.import_module(f"kernels.{module}"), "BWD_SPLIT_COLUMNS", True)
+    leaves, call = _ops(torch.float32)[op]
+    fused, reference = getattr(kernels, op), getattr(kernels, op + "_reference")
+    expected = _grads(lambda: call(reference), leaves)
+    monkeypatch.setattr(_common, "FORCE_DETERMINISTIC", True)
+    torch.use_deterministic_algorithms(True)
+    first, second = _grads(lambda: call(fused), leaves), _grads(lambda: call(fused), leaves)
+    for got, want, again in zip(first, expected, second):
+        torch.testing.assert_close(got, want, **TOL[torch.float32]["grad"])
         assert torch.equal(got, again)

@@ -15,6 +15,8 @@ from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
 # (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
 # backward's 32-row programs, and an XL-width row.
 CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
+# widths the backward can take as two column blocks (64 + 16, 256 + 128; 1024 + 128 on CUDA, where it is cheap)
+SPLIT_CASES = [(72, [31, 2, 1, 33]), (384, [3, 2])] + ([(1152, [2, 3])] if DEVICE == "cuda" else [])
 NAMES = ("dx", "dh", "dgate", "dshift", "dscale")
 
 
@@ -86,6 +88,20 @@ def test_backward_pipeline_depths_and_warps(stages, warps, dtype, monkeypatch):
     monkeypatch.setattr(gated_residual, "BWD_STAGES", stages)
     monkeypatch.setattr(gated_residual, "BWD_WARPS", warps)
     _check(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,lengths", SPLIT_CASES)
+def test_backward_in_two_column_blocks(d, lengths, dtype, monkeypatch):
+    """The backward's row as two power-of-two column blocks (``SPLIT_CASES``; a launch parameter timed by
+    bench/kernels.py), with both outputs used and with each alone, and equal to the one-block result up to
+    the order of the row sums."""
+    one_block = _check(d, lengths, dtype)
+    monkeypatch.setattr(gated_residual, "BWD_SPLIT_COLUMNS", True)
+    for got, want, name in zip(_check(d, lengths, dtype), one_block, NAMES):
+        torch.testing.assert_close(got, want, **TOL[dtype]["grad"], msg=lambda m: f"{name}: {m}")
+    _check(d, lengths, dtype, use=("y",))
+    _check(d, lengths, dtype, use=("x_new",))
 
 
 def test_lengths_cross_the_backward_rows():

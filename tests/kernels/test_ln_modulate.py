@@ -11,6 +11,8 @@ ln_modulate_module = importlib.import_module("kernels.ln_modulate")  # (the pack
 # (hidden size, per-sample token counts): non-powers of two, a 1-token sample, counts that cross the
 # backward's 32-row programs, and an XL-width row.
 CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
+# widths the backward can take as two column blocks (64 + 16, 256 + 128; 1024 + 128 on CUDA, where it is cheap)
+SPLIT_CASES = [(72, [31, 2, 1, 33]), (384, [3, 2])] + ([(1152, [2, 3])] if DEVICE == "cuda" else [])
 
 
 def _inputs(d, lengths, dtype, seed=0):
@@ -45,6 +47,26 @@ def test_backward_pipeline_depths_and_warps(stages, warps, dtype, monkeypatch):
     monkeypatch.setattr(ln_modulate_module, "BWD_STAGES", stages)
     monkeypatch.setattr(ln_modulate_module, "BWD_WARPS", warps)
     test_forward_backward_against_reference(1152 if DEVICE == "cuda" else 100, [31, 2, 1, 33], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,lengths", SPLIT_CASES)
+def test_backward_in_two_column_blocks(d, lengths, dtype, monkeypatch):
+    """The backward's row as two power-of-two column blocks (``SPLIT_CASES``; a launch parameter timed by
+    bench/kernels.py), against the reference, and equal to the one-block result up to the order of the row
+    sums."""
+    x, shift, scale, seg = _inputs(d, lengths, dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, shift, scale)]
+        return torch.autograd.grad(ln_modulate(*leaves, seg), leaves, dy)
+
+    one_block = grads()
+    monkeypatch.setattr(ln_modulate_module, "BWD_SPLIT_COLUMNS", True)
+    for got, want in zip(grads(), one_block):
+        torch.testing.assert_close(got, want, **TOL[dtype]["grad"])
+    test_forward_backward_against_reference(d, lengths, dtype)
 
 
 @pytest.mark.parametrize("rows", [2, 4])
