@@ -183,6 +183,10 @@ def collect_launches() -> list[Launch]:
             with module_constants(layer_norms, BWD_SPLIT_COLUMNS=True, BWD_WARPS=warps):
                 _training_steps()
                 _ops_in_half_precision()
+        # ... with the gated backward's registers capped for 4 programs an SM (128 at 4 warps)
+        with module_constants(layer_norms, BWD_SPLIT_COLUMNS=True), \
+                module_constants([sys.modules["kernels.gated_residual"]], BWD_PROGRAMS=4):
+            _training_steps()
     return list(dict.fromkeys(launches))
 
 

@@ -244,7 +244,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     ``rows_per_program`` keeps at these sizes); the software-pipeline stages of a backward's loop over rows
     (``BWD_STAGES``: the LayerNorm ops, also 1-3 stages at 4 and 8 backward warps, insert_mask_tokens,
     gelu_tanh_grad and bias_grad); the LayerNorm backwards' row in one or two power-of-two column blocks
-    (``BWD_SPLIT_COLUMNS``, the other than the default, at 4 and 8 warps and 2-4 stages); for ``edm_loss`` the
+    (``BWD_SPLIT_COLUMNS``, the other than the default, at 4 and 8 warps and 2-4 stages; the gated one also with
+    registers capped for 4 programs an SM, ``BWD_PROGRAMS``); for ``edm_loss`` the
     elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for
     ``embed_kept_patches`` the tokens and output columns of a forward program; for ``gelu_tanh_grad`` and
     ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
@@ -288,6 +289,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
             choices += [(f"backward rows in {other}, {w} warps, {st} stages",
                          {"BWD_SPLIT_COLUMNS": not module.BWD_SPLIT_COLUMNS, "BWD_WARPS": w, "BWD_STAGES": st})
                         for w in (4, 8) for st in (2, 3, 4)]
+        if hasattr(module, "BWD_PROGRAMS"):  # gated backward: registers capped for 4 programs an SM (128 at 4 warps)
+            choices += [("backward rows in two column blocks, 4 warps, 3 stages, registers for 4 programs an SM",
+                         {"BWD_SPLIT_COLUMNS": True, "BWD_WARPS": 4, "BWD_STAGES": 3, "BWD_PROGRAMS": 4})]
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             try:

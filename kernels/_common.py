@@ -110,14 +110,14 @@ def forward_warps(elements: int) -> int:
     return min(8, max(4, elements // 512))
 
 
-def backward_options(warps: int, stages: int) -> dict:
+def backward_options(warps: int, stages: int, programs: int = 2) -> dict:
     """Launch options of a backward program of ``warps`` warps whose loop over rows (or tiles of rows) is
     software-pipelined over ``stages`` (``tl.range(num_stages=...)``): when pipelined (the next rows' loads
-    issued, through shared memory, before this row's reductions), registers capped so that two programs
-    still share a multiprocessor's 64K registers (128 a thread at 8 warps, no cap at 4) (offline sm_90 build of
-    gated_residual_ln_modulate's bf16 backward at D 1152 with 2 stages: 159 registers uncapped, 128 capped
-    without spills)."""
-    cap = 65536 // (2 * 32 * warps)  # registers a thread with two programs on a multiprocessor
+    issued, through shared memory, before this row's reductions), registers capped so that ``programs``
+    programs still share a multiprocessor's 64K registers (two: 128 a thread at 8 warps, no cap at 4) (offline
+    sm_90 build of gated_residual_ln_modulate's bf16 backward at D 1152 with 2 stages: 159 registers uncapped,
+    128 capped without spills)."""
+    cap = 65536 // (programs * 32 * warps)  # registers a thread with that many programs on a multiprocessor
     return dict(num_warps=warps, **({"maxnreg": cap} if stages > 1 and cap < 255 else {}))
 
 

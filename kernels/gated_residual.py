@@ -56,6 +56,9 @@ BWD_WARPS = 4
 # and dy; D 1152, 4 warps, 3 stages): 154 instead of 212 registers a thread and 39.0 instead of 69.7 KB of
 # shared memory, so 3 programs an SM instead of 2.  Not yet timed on a GPU.
 BWD_SPLIT_COLUMNS = False
+# programs an SM that a pipelined backward's register cap leaves room for (``backward_options``; 4 at 4 warps
+# caps at 128 registers: the two-block variant then spills 16 bytes, fits 4 programs; a launch parameter)
+BWD_PROGRAMS = 2
 
 
 @triton.jit
@@ -250,7 +253,8 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
             dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, sums[0], sums[1], sums[2], row_samples, t, d,
             dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
             dx.stride(0), dh.stride(0), **column_blocks(d, BWD_SPLIT_COLUMNS), ROWS=rows, HAS_DXN=has_dxn,
-            HAS_DY=has_dy, DETERMINISTIC=det, STAGES=BWD_STAGES, **backward_options(BWD_WARPS, BWD_STAGES))
+            HAS_DY=has_dy, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            **backward_options(BWD_WARPS, BWD_STAGES, BWD_PROGRAMS))
     return dx, dh, per_sample_sums(sums, row_samples, n, det)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels import _common
-from kernels._common import alert_nondeterministic, column_blocks, num_warps, rows_per_program
+from kernels._common import alert_nondeterministic, backward_options, column_blocks, num_warps, rows_per_program
 
 
 def test_num_warps_one_per_256_values_between_4_and_8():
@@ -19,6 +19,13 @@ def test_column_blocks_split_only_where_they_cover_fewer_columns(n, split):
     assert column_blocks(n, True) == dict(BLOCK_A=split[0], BLOCK_B=split[1])
     assert column_blocks(n, False) == dict(BLOCK_A=max(16, 1 << (n - 1).bit_length()), BLOCK_B=0)
     assert sum(split) >= n
+
+
+def test_backward_options_cap_registers_for_the_programs_an_sm_only_when_pipelined():
+    assert backward_options(4, 1) == dict(num_warps=4) and backward_options(8, 1) == dict(num_warps=8)
+    assert backward_options(4, 3) == dict(num_warps=4)  # two programs of 4 warps: 256 registers, no cap
+    assert backward_options(8, 3) == dict(num_warps=8, maxnreg=128)
+    assert backward_options(4, 3, programs=4) == dict(num_warps=4, maxnreg=128)
 
 
 def test_rows_per_program_halves_until_four_programs_per_multiprocessor(monkeypatch):

@@ -45,8 +45,9 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert not result["failures"]
     rows = result["rows"]
     assert {r["kernel"] for r in rows} == _all_kernel_names(), "a kernel is never launched by the scenarios"
-    # ptxas may park one value on the stack at low register counts (the bf16 LayerNorm backward at D 1152:
-    # 64 registers, one STL/LDL pair a program, 8 bytes); register-pressure spills take hundreds of bytes
+    # ptxas may park a value or two on the stack at low register counts (the bf16 LayerNorm backward at D 1152:
+    # 64 registers, one STL/LDL pair a program, 8 bytes; the gated backward in two column blocks capped at 128
+    # registers for 4 programs an SM: 16 bytes); register-pressure spills take hundreds of bytes
     spilling = [(r["spec"], r["stack_bytes"]) for r in rows if r["stack_bytes"] > 16]
     assert not spilling, f"kernels using local memory (register spills): {spilling}"
     assert all(0 < r["registers"] <= 255 for r in rows)
