@@ -40,7 +40,14 @@ from ._common import (
     row_samples_buffer,
     rows_per_program,
 )
-from .ln_modulate import _flush_partial, _ln_bwd_dx, _ln_bwd_sums, _ln_bwd_terms, _ln_modulate_rows
+from .ln_modulate import (
+    _flush_partial,
+    _flush_shift_scale,
+    _ln_bwd_dx,
+    _ln_bwd_sums,
+    _ln_bwd_terms,
+    _ln_modulate_rows,
+)
 
 LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
@@ -178,15 +185,11 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
             if DETERMINISTIC:
                 tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
             if HAS_DY:
-                _flush_partial(DSHIFT, s, pid, D, ca, acc_shift_a, ma, DETERMINISTIC)
-                _flush_partial(DSCALE, s, pid, D, ca, acc_scale_a, ma, DETERMINISTIC)
-                acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
-                acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+                acc_shift_a, acc_scale_a = _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, ca, acc_shift_a,
+                                                              acc_scale_a, ma, DETERMINISTIC)
                 if BLOCK_B > 0:
-                    _flush_partial(DSHIFT, s, pid, D, cb, acc_shift_b, mb, DETERMINISTIC)
-                    _flush_partial(DSCALE, s, pid, D, cb, acc_scale_b, mb, DETERMINISTIC)
-                    acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
-                    acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+                    acc_shift_b, acc_scale_b = _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, cb, acc_shift_b,
+                                                                  acc_scale_b, mb, DETERMINISTIC)
 
 
 def _validate(x, h, gate, shift, scale, seg, out_dtype):

@@ -116,6 +116,14 @@ def _ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, SEG, MEAN, RSTD, T, D, stride_x,
 
 
 @triton.jit
+def _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, cols, acc_shift, acc_scale, mask, DETERMINISTIC: tl.constexpr):
+    """``_flush_partial`` of a column block's dshift and dscale sums; returns the accumulators zeroed."""
+    _flush_partial(DSHIFT, s, pid, D, cols, acc_shift, mask, DETERMINISTIC)
+    _flush_partial(DSCALE, s, pid, D, cols, acc_scale, mask, DETERMINISTIC)
+    return tl.zeros_like(acc_shift), tl.zeros_like(acc_scale)
+
+
+@triton.jit
 def _ln_modulate_bwd_part(X, DY, SCALE, r, s, cols, cmask, valid, stride_x, stride_dy, stride_scale, mean, rstd):
     """One column block of row r: (dy, g, x_hat) in fp32 (``_ln_bwd_terms``)."""
     x = tl.load(X + r * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -172,15 +180,11 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, R
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
-            _flush_partial(DSHIFT, s, pid, D, ca, acc_shift_a, ma, DETERMINISTIC)
-            _flush_partial(DSCALE, s, pid, D, ca, acc_scale_a, ma, DETERMINISTIC)
-            acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
-            acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+            acc_shift_a, acc_scale_a = _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, ca, acc_shift_a, acc_scale_a,
+                                                          ma, DETERMINISTIC)
             if BLOCK_B > 0:
-                _flush_partial(DSHIFT, s, pid, D, cb, acc_shift_b, mb, DETERMINISTIC)
-                _flush_partial(DSCALE, s, pid, D, cb, acc_scale_b, mb, DETERMINISTIC)
-                acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
-                acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+                acc_shift_b, acc_scale_b = _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, cb, acc_shift_b,
+                                                              acc_scale_b, mb, DETERMINISTIC)
             if DETERMINISTIC:
                 tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
 
