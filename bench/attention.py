@@ -8,7 +8,9 @@ tiles per query tile and its efficiency is far from a long-sequence figure.  For
 views of one packed (T, 3, heads, head_dim) bf16 projection, as in ``maskdit.models.Attention``, and
 ``F.scaled_dot_product_attention`` runs with PyTorch's own choice ("default") and with each backend forced
 (cuDNN, flash, memory-efficient, math; flash-attn's ``flash_attn_func`` too when installed), and PyTorch's
-choice on contiguous (B, heads, S, head_dim) q, k, v (does the packed layout cost copies?).  Reports the
+choice on contiguous (B, heads, S, head_dim) q, k, v (does the packed layout cost copies?), and, for a head
+dim that is not a multiple of 32 (72 at XL), PyTorch's choice with each head zero-padded to the next multiple
+of 16 and 32 and to 128 (would a projection writing padded heads pay for its extra work?).  Reports the
 median forward and forward + backward milliseconds (``triton.testing.do_bench``, CUDA events) and TFLOP/s
 (forward 4 * B * heads * S^2 * head_dim; backward 2.5 times that).  A backend that rejects the inputs gets
 its error in the row.  Without CUDA, a smoke run at tiny shapes on the CPU (default and math).
@@ -69,18 +71,23 @@ def backends(cuda: bool) -> dict:
     return out
 
 
-def measure(shape: dict, fn, device, dtype, layout: str = "packed") -> dict:
+def measure(shape: dict, fn, device, dtype, layout: str = "packed", padded_dim: int | None = None) -> dict:
     """Forward and forward + backward ms of ``fn``, and TFLOP/s, with q, k, v as views of one packed
     (B*S, 3, heads, head_dim) projection (``layout`` "packed", the model's) or as contiguous (B, heads, S,
-    head_dim) tensors ("contiguous": what a projection writing head-major output would give)."""
+    head_dim) tensors ("contiguous": what a projection writing head-major output would give).  ``padded_dim``:
+    the packed q, k, v carry that many values a head (the head dim and zeros, as a projection with zero rows
+    would write them; ``fn`` must scale by the real head dim); FLOPs are counted at the real head dim."""
     b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
+    width = padded_dim or d
     if layout == "packed":
-        qkv = torch.randn(b * s, 3, h, d, device=device, dtype=dtype, requires_grad=True)
-        q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in qkv.unbind(1))
+        qkv = torch.randn(b * s, 3, h, width, device=device, dtype=dtype)
+        qkv[..., d:] = 0
+        qkv.requires_grad_()
+        q, k, v = (t.view(b, s, h, width).transpose(1, 2) for t in qkv.unbind(1))
     else:
-        qkv = torch.randn(3, b, h, s, d, device=device, dtype=dtype, requires_grad=True)
+        qkv = torch.randn(3, b, h, s, width, device=device, dtype=dtype, requires_grad=True)
         q, k, v = qkv.unbind(0)
-    grad = torch.randn(b, h, s, d, device=device, dtype=dtype)
+    grad = torch.randn(b, h, s, width, device=device, dtype=dtype)
     fwd_flop = 4 * b * h * s * s * d
 
     def fwd():
@@ -129,10 +136,17 @@ def main(argv=None) -> list[dict]:
     rows = []
     for shape in shapes(args.batch or (256 if cuda else 2), args.input_size or (32 if cuda else 8)):
         fns = backends(cuda)
-        for name, layout in [(name, "packed") for name in fns] + [("default", "contiguous")]:
-            row = dict(shape, backend=name if layout == "packed" else f"{name}, contiguous q/k/v", layout=layout)
+        runs = [(name, fns[name], "packed", None) for name in fns] + [("default, contiguous q/k/v",
+                                                                        fns["default"], "contiguous", None)]
+        d = shape["head_dim"]
+        if d % 32:  # (72 at XL) the same attention with each head zero-padded to a wider, kernel-friendlier dim
+            runs += [(f"default, head dim padded to {w}", lambda q, k, v, d=d: F.scaled_dot_product_attention(
+                q, k, v, scale=d ** -0.5), "packed", w) for w in sorted({-(-d // 16) * 16, -(-d // 32) * 32, 128})
+                if w > d]
+        for name, fn, layout, padded in runs:
+            row = dict(shape, backend=name, layout=layout, padded_head_dim=padded)
             try:
-                row.update(measure(shape, fns[name], device, dtype, layout))
+                row.update(measure(shape, fn, device, dtype, layout, padded))
             except Exception as e:  # a backend that rejects these inputs: say so and go on
                 row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
                 if not isinstance(e, RuntimeError):
