@@ -7,7 +7,8 @@ MaskDiT's encoder attends over 128 kept tokens (head dim 72 at XL/2), its decode
 tiles per query tile and its efficiency is far from a long-sequence figure.  For each shape, q, k and v are
 views of one packed (T, 3, heads, head_dim) bf16 projection, as in ``maskdit.models.Attention``, and
 ``F.scaled_dot_product_attention`` runs with PyTorch's own choice ("default") and with each backend forced
-(cuDNN, flash, memory-efficient, math; flash-attn's ``flash_attn_func`` too when installed), and PyTorch's
+(cuDNN, flash, memory-efficient, math; flash-attn's ``flash_attn_func`` too when installed), FlexAttention
+compiled by Inductor (Triton kernels generated for each shape, forward and backward), and PyTorch's
 choice on contiguous (B, heads, S, head_dim) q, k, v (does the packed layout cost copies?), and, for a head
 dim that is not a multiple of 32 (72 at XL), PyTorch's choice with each head zero-padded to the next multiple
 of 16 and 32 and to 128 (would a projection writing padded heads pay for its extra work?).  Reports the
@@ -63,6 +64,12 @@ def backends(cuda: bool) -> dict:
     if cuda:
         out.update({"cudnn": forced(SDPBackend.CUDNN_ATTENTION), "flash": forced(SDPBackend.FLASH_ATTENTION),
                     "efficient": forced(SDPBackend.EFFICIENT_ATTENTION)})
+        try:  # a Triton kernel Inductor generates for these shapes (forward and backward)
+            from torch.nn.attention.flex_attention import flex_attention
+
+            out["flex (compiled)"] = torch.compile(flex_attention, dynamic=False)
+        except ImportError:
+            pass
         if HAS_FLASH_ATTN:
             from flash_attn import flash_attn_func
 

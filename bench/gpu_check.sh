@@ -49,7 +49,7 @@ if [[ $PARTS == *" tests "* ]]; then
   pack
 fi
 if [[ $PARTS == *" kernels "* ]]; then timeout 240 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1; pack; fi
-if [[ $PARTS == *" attention "* ]]; then timeout 60 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" attention "* ]]; then timeout 120 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
   timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
