@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from maskdit import distributed
-from maskdit.attention import SDPA_BACKENDS, set_sdpa_backend
+from maskdit.attention import DENSE_KERNELS, set_sdpa_backend
 from maskdit.backends import BACKENDS
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig, model_config, parse_model_name
@@ -106,9 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the training step (forward, backward, AdamW, EMA) into a CUDA graph after two "
                         "eager steps and replay it: no host work per step, for batches where the host is slower "
                         "than the GPU. One CUDA process, a constant mask ratio, no fp16, no --compile")
-    p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS),
+    p.add_argument("--sdpa-backend", choices=("auto", *DENSE_KERNELS),
                    help="the attention kernel of equal-length samples: auto (default, PyTorch's choice) or one of "
-                        "cudnn, flash, efficient (CUDA) and math; bench/attention.py times them at a step's shapes")
+                        "cudnn, flash, efficient, flex (FlexAttention compiled; these three CUDA only) and math; "
+                        "bench/attention.py times them at a step's shapes")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--eval-every", type=int, help="digits runs: the digits metric (maskdit.digits_metric) every N "
@@ -249,8 +250,8 @@ def main(argv=None) -> str:
     if cfg["cuda_graph"] and (device.type != "cuda" or env.distributed):
         raise ValueError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
                          f"{device}")
-    if device.type != "cuda" and cfg["sdpa_backend"] in ("cudnn", "efficient"):
-        raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device, got {device}")
+    if device.type != "cuda" and cfg["sdpa_backend"] in ("cudnn", "efficient", "flex"):
+        raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device (to train), got {device}")
     set_sdpa_backend(cfg["sdpa_backend"])
     global_batch = env.global_batch(micro_batch, accum)
     fsdp = cfg["fsdp"] and env.distributed

@@ -63,7 +63,7 @@ fi
 if [[ $PARTS == *" sampling "* ]]; then timeout 180 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
 # the training step at batch 256 with each SDPA kernel forced (the quick run above has PyTorch's choice)
 if [[ $PARTS == *" sdpa "* ]]; then
-  for k in cudnn flash efficient; do
+  for k in cudnn flash efficient flex; do
     timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
       --steps 10 --sdpa-backend $k --out "$RESULTS_DIR/sdpa-$k" || status=1; pack
   done

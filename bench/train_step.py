@@ -66,7 +66,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import bench_ms, environment, module_constants, results_folder, write_results  # noqa: E402
-from maskdit.attention import SDPA_BACKENDS, sdpa_backend  # noqa: E402
+from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-norm-outputs", action="store_true",
                    help="DiT.set_keep_norm_outputs for every model (triton rows: the modulated LayerNorm outputs "
                         "kept for the backward, not recomputed)")
-    p.add_argument("--sdpa-backend", choices=("auto", *SDPA_BACKENDS), default="auto",
+    p.add_argument("--sdpa-backend", choices=("auto", *DENSE_KERNELS), default="auto",
                    help="the attention kernel (maskdit.attention.set_sdpa_backend; default PyTorch's choice)")
     p.add_argument("--kernel-constant", nargs="+", default=[], metavar="MODULE.NAME=VALUE",
                    help="launch parameters of the triton rows' kernels for the whole run, e.g. "

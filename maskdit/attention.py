@@ -13,8 +13,8 @@ per call, from what is installed and what the inputs allow:
 
 The path of each call is logged (logger "maskdit.attention", INFO, when it changes) and counted in
 ``PATHS_USED``.  ``sdpa_backend(name)`` / ``set_sdpa_backend(name)`` make the dense path use one SDPA kernel
-("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice: at the short sequences of a MaskDiT
-step (128 kept tokens) they differ (``bench/attention.py``).
+("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice, or FlexAttention compiled ("flex"): at
+the short sequences of a MaskDiT step (128 kept tokens) they differ (``bench/attention.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ _forced_path = None
 _HALF = (torch.float16, torch.bfloat16)
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# the dense path's kernels set_sdpa_backend takes: the SDPA backends, and FlexAttention compiled by Inductor
+# (Triton kernels generated for the shapes; torch >= 2.5; its backward runs on CUDA only)
+DENSE_KERNELS = (*SDPA_BACKENDS, "flex")
 _sdpa_backend: str | None = None  # None: PyTorch's choice
+_flex = None  # flex_attention compiled, once "flex" is chosen
 
 
 def _installed(module: str) -> bool:
@@ -73,13 +77,16 @@ def forced_path(path: str | None):
 
 
 def set_sdpa_backend(name: str | None) -> None:
-    """Run the dense path's SDPA with this kernel only (one of ``SDPA_BACKENDS``; None or "auto": PyTorch's
-    choice).  A kernel that cannot take the inputs fails with PyTorch's error saying why."""
+    """Run the dense path's attention with this kernel only (one of ``DENSE_KERNELS``: an SDPA backend, or
+    "flex"; None or "auto": PyTorch's SDPA choice).  A kernel that cannot take the inputs fails with PyTorch's
+    error saying why."""
     global _sdpa_backend
     if name == "auto":
         name = None
-    if name is not None and name not in SDPA_BACKENDS:
-        raise ValueError(f"sdpa backend must be 'auto' or one of {tuple(SDPA_BACKENDS)}, got {name!r}")
+    if name is not None and name not in DENSE_KERNELS:
+        raise ValueError(f"sdpa backend must be 'auto' or one of {DENSE_KERNELS}, got {name!r}")
+    if name == "flex" and _flex is None:
+        _compile_flex()
     _sdpa_backend = name
 
 
@@ -94,9 +101,22 @@ def sdpa_backend(name: str | None):
         set_sdpa_backend(previous)
 
 
+def _compile_flex() -> None:
+    """``_flex``: ``flex_attention`` compiled (eager, it would run a slow reference; inside a compiled model
+    Dynamo traces it like the rest)."""
+    global _flex
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as e:
+        raise ValueError(f"sdpa backend 'flex' needs torch >= 2.5 (FlexAttention): {e}") from None
+    _flex = torch.compile(flex_attention, dynamic=False)
+
+
 def _dense_sdpa(q, k, v):
     if _sdpa_backend is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if _sdpa_backend == "flex":
+        return _flex(q, k, v)
     with sdpa_kernel([SDPA_BACKENDS[_sdpa_backend]]):
         return F.scaled_dot_product_attention(q, k, v)
 

@@ -112,6 +112,7 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--dataset", "/nonexistent/folder"], "does not exist"),
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
     (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
+    (["--device", "cpu", "--sdpa-backend", "flex"], "--sdpa-backend flex needs a CUDA device"),
 ])
 def test_invalid_configuration_fails_at_start(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):

@@ -109,8 +109,9 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
 
 def test_forced_sdpa_backend_on_the_dense_path():
     """``sdpa_backend``: one SDPA kernel for the dense path (math and flash anywhere; on CUDA also
-    memory-efficient, in bf16), the same result, eager and compiled; a kernel that cannot run fails with
-    PyTorch's error; a bad name is refused."""
+    memory-efficient, in bf16), or FlexAttention compiled (forward anywhere; on CUDA also the backward), the
+    same result, eager and compiled; a kernel that cannot run fails with PyTorch's error; a bad name is
+    refused."""
     from maskdit.attention import sdpa_backend, set_sdpa_backend
 
     layout = token_layout(torch.stack([torch.randperm(L)[:6] for _ in range(3)]).to(DEVICE), 3, L, DEVICE)
@@ -118,11 +119,18 @@ def test_forced_sdpa_backend_on_the_dense_path():
     q, k, v = (torch.randn(18, 2, 8).to(DEVICE, dtype) for _ in range(3))
     expected = attention(q, k, v, layout)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
-    for name in ["math", "flash"] + (["efficient"] if DEVICE == "cuda" else []):
+    for name in ["math", "flash", "flex"] + (["efficient"] if DEVICE == "cuda" else []):
         with sdpa_backend(name):
             torch.testing.assert_close(attention(q, k, v, layout), expected, **tol)
             compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
             torch.testing.assert_close(compiled(q, k, v, layout), expected, **tol)
+    if DEVICE == "cuda":  # FlexAttention's backward (generated kernels) against the default's
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(attention(*leaves, layout).float().sum(), leaves)
+        with sdpa_backend("flex"):
+            flex_grads = torch.autograd.grad(attention(*leaves, layout).float().sum(), leaves)
+        for got, want in zip(flex_grads, grads):
+            torch.testing.assert_close(got, want, **tol)
     if DEVICE == "cpu":
         with sdpa_backend("cudnn"), pytest.raises(RuntimeError, match="No viable backend"):
             attention(q, k, v, layout)
