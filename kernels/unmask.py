@@ -33,6 +33,8 @@ from ._common import (
     block_size,
     cdiv,
     check_tensor,
+    column_sums,
+    column_sums_buffer,
     deterministic,
     new_output,
     num_warps,
@@ -153,13 +155,13 @@ def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[t
     block_r, block_d = _tiles(d)
     tiles = max(1, rows_per_program(r, dout.device, BWD_ROWS) // block_r)
     programs = cdiv(r, block_r * tiles)
-    dmask = torch.zeros((programs if det else 1, d), dtype=torch.float32, device=dout.device)
+    dmask = column_sums_buffer(programs, d, dout.device, det)
     if r and d:
         _unmask_bwd_kernel[(programs,)](
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
             BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
             **backward_options(num_warps(block_r * block_d), BWD_STAGES))
-    return dx, dmask.sum(0)
+    return dx, column_sums(dmask, det)
 
 
 _bwd = torch.library.custom_op("maskdit::insert_mask_tokens_bwd", _bwd_impl, mutates_args=())
