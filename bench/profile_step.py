@@ -13,7 +13,8 @@ each model and backend, after three warm-up steps:
   kernels' time means the step is host-bound.
 - ``kernel_ms``: the summed GPU time of the kernels of one step (``torch.profiler``, CUDA activity), and
   that time by kind of kernel (``kernel_kind``: matrix products, attention, this project's Triton kernels,
-  multi-tensor optimizer/EMA updates, other PyTorch kernels): what bounds a large-batch step's MFU.
+  multi-tensor optimizer/EMA updates, memsets and memcpys, other PyTorch kernels): what bounds a
+  large-batch step's MFU.
 - the profiler's operator table by self CPU time, and by self GPU time (one step's worth, two steps
   profiled), and Python's ``cProfile`` over three steps (top functions by own time and by cumulative time).
 
@@ -48,6 +49,7 @@ KERNEL_KINDS = (
     ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach", "_lerp_kernel")),
     ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_",
                                  "_column_sums_")),
+    ("memset and memcpy", ("memset", "memcpy")),  # the profiler's names: "Memset (Device)", "Memcpy DtoD ..."
 )
 
 

@@ -30,3 +30,4 @@ def test_kernel_kinds_from_names():
         "optimizer and EMA (multi-tensor)"
     assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>") == \
         "other PyTorch kernels"
+    assert kind("Memset (Device)") == kind("Memcpy DtoD (Device -> Device)") == "memset and memcpy"
