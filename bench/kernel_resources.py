@@ -138,6 +138,7 @@ def _ops_in_half_precision():
             emb = kernels.embed_kept_patches(rnd(2, 4, 4, 4), ids, seg, rnd(d, 16), rnd(d), rnd(4, d).detach(), 2)
             torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), out.sum(), emb.sum()])
             kernels.bias_grad(rnd(6, d).detach())
+            kernels.stack_qkv_grad(*(rnd(6, d).detach() for _ in range(3)))
 
 
 def _weight_average():

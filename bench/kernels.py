@@ -90,6 +90,13 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         fused=lambda: kernels.bias_grad(dy), reference=lambda: kernels.bias_grad_reference(dy),
         leaves=[], fwd_bytes=t_enc * d * 2 + d * 4, bwd_bytes=0))
 
+    dq, dk, dv = (rnd(t_enc, d, dtype=bf) for _ in range(3))
+    specs.append(dict(
+        name="stack_qkv_grad", module=_kernel_module("qkv_grad"), shape=f"3 x ({t_enc}, {d}) bf16 (a backward)",
+        fused=lambda: kernels.stack_qkv_grad(dq, dk, dv),
+        reference=lambda: kernels.stack_qkv_grad_reference(dq, dk, dv),
+        leaves=[], fwd_bytes=t_enc * 3 * d * (2 + 2) + 3 * d * 4, bwd_bytes=0))
+
     # the weight average over MaskDiT-XL/2's parameters (shapes from the meta device), one step of train.py's EMA
     from kernels.ema import MultiTensorLerp, lerp_reference
     from maskdit import create_model

@@ -13,11 +13,12 @@ from .gated_residual import gated_residual_ln_modulate, gated_residual_ln_modula
 from .gelu import gelu_tanh_grad, gelu_tanh_grad_reference
 from .ln_modulate import ln_modulate, ln_modulate_recompute, ln_modulate_reference
 from .patch_embed import embed_kept_patches, embed_kept_patches_reference
+from .qkv_grad import stack_qkv_grad, stack_qkv_grad_reference
 from .unmask import insert_mask_tokens, insert_mask_tokens_reference
 
 __all__ = [
     "token_samples", "bias_grad", "bias_grad_reference", "edm_loss", "edm_loss_reference", "gated_residual_ln_modulate",
     "gated_residual_ln_modulate_reference", "ln_modulate", "ln_modulate_recompute", "ln_modulate_reference",
     "embed_kept_patches", "embed_kept_patches_reference", "insert_mask_tokens", "insert_mask_tokens_reference",
-    "gelu_tanh_grad", "gelu_tanh_grad_reference",
+    "gelu_tanh_grad", "gelu_tanh_grad_reference", "stack_qkv_grad", "stack_qkv_grad_reference",
 ]

@@ -8,14 +8,16 @@ by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
     insert_mask_tokens(x_kept, layout, mask_token, pos_embed)       -> (N*L, D_dec)
     scatter_tokens(x_kept, layout)                                  -> (N*L, D), zeros where masked
     linear(y, layer)                                                -> layer(y), y from one of the two above
+    qkv(y, layer, num_heads)                                        -> q, k, v (T, heads, head_dim) views of it
     mlp(y, fc1, fc2)                                                -> fc2(gelu_tanh(fc1(y))), y as for linear
     checkpointed_outputs(x, y)                                      -> a checkpointed block's (x, y), see TritonOps
 
 The modulated output comes in the autocast dtype when autocast is on (it feeds a matrix product); the
 residual stream keeps its dtype.  Every modulated output feeds one Linear (qkv, fc1, the bridge, the final
-layer) through ``linear`` and nothing else: the triton backend returns it as a ``ModulatedLN`` (the output
-with what it was computed from), and ``linear`` keeps the LayerNorm's input for that Linear's backward and
-recomputes the modulated output from it, instead of storing it, eager and under ``torch.compile`` alike.
+layer) through ``linear``, ``qkv`` or ``mlp`` and nothing else: the triton backend returns it as a
+``ModulatedLN`` (the output with what it was computed from), and those keep the LayerNorm's input for that
+Linear's backward and recompute the modulated output from it, instead of storing it, eager and under
+``torch.compile`` alike.
 Both backends recompute the MLP's GELU output in its backward instead of storing it; the triton backend runs
 the whole MLP backward as one Function with the fused GELU backward kernel (``kernels.gelu_tanh_grad``).
 """
@@ -58,6 +60,12 @@ class _Ops:
         if not self.recompute:
             return fc2(F.gelu(a, approximate="tanh"))
         return _GeluLinear.apply(a, fc2.weight.to(a.dtype), fc2.bias.to(a.dtype))
+
+    def qkv(self, y, layer, num_heads: int):
+        """q, k, v (T, heads, head_dim): views of the packed projection ``layer`` on a modulated LayerNorm
+        output y of these ops."""
+        qkv = self.linear(y, layer)
+        return qkv.view(qkv.shape[0], 3, num_heads, -1).unbind(1)
 
     @staticmethod
     def dense(x, layer):
@@ -138,6 +146,16 @@ class TritonOps(_Ops):
             return layer(y.y)
         return _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, *self._recomputed_from(y))
 
+    def qkv(self, y: ModulatedLN, layer, num_heads: int):
+        """As ``_Ops.qkv``; when recomputing, the projection runs without its bias gradient (``_Linear`` on the
+        detached bias) and ``_SplitQkv`` gives the views, whose backward stacks dq, dk, dv and sums the bias
+        gradient in one pass (``kernels.stack_qkv_grad``) where autograd would stack them and ``bias_grad``
+        would read the stacked gradient again."""
+        if not (self.recompute and torch.is_grad_enabled()):
+            return super().qkv(y, layer, num_heads)
+        qkv = _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias.detach(), *self._recomputed_from(y))
+        return _SplitQkv.apply(qkv, layer.bias, num_heads)
+
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
         if not torch.is_grad_enabled() or layer.bias is None:
@@ -211,7 +229,28 @@ class _Linear(torch.autograd.Function):
         x = _saved_input(kept, ctx.x_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         dweight = dout2.t() @ x.reshape(-1, x.shape[-1])
-        return dout @ weight, dweight, kernels.bias_grad(dout2).to(ctx.bias_dtype), *[None] * ctx.num_extra
+        dbias = kernels.bias_grad(dout2).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dout @ weight, dweight, dbias, *[None] * ctx.num_extra
+
+
+class _SplitQkv(torch.autograd.Function):
+    """q, k, v (T, heads, head_dim) views of a packed (T, 3 * heads * head_dim) projection output ``qkv``,
+    whose backward gives ``qkv`` its gradient and ``bias`` (the projection's, which the forward does not use:
+    it was added by the projection, whose own backward then leaves it out) its fp32-summed gradient, both
+    from one pass over dq, dk, dv (``kernels.stack_qkv_grad``)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, num_heads):
+        ctx.bias_dtype = bias.dtype
+        return qkv.view(qkv.shape[0], 3, num_heads, -1).unbind(1)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        import kernels
+
+        t, heads, head_dim = dq.shape  # (an unused output's gradient comes as zeros: materialized by autograd)
+        dqkv, dbias = kernels.stack_qkv_grad(*(g.reshape(t, heads * head_dim) for g in (dq, dk, dv)))
+        return dqkv, dbias.to(ctx.bias_dtype), None
 
 
 @torch.library.custom_op("maskdit::gelu_tanh", mutates_args=())

@@ -110,10 +110,8 @@ class Attention(nn.Module):
 
     def forward(self, y, layout: TokenLayout, ops) -> torch.Tensor:
         """y: a modulated LayerNorm output of ``ops`` (T tokens); returns (T, dim)."""
-        qkv = ops.linear(y, self.qkv)
-        t = qkv.shape[0]
-        q, k, v = qkv.view(t, 3, self.num_heads, -1).unbind(1)
-        return ops.dense(attention(q, k, v, layout).reshape(t, -1), self.proj)
+        q, k, v = ops.qkv(y, self.qkv, self.num_heads)
+        return ops.dense(attention(q, k, v, layout).reshape(q.shape[0], -1), self.proj)
 
 
 class Mlp(nn.Module):

@@ -287,3 +287,45 @@ def test_keeping_the_norm_outputs_gives_the_same_gradients_for_exactly_their_byt
     assert bytes_k - bytes_r == expected * 4  # fp32
     with pytest.raises(ValueError, match="keep must be a bool"):
         fused.set_keep_norm_outputs("yes")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_qkv_sums_its_bias_gradient_with_the_stack(compiled, monkeypatch):
+    """``ops.qkv``: q, k, v views of the packed projection whose backward stacks dq, dk, dv and sums the bias
+    gradient in one pass (``kernels.stack_qkv_grad``, one call a projection; ``bias_grad`` never sees the
+    stacked gradient): the same q, k, v and gradients as the torch backend's, eager and compiled (fullgraph)."""
+    import kernels
+    from maskdit.backends import get_ops
+    from maskdit.masking import token_layout
+
+    calls, widths = [], []
+    if not compiled:  # (counting is a side effect compiled code may not have)
+        stack, bias_grad = kernels.stack_qkv_grad, kernels.bias_grad
+        monkeypatch.setattr(kernels, "stack_qkv_grad", lambda *g: calls.append(tuple(g[0].shape)) or stack(*g))
+        monkeypatch.setattr(kernels, "bias_grad", lambda dy: widths.append(dy.shape[1]) or bias_grad(dy))
+    g = torch.Generator().manual_seed(0)
+    layer = randomize(torch.nn.Linear(72, 216)).to(DEVICE)
+    x = torch.randn(10, 72, generator=g).to(DEVICE).requires_grad_()
+    shift, scale = (torch.randn(2, 72, generator=g).to(DEVICE) * 0.3 for _ in range(2))
+    layout = token_layout(torch.stack([torch.randperm(8, generator=g)[:5] for _ in range(2)]).to(DEVICE), 2, 8,
+                          torch.device(DEVICE))
+
+    def run(backend):
+        ops = get_ops(backend, torch.device(DEVICE))
+
+        def qkv(x):
+            q, k, v = ops.qkv(ops.ln_modulate(x, shift, scale, layout), layer, 3)
+            return torch.stack([q, k, v])
+
+        out = (torch.compile(qkv, backend="aot_eager", fullgraph=True) if compiled else qkv)(x)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        return out, torch.autograd.grad((out * weights).sum(), [x, layer.weight, layer.bias])
+
+    out_r, grads_r = run("torch")
+    calls.clear()
+    widths.clear()
+    out_f, grads_f = run("triton")
+    assert compiled or (calls == [(10, 72)] and 216 not in widths)
+    torch.testing.assert_close(out_f, out_r, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(["x", "weight", "bias"], grads_r, grads_f):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
