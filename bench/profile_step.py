@@ -44,7 +44,7 @@ from maskdit.models import create_model  # noqa: E402
 
 # (kind, substrings of kernel names), first match wins; the fused kernels are named by ``kernels/``'s functions
 KERNEL_KINDS = (
-    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn", "cudnn")),  # (cuDNN runs only attention here)
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
     ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach", "_lerp_kernel")),
     ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_",
