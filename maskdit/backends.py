@@ -207,7 +207,8 @@ def _saved_input(kept: list, dtype: torch.dtype) -> torch.Tensor:
 class _Linear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` (x and weight in the compute dtype, the bias in its own) whose backward sums
     the bias gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
-    averaged about a third of it in a profiled step).  It saves the weight and x, as autograd's Linear does, or,
+    averaged about a third of it in a profiled step), when the bias needs one (``TritonOps.qkv`` passes it
+    detached: ``_SplitQkv`` sums it).  It saves the weight and x, as autograd's Linear does, or,
     given ``recomputed_from`` = (x0, shift, scale, seg) with x = ln_modulate(x0, shift, scale, seg), those
     instead of x: the backward recomputes x with the forward kernel for the weight gradient.  A block then
     keeps neither of its two modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's
