@@ -160,11 +160,12 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
                 sum_g_b, sum_gx_b = _ln_bwd_sums(g_b, xh_b)
                 sum_g += sum_g_b
                 sum_gx += sum_gx_b
-            dxn_a += _ln_bwd_dx(g_a, xh_a, rstd, sum_g / D, sum_gx / D)
+            mean_g, mean_gx = sum_g / D, sum_gx / D
+            dxn_a += _ln_bwd_dx(g_a, xh_a, rstd, mean_g, mean_gx)
             acc_shift_a += dy_a
             acc_scale_a += dy_a * xh_a
             if BLOCK_B > 0:
-                dxn_b += _ln_bwd_dx(g_b, xh_b, rstd, sum_g / D, sum_gx / D)
+                dxn_b += _ln_bwd_dx(g_b, xh_b, rstd, mean_g, mean_gx)
                 acc_shift_b += dy_b
                 acc_scale_b += dy_b * xh_b
         acc_gate_a += dxn_a * h_a

@@ -168,12 +168,13 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, R
             sum_g_b, sum_gx_b = _ln_bwd_sums(g_b, xh_b)
             sum_g += sum_g_b
             sum_gx += sum_gx_b
-        dx_a = _ln_bwd_dx(g_a, xh_a, rstd, sum_g / D, sum_gx / D)
+        mean_g, mean_gx = sum_g / D, sum_gx / D
+        dx_a = _ln_bwd_dx(g_a, xh_a, rstd, mean_g, mean_gx)
         acc_shift_a += dy_a
         acc_scale_a += dy_a * xh_a
         tl.store(DX + r * stride_dx + ca, dx_a.to(DX.dtype.element_ty), mask=ma & va)
         if BLOCK_B > 0:
-            dx_b = _ln_bwd_dx(g_b, xh_b, rstd, sum_g / D, sum_gx / D)
+            dx_b = _ln_bwd_dx(g_b, xh_b, rstd, mean_g, mean_gx)
             acc_shift_b += dy_b
             acc_scale_b += dy_b * xh_b
             tl.store(DX + r * stride_dx + cb, dx_b.to(DX.dtype.element_ty), mask=mb & vb)
