@@ -7,6 +7,7 @@ so samples may keep different numbers of tokens.
 """
 
 from ._common import token_samples
+from .attention import flash_attention, flash_attention_reference, qkv_attention
 from .bias import bias_grad, bias_grad_reference
 from .edm_loss import edm_loss, edm_loss_reference
 from .gated_residual import gated_residual_ln_modulate, gated_residual_ln_modulate_reference
@@ -17,7 +18,8 @@ from .qkv_grad import stack_qkv_grad, stack_qkv_grad_reference
 from .unmask import insert_mask_tokens, insert_mask_tokens_reference
 
 __all__ = [
-    "token_samples", "bias_grad", "bias_grad_reference", "edm_loss", "edm_loss_reference", "gated_residual_ln_modulate",
+    "token_samples", "flash_attention", "flash_attention_reference", "qkv_attention",
+    "bias_grad", "bias_grad_reference", "edm_loss", "edm_loss_reference", "gated_residual_ln_modulate",
     "gated_residual_ln_modulate_reference", "ln_modulate", "ln_modulate_recompute", "ln_modulate_reference",
     "embed_kept_patches", "embed_kept_patches_reference", "insert_mask_tokens", "insert_mask_tokens_reference",
     "gelu_tanh_grad", "gelu_tanh_grad_reference", "stack_qkv_grad", "stack_qkv_grad_reference",

@@ -9,12 +9,16 @@ per call, from what is installed and what the inputs allow:
 2. "flash-attn-varlen": ``flash_attn.flash_attn_varlen_func`` (flash-attn installed, CUDA, fp16/bf16);
 3. "torch-varlen": ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA, fp16/bf16);
 4. "xformers-blockdiag": xformers' ``memory_efficient_attention`` with a block-diagonal mask (installed);
-5. "padded-sdpa": pad to the longest sample with a key mask and use SDPA (any device, the CPU path).
+5. "padded-sdpa": pad to the longest sample with a key mask and use SDPA (any device, the CPU path);
+6. "triton": the project's FlashAttention kernel for packed sequences (``kernels.attention``), for every
+   layout, when chosen with ``set_sdpa_backend("triton")``.
 
 The path of each call is logged (logger "maskdit.attention", INFO, when it changes) and counted in
 ``PATHS_USED``.  ``sdpa_backend(name)`` / ``set_sdpa_backend(name)`` make the dense path use one SDPA kernel
-("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice, or FlexAttention compiled ("flex"): at
-the short sequences of a MaskDiT step (128 kept tokens) they differ (``bench/attention.py``).
+("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice, or FlexAttention compiled ("flex"), or
+make every layout use the Triton kernel ("triton"): at the short sequences of a MaskDiT step (128 kept tokens)
+they differ (``bench/attention.py``).  ``qkv_attention`` takes the packed projection output instead of q, k, v
+views of it: with the Triton kernel its gradient then comes in one piece, with the projection bias's.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ _forced_path = None
 _HALF = (torch.float16, torch.bfloat16)
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-# the dense path's kernels set_sdpa_backend takes: the SDPA backends, and FlexAttention compiled by Inductor
-# (Triton kernels generated for the shapes; torch >= 2.5; its backward runs on CUDA only)
-DENSE_KERNELS = (*SDPA_BACKENDS, "flex")
+# the kernels set_sdpa_backend takes: the SDPA backends, FlexAttention compiled by Inductor (Triton kernels
+# generated for the shapes; torch >= 2.5; its backward runs on CUDA only) for the dense path, and the project's
+# Triton kernel for every path (CUDA, or the CPU with TRITON_INTERPRET=1)
+DENSE_KERNELS = (*SDPA_BACKENDS, "flex", "triton")
 _sdpa_backend: str | None = None  # None: PyTorch's choice
 _flex = None  # flex_attention compiled, once "flex" is chosen
 
@@ -78,8 +83,8 @@ def forced_path(path: str | None):
 
 def set_sdpa_backend(name: str | None) -> None:
     """Run the dense path's attention with this kernel only (one of ``DENSE_KERNELS``: an SDPA backend, or
-    "flex"; None or "auto": PyTorch's SDPA choice).  A kernel that cannot take the inputs fails with PyTorch's
-    error saying why."""
+    "flex"; None or "auto": PyTorch's SDPA choice), or every path's with the Triton kernel ("triton").  A kernel
+    that cannot take the inputs fails with an error saying why."""
     global _sdpa_backend
     if name == "auto":
         name = None
@@ -125,6 +130,8 @@ def choose_path(q: torch.Tensor, layout: TokenLayout) -> str:
     """The implementation ``attention`` uses for these inputs."""
     if _forced_path is not None:
         return _forced_path
+    if _sdpa_backend == "triton":
+        return "triton"
     if layout.uniform_len is not None:
         return "dense-sdpa"
     if q.is_cuda and q.dtype in _HALF:
@@ -166,7 +173,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
         return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
     if path == "padded-sdpa":
         return _padded_sdpa(q, k, v, layout)
+    if path == "triton":
+        import kernels
+
+        return kernels.flash_attention(q, k, v, layout.cu_seqlens, layout.max_len)
     raise ValueError(f"unknown attention path {path!r}")
+
+
+def qkv_attention(qkv: torch.Tensor, layout: TokenLayout, bias: torch.Tensor | None = None,
+                  path: str | None = None) -> torch.Tensor:
+    """``attention`` of the q, k, v in a packed (T, 3, heads, head_dim) projection output.  On the "triton" path
+    the kernel's backward writes ``qkv``'s gradient in one piece and, given the projection's ``bias`` (which the
+    caller's projection must then leave out of its own backward), sums the bias gradient with it; on the other
+    paths ``bias`` must be None (the projection's backward sums it)."""
+    path = path or choose_path(qkv, layout)
+    if path != "triton":
+        if bias is not None:
+            raise ValueError(f"bias is summed by the 'triton' attention path only, not by {path!r}")
+        return attention(*qkv.unbind(1), layout, path=path)
+    _record(path)
+    import kernels
+
+    return kernels.qkv_attention(qkv, bias, layout.cu_seqlens, layout.max_len)
 
 
 def _padded_sdpa(q, k, v, layout: TokenLayout) -> torch.Tensor:

@@ -9,6 +9,7 @@ by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
     scatter_tokens(x_kept, layout)                                  -> (N*L, D), zeros where masked
     linear(y, layer)                                                -> layer(y), y from one of the two above
     qkv(y, layer, num_heads)                                        -> q, k, v (T, heads, head_dim) views of it
+    self_attention(y, qkv_layer, num_heads, layout)                 -> attention of qkv(...) (T, heads, head_dim)
     mlp(y, fc1, fc2)                                                -> fc2(gelu_tanh(fc1(y))), y as for linear
     checkpointed_outputs(x, y)                                      -> a checkpointed block's (x, y), see TritonOps
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .attention import attention, choose_path, qkv_attention
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -66,6 +68,10 @@ class _Ops:
         output y of these ops."""
         qkv = self.linear(y, layer)
         return qkv.view(qkv.shape[0], 3, num_heads, -1).unbind(1)
+
+    def self_attention(self, y, qkv_layer, num_heads: int, layout):
+        """``maskdit.attention.attention`` of ``qkv(y, qkv_layer, num_heads)``: (T, heads, head_dim)."""
+        return attention(*self.qkv(y, qkv_layer, num_heads), layout)
 
     @staticmethod
     def dense(x, layer):
@@ -155,6 +161,17 @@ class TritonOps(_Ops):
             return super().qkv(y, layer, num_heads)
         qkv = _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias.detach(), *self._recomputed_from(y))
         return _SplitQkv.apply(qkv, layer.bias, num_heads)
+
+    def self_attention(self, y: ModulatedLN, qkv_layer, num_heads: int, layout):
+        """As ``_Ops.self_attention``; on the "triton" attention path, when recomputing, the packed projection
+        output goes to the kernel whole (``maskdit.attention.qkv_attention``), whose backward writes its
+        gradient in one piece and sums the projection's bias gradient (the projection leaving it out) where
+        the views' backward would stack dq, dk and dv (``qkv``)."""
+        if not (self.recompute and torch.is_grad_enabled()) or choose_path(y.y, layout) != "triton":
+            return super().self_attention(y, qkv_layer, num_heads, layout)
+        w, b = qkv_layer.weight, qkv_layer.bias
+        qkv = _Linear.apply(y.y, w.to(y.y.dtype), b.detach(), *self._recomputed_from(y))
+        return qkv_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), layout, bias=b)
 
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops as token_ops
-from .attention import attention
 from .backends import BACKENDS, get_ops
 from .config import ModelConfig, model_config
 from .masking import TokenLayout, token_layout
@@ -110,8 +109,8 @@ class Attention(nn.Module):
 
     def forward(self, y, layout: TokenLayout, ops) -> torch.Tensor:
         """y: a modulated LayerNorm output of ``ops`` (T tokens); returns (T, dim)."""
-        q, k, v = ops.qkv(y, self.qkv, self.num_heads)
-        return ops.dense(attention(q, k, v, layout).reshape(q.shape[0], -1), self.proj)
+        out = ops.self_attention(y, self.qkv, self.num_heads, layout)
+        return ops.dense(out.reshape(out.shape[0], -1), self.proj)
 
 
 class Mlp(nn.Module):
