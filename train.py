@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "than the GPU. One CUDA process, a constant mask ratio, no fp16, no --compile")
     p.add_argument("--sdpa-backend", choices=("auto", *DENSE_KERNELS),
                    help="the attention kernel of equal-length samples: auto (default, PyTorch's choice) or one of "
-                        "cudnn, flash, efficient, flex (FlexAttention compiled; these three CUDA only) and math; "
+                        "cudnn, flash, efficient, flex (FlexAttention compiled; these three CUDA only) and math; or "
+                        "triton: the project's Triton kernel (kernels/attention.py) for every layout; "
                         "bench/attention.py times them at a step's shapes")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction,
                    help="under torchrun: shard the model, gradients and optimizer state (FSDP2) instead of DDP")
@@ -250,8 +251,11 @@ def main(argv=None) -> str:
     if cfg["cuda_graph"] and (device.type != "cuda" or env.distributed):
         raise ValueError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
                          f"{device}")
-    if device.type != "cuda" and cfg["sdpa_backend"] in ("cudnn", "efficient", "flex"):
-        raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device (to train), got {device}")
+    cuda_only = ("cudnn", "efficient", "flex") + (() if os.environ.get("TRITON_INTERPRET") == "1" else ("triton",))
+    if device.type != "cuda" and cfg["sdpa_backend"] in cuda_only:
+        raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device (to train), got {device}"
+                         + (" (triton: or TRITON_INTERPRET=1 to run its kernel on the CPU, slowly)"
+                            if cfg["sdpa_backend"] == "triton" else ""))
     set_sdpa_backend(cfg["sdpa_backend"])
     global_batch = env.global_batch(micro_batch, accum)
     fsdp = cfg["fsdp"] and env.distributed

@@ -4,15 +4,16 @@
     python bench/kernel_resources.py --arch 80 --out bench/results/offline-sm80
 
 A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2, 4 channels; one block
-each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast, plus each
-op alone on fp16/bf16 inputs; every kernel launch is intercepted (nothing runs), and each distinct
-(kernel, argument types, constexprs, launch options; the deterministic backward variants and the pipelined
-backwards that ``bench/kernels.py`` times included) is
-compiled by Triton for the target GPU down to a
+each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast (with
+PyTorch's attention and with the project's Triton attention kernel), plus each op alone on fp16/bf16 inputs
+and the attention kernel alone at the XL/2 head dims and sequence lengths; every kernel launch is
+intercepted (nothing runs), and each distinct (kernel, argument types, constexprs, launch options; the
+deterministic backward variants, the pipelined backwards that ``bench/kernels.py`` times and the attention
+launch settings that ``bench/attention.py`` times included) is compiled by Triton for the target GPU down to a
 cubin with ptxas.  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
-compile for a GPU, and register spills.  The table gives registers per thread, spilled bytes and shared
-memory per program.  Needs no GPU and no CUDA toolkit (Triton ships ptxas); must run without
-``TRITON_INTERPRET``.
+compile for a GPU, register spills, and more shared memory a program than the GPU has (``SHARED_LIMIT``).
+The table gives registers per thread, spilled bytes and shared memory per program.  Needs no GPU and no
+CUDA toolkit (Triton ships ptxas); must run without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -141,6 +142,34 @@ def _ops_in_half_precision():
             kernels.stack_qkv_grad(*(rnd(6, d).detach() for _ in range(3)))
 
 
+def _attention(dtypes=(torch.float16, torch.bfloat16), shapes=((72, 128), (72, 256), (32, 128), (32, 256))):
+    """The attention kernels (``kernels.attention``) forward and backward, for each dtype and (head dim,
+    tokens a sample) shape: ``qkv_attention`` of a packed projection output with an fp32 bias (the bias sums'
+    backward) and ``flash_attention`` of its views, 16 heads (as at XL/2: the launch specialises on it), 2
+    samples.  128 tokens: one backward program a sample; 256: several, the dQ part apart."""
+    import kernels
+
+    for dtype in dtypes:
+        for head_dim, tokens in shapes:
+            qkv = torch.randn(2 * tokens, 3, 16, head_dim, dtype=dtype, requires_grad=True)
+            bias = torch.zeros(3 * 16 * head_dim, requires_grad=True)
+            cu = torch.tensor([0, tokens, 2 * tokens], dtype=torch.int32)
+            out = kernels.qkv_attention(qkv, bias, cu, tokens)
+            out2 = kernels.flash_attention(*qkv.unbind(1), cu, tokens)
+            torch.autograd.backward([out.sum(), out2.sum()])
+
+
+def _attention_sweep():
+    """``_attention`` on bf16 at each launch setting of ``bench/attention.py``'s sweep, at its shape."""
+    from bench.attention import SWEEP, shapes
+
+    module = sys.modules["kernels.attention"]
+    for shape in shapes(2, 32):  # (XL/2 at 256x256; the batch does not matter here)
+        for settings in SWEEP.get(shape["name"], []):
+            with module_constants([module], **settings):
+                _attention((torch.bfloat16,), [(shape["head_dim"], shape["seq"])])
+
+
 def _weight_average():
     """The EMA kernel (``kernels.ema``) on fp32, fp16 and bf16 tensors, with a float and a tensor weight, on
     16-byte aligned tensors and on views at odd offsets."""
@@ -157,6 +186,7 @@ def _weight_average():
 def collect_launches() -> list[Launch]:
     """Every distinct kernel specialisation the scenarios launch, in first-launch order."""
     import kernels._common as common
+    from maskdit.attention import sdpa_backend
 
     launches: list[Launch] = []
 
@@ -165,7 +195,12 @@ def collect_launches() -> list[Launch]:
 
     with intercept_launches(record):
         _training_steps()
+        with sdpa_backend("triton"):
+            _training_steps()
         _ops_in_half_precision()
+        _attention()
+        _attention((torch.float32,))
+        _attention_sweep()
         _weight_average()
         common.FORCE_DETERMINISTIC = True  # the backward kernels' variants without atomic adds
         try:
@@ -191,6 +226,9 @@ def collect_launches() -> list[Launch]:
     return list(dict.fromkeys(launches))
 
 
+# the most shared memory a program may take (the opt-in maximum a block, bytes): a kernel that needs more
+# compiles but fails at launch (Triton's OutOfResources)
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # ptxas and cuobjdump as shipped in Triton's wheel (x86-64 Linux)
 NVIDIA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -224,9 +262,11 @@ def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: li
     lines = [f"## Triton kernels compiled for sm_{arch} (no GPU used)", "",
              f"triton {env['triton']}, torch {env['torch']}, {env['date']}, on {env['device']}; `{env['command']}`. "
              f"{launches} kernel specialisations launched by a MaskDiT training step at XL/2 widths (D 1152, "
-             f"decoder 512; fp32, bf16 and fp16 autocast) and by each op on fp16/bf16 inputs (D 72 and 1152); "
-             f"{len(failures)} failed to compile. Registers per thread and stack (spill) bytes from cuobjdump, "
-             "shared memory from Triton.", "",
+             f"decoder 512; fp32, bf16 and fp16 autocast; PyTorch's and the Triton attention), by each op on "
+             f"fp16/bf16 inputs (D 72 and 1152) and by the attention kernels (fp32, fp16, bf16; head dim 72 and 32, "
+             f"128 and 256 tokens; bench/attention.py's launch settings); "
+             f"{len(failures)} failed to compile or need more shared memory than sm_{arch} has. Registers per thread "
+             "and stack (spill) bytes from cuobjdump, shared memory from Triton.", "",
              "| kernel specialisation | regs/thread | stack bytes | shared bytes |", "|---|---:|---:|---:|"]
     lines += [f"| {r['spec']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} |" for r in rows]
     lines += [f"\nFAILED {f['spec']}:\n{f['error']}" for f in failures]
@@ -245,6 +285,10 @@ def main(argv=None) -> int:
             rows.append(compile_launch(launch, args.arch))
         except Exception as e:  # report every failing kernel, not only the first
             failures.append({"spec": launch.describe(), "error": f"{type(e).__name__}: {e}"})
+            continue
+        if rows[-1]["shared_bytes"] > SHARED_LIMIT.get(args.arch, float("inf")):
+            failures.append({"spec": launch.describe(), "error": f"shared memory {rows[-1]['shared_bytes']} bytes > "
+                             f"sm_{args.arch}'s {SHARED_LIMIT[args.arch]} a program: it would fail at launch"})
     env = environment()
     md = markdown(env, args.arch, len(launches), rows, failures)
     print(md)

@@ -42,9 +42,16 @@ BWD_BLOCK_N = 128  # keys of a backward program (and the query rows of its dQ pa
 BWD_BLOCK_M = 64  # queries of a step of its dK/dV loop when every sample fits one program
 BWD_BLOCK_M_MULTI = 32  # ... otherwise (and keys of a step of its dQ loop)
 BWD_WARPS = 8
-# (launch parameters, which bench/kernels.py varies; offline sm_90 builds (bench/kernel_resources.py), bf16 at
-# BLOCK_N 128 and 8 warps: head dim 72 one-program samples 252 registers with steps of 64 queries; samples of
-# 256 tokens 244 with steps of 32 (255 and 88 spilled bytes with 64); the forward at head dim 72 183)
+# (launch parameters of fp16/bf16 inputs, which bench/attention.py varies; offline sm_90 builds
+# (bench/kernel_resources.py), bf16 at BLOCK_N 128 and 8 warps: head dim 72 one-program samples 252 registers with
+# steps of 64 queries; samples of 256 tokens 244 with steps of 32 (255 and 88 spilled bytes with 64); the forward
+# at head dim 72 183)
+# fp32 inputs (ieee products on the CUDA cores, operands in registers) take smaller tiles: (query rows, keys a
+# step, warps) of the forward and (keys, queries a step, warps) of the backward.  With the 16-bit ones the offline
+# sm_90 builds spilled 0.6-19 KB at head dims 32 and 72 and the one-pass backward wanted 238 KB of shared memory
+# (232 KB allowed); with these none spills, with triton 3.6 or 3.9 (at most 73 and 128 registers)
+FP32_FWD = (64, 16, 16)
+FP32_BWD = (16, 16, 8)
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
@@ -278,7 +285,7 @@ def _validate(q, k, v, cu_seqlens, max_len):
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device, contiguous=True)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.numel()}")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt)) or max_len < 1:
         raise ValueError(f"max_len must be a positive int (the longest sample's length or more), got {max_len!r}")
     if not 0 < q.shape[2] <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim must be in 1..{MAX_HEAD_DIM}, got {q.shape[2]}")
@@ -292,10 +299,11 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     num = cu_seqlens.numel() - 1
     if t and heads:
         d_a, d_b = head_chunks(d)
-        _attention_fwd_kernel[(cdiv(max_len, FWD_BLOCK_M), num, heads)](
+        rows, keys, warps = FP32_FWD if q.dtype == torch.float32 else (FWD_BLOCK_M, FWD_BLOCK_N, FWD_WARPS)
+        _attention_fwd_kernel[(cdiv(max_len, rows), num, heads)](
             q, k, v, out, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), heads, d ** -0.5 * LOG2E, HEAD_DIM=d, D_A=d_a, D_B=d_b, BLOCK_M=FWD_BLOCK_M,
-            BLOCK_N=FWD_BLOCK_N, PRECISION=_precision(q.dtype), STAGES=FWD_STAGES, num_warps=FWD_WARPS)
+            v.stride(1), heads, d ** -0.5 * LOG2E, HEAD_DIM=d, D_A=d_a, D_B=d_b, BLOCK_M=rows, BLOCK_N=keys,
+            PRECISION=_precision(q.dtype), STAGES=FWD_STAGES, num_warps=warps)
     return out, lse
 
 
@@ -324,8 +332,11 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     t, heads, d = q.shape
     dqkv = new_output((t, 3, heads, d), q.dtype, q.device)
     num = cu_seqlens.numel() - 1
-    single = max_len <= BWD_BLOCK_N
-    blocks = cdiv(max_len, BWD_BLOCK_N)
+    fp32 = q.dtype == torch.float32
+    keys, warps = (FP32_BWD[0], FP32_BWD[2]) if fp32 else (BWD_BLOCK_N, BWD_WARPS)
+    single = max_len <= keys  # every sample within one program: the one-pass variant
+    step = FP32_BWD[1] if fp32 else BWD_BLOCK_M if single else BWD_BLOCK_M_MULTI
+    blocks = cdiv(max_len, keys)
     # one row of fp32 column sums per program (zeros where a program has no rows), added up after
     sums = torch.zeros((num * blocks if bias_sums else 1, 3 * heads * d), dtype=torch.float32, device=q.device)
     if t and heads:
@@ -333,9 +344,8 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         _attention_bwd_kernel[(blocks, num, heads)](
             q, k, v, out, dout, lse, dqkv, sums, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), heads,
-            d ** -0.5 * LOG2E, d ** -0.5, HEAD_DIM=d, D_A=d_a, D_B=d_b, BLOCK_N=BWD_BLOCK_N,
-            BLOCK_M=BWD_BLOCK_M if single else BWD_BLOCK_M_MULTI,
-            SINGLE=single, BIAS_SUMS=bias_sums, PRECISION=_precision(q.dtype), num_warps=BWD_WARPS)
+            d ** -0.5 * LOG2E, d ** -0.5, HEAD_DIM=d, D_A=d_a, D_B=d_b, BLOCK_N=keys, BLOCK_M=step, SINGLE=single,
+            BIAS_SUMS=bias_sums, PRECISION=_precision(q.dtype), num_warps=warps)
     return dqkv, (sums.sum(0) if bias_sums else sums.new_empty(0))
 
 

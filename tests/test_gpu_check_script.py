@@ -1,13 +1,27 @@
 """make gpu-check runs where nobody can fix it mid-run (a short, rare GPU lease): its script must parse,
-and every benchmark it calls must accept the flags it passes."""
+every benchmark it calls must accept the flags it passes, and every part it runs must be documented."""
 
+import functools
 import os
 import re
 import subprocess
 import sys
 
+from maskdit.attention import DENSE_KERNELS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+
+
+def _script() -> str:
+    """The script with its continued lines joined (a call's flags on one line)."""
+    return open(SCRIPT).read().replace("\\\n", " ")
+
+
+@functools.lru_cache
+def _help(script: str) -> str:
+    return subprocess.run([sys.executable, script, "--help"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout
 
 
 def test_script_parses_and_make_target_calls_it():
@@ -16,11 +30,35 @@ def test_script_parses_and_make_target_calls_it():
 
 
 def test_every_benchmark_call_uses_known_flags():
-    calls = re.findall(r"\$PY (bench/\w+\.py)([^|\n]*)", open(SCRIPT).read())
-    assert {c[0] for c in calls} >= {"bench/kernels.py", "bench/varlen.py", "bench/train_step.py"}
+    calls = re.findall(r"\$PY (bench/\w+\.py)([^|\n]*)", _script())
+    assert {c[0] for c in calls} >= {"bench/kernels.py", "bench/attention.py", "bench/varlen.py",
+                                     "bench/train_step.py"}
     for script, args in calls:
-        flags = re.findall(r"(--[\w-]+)", args)
-        help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, check=True, capture_output=True,
-                                   text=True).stdout
-        for flag in flags:
-            assert flag in help_text, (script, flag)
+        for flag in re.findall(r"(--[\w-]+)", args):
+            assert flag in _help(script), (script, flag)
+
+
+def test_attention_kernels_it_forces_exist():
+    """The sdpa part's loop and every --sdpa-backend value name a kernel ``set_sdpa_backend`` takes."""
+    text = _script()
+    (loop,) = re.findall(r"for k in ([\w ]+); do", text)
+    assert "triton" in loop.split()
+    named = re.findall(r"--sdpa-backend (\w+)", text)
+    assert "triton" in named
+    assert set(loop.split()) | set(named) <= set(DENSE_KERNELS)
+
+
+def test_every_part_is_documented_in_the_header():
+    """The header comment gives the default parts and names each optional one in quotes."""
+    text = open(SCRIPT).read()
+    header = " ".join(line.lstrip("# ") for line in text[:text.index("set -u")].splitlines())
+    parts = re.findall(r'\$PARTS == \*" (\w+) "\*', text)
+    (default,) = re.findall(r"GPU_CHECK_PARTS:-([\w ]+)\}", text)
+    assert {"tests", "kernels", "attention", "train_step", "sdpa", "tattn"} <= set(parts)
+    assert f'(default: "{default}"' in header
+    assert not [p for p in parts if p not in default.split() and f'"{p}"' not in header]
+
+
+def test_attention_part_has_time_for_the_triton_rows():
+    """bench/attention.py compiles and times the Triton kernel's rows and launch sweep after the SDPA rows."""
+    assert re.search(r"timeout 180 \$PY bench/attention.py", _script())

@@ -120,6 +120,13 @@ def test_invalid_configuration_fails_at_start(tmp_path, flags, message):
     assert latest_checkpoint(str(tmp_path)) is None
 
 
+def test_triton_attention_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="--sdpa-backend triton needs a CUDA device .* TRITON_INTERPRET=1"):
+        run(tmp_path, "--device", "cpu", "--sdpa-backend", "triton")
+    assert latest_checkpoint(str(tmp_path)) is None
+
+
 def test_sdpa_backend_flag_selects_the_attention_kernel(tmp_path, monkeypatch):
     """--sdpa-backend math: every dense attention call runs under that kernel only; the flag is not inherited
     by a resume, and a later run without it is back to PyTorch's choice."""

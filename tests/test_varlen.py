@@ -77,14 +77,14 @@ def reference_attention(q, k, v, lengths):
     return torch.cat(out)
 
 
-PATHS_HERE = ["padded-sdpa"] + (["torch-varlen"] if DEVICE == "cuda" else [])
+PATHS_HERE = ["padded-sdpa", "triton"] + (["torch-varlen"] if DEVICE == "cuda" else [])
 
 
 @pytest.mark.parametrize("path", PATHS_HERE)
 def test_attention_paths_against_per_sample_sdpa(path):
     ids = mixed_ids()
     layout = token_layout(ids, 4, L, DEVICE)
-    dtype = torch.bfloat16 if path != "padded-sdpa" else torch.float32
+    dtype = torch.bfloat16 if path != "padded-sdpa" and DEVICE == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(layout.lengths()), 3, 24, generator=g).to(DEVICE, dtype) for _ in range(3))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -109,9 +109,9 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
 
 def test_forced_sdpa_backend_on_the_dense_path():
     """``sdpa_backend``: one SDPA kernel for the dense path (math and flash anywhere; on CUDA also
-    memory-efficient, in bf16), or FlexAttention compiled (forward anywhere; on CUDA also the backward), the
-    same result, eager and compiled; a kernel that cannot run fails with PyTorch's error; a bad name is
-    refused."""
+    memory-efficient, in bf16), or FlexAttention compiled (forward anywhere; on CUDA also the backward), or the
+    Triton kernel, the same result, eager and compiled; a kernel that cannot run fails with PyTorch's error; a
+    bad name is refused."""
     from maskdit.attention import sdpa_backend, set_sdpa_backend
 
     layout = token_layout(torch.stack([torch.randperm(L)[:6] for _ in range(3)]).to(DEVICE), 3, L, DEVICE)
@@ -119,7 +119,7 @@ def test_forced_sdpa_backend_on_the_dense_path():
     q, k, v = (torch.randn(18, 2, 8).to(DEVICE, dtype) for _ in range(3))
     expected = attention(q, k, v, layout)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
-    for name in ["math", "flash", "flex"] + (["efficient"] if DEVICE == "cuda" else []):
+    for name in ["math", "flash", "flex", "triton"] + (["efficient"] if DEVICE == "cuda" else []):
         with sdpa_backend(name):
             torch.testing.assert_close(attention(q, k, v, layout), expected, **tol)
             compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
