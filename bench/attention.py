@@ -17,8 +17,9 @@ dk, dv then stacked by autograd into the projection's gradient, as the SDPA rows
 ``kernels.qkv_attention`` on the packed projection output with an fp32 bias leaf, whose backward writes that
 gradient in one piece and sums the bias's: an SDPA step pays for the same in autograd's stack of dq, dk, dv
 (in the SDPA rows' time) and the projection's bias sums, so this row's fwd + bwd is the one to hold against
-theirs; then, at the MaskDiT encoder and decoder shapes, that row again with launch parameters of
-``kernels/attention.py`` changed (``SWEEP``; the row names them).  Reports the median forward and forward +
+theirs.  With ``--sweep``, instead of all that: at the MaskDiT encoder and decoder shapes, that row at the
+kernel's launch parameters and with launch parameters of ``kernels/attention.py`` changed (``SWEEP``; the row
+names them; ``make gpu-check`` part ``asweep``).  Reports the median forward and forward +
 backward milliseconds (``triton.testing.do_bench``, CUDA events) and TFLOP/s (forward 4 * B * heads * S^2 *
 head_dim; backward 2.5 times that).  A backend that rejects the inputs, or a launch setting that does not
 compile, gets its error in the row.  Without CUDA, a smoke run at tiny shapes on the CPU (default and math; no
@@ -199,8 +200,12 @@ def run_row(shape: dict, name: str, fn, device, dtype, layout: str = "packed", p
 
 
 def sweep_rows(shape: dict, device, dtype):
-    """The "triton, qkv ..." row at each of ``SWEEP``'s launch settings for this shape (none for others)."""
-    for settings in SWEEP.get(shape["name"], []):
+    """The "triton, qkv ..." row at the kernel's launch parameters and at each of ``SWEEP``'s settings for this
+    shape (none for other shapes)."""
+    if shape["name"] not in SWEEP:
+        return
+    yield run_row(shape, TRITON_QKV, triton_qkv, device, dtype, "qkv", launch={})
+    for settings in SWEEP[shape["name"]]:
         name = TRITON_QKV + ", " + " ".join(f"{k}={v}" for k, v in settings.items())
         with module_constants([kernel_module], **settings):
             yield run_row(shape, name, triton_qkv, device, dtype, "qkv", launch=settings)
@@ -211,10 +216,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, help="batch size (default 256; CPU 2)")
     p.add_argument("--input-size", type=int, help="latent size (default 32: 256x256 images; CPU 8)")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only the Triton kernel's row at each launch setting of SWEEP (CUDA), into attention_sweep.*")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
+    if args.sweep and not cuda:
+        raise SystemExit("--sweep times the Triton kernel's launch settings: it needs CUDA")
     if not cuda:
         print("no CUDA: a smoke run at tiny shapes on the CPU, without the Triton rows (the table needs a GPU)")
     env = environment()
@@ -223,10 +232,14 @@ def main(argv=None) -> list[dict]:
 
     def save():
         md = markdown(env, rows)
-        return md, write_results(folder, "attention", dict(env, rows=rows), md)
+        return md, write_results(folder, "attention_sweep" if args.sweep else "attention", dict(env, rows=rows), md)
 
-    all_shapes = shapes(args.batch or (256 if cuda else 2), args.input_size or (32 if cuda else 8))
-    for shape in all_shapes:
+    for shape in shapes(args.batch or (256 if cuda else 2), args.input_size or (32 if cuda else 8)):
+        if args.sweep:
+            for row in sweep_rows(shape, device, dtype):
+                rows.append(row)
+                save()
+            continue
         fns = backends(cuda)
         runs = [(name, fns[name], "packed", None) for name in fns] + [("default, contiguous q/k/v",
                                                                         fns["default"], "contiguous", None)]
@@ -241,11 +254,6 @@ def main(argv=None) -> list[dict]:
         for name, fn, layout, padded in runs:
             rows.append(run_row(shape, name, fn, device, dtype, layout, padded))
             save()
-    if cuda:  # after every shape's main rows, so that a run cut short has those
-        for shape in all_shapes:
-            for row in sweep_rows(shape, device, dtype):
-                rows.append(row)
-                save()
     md, paths = save()
     print(md)
     print("wrote", *paths)

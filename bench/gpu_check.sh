@@ -7,8 +7,8 @@
 # bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
 # after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
 # kernels attention varlen train_step"; also "profile", "sampling", "sdpa" (the step with each attention
-# kernel, into $RESULTS_DIR/sdpa-*), "tattn" (the step with the project's Triton attention kernel alone, into
-# $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into
+# kernel, into $RESULTS_DIR/sdpa-*), "asweep" (the Triton attention kernel's launch settings, attention_sweep.*),
+# "tattn" (the step with the project's Triton attention kernel alone, into $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into
 # $RESULTS_DIR/keep), "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into
 # $RESULTS_DIR/split), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
 # $RESULTS_DIR/compile)).
@@ -50,7 +50,7 @@ if [[ $PARTS == *" tests "* ]]; then
   pack
 fi
 if [[ $PARTS == *" kernels "* ]]; then timeout 240 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1; pack; fi
-if [[ $PARTS == *" attention "* ]]; then timeout 180 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" attention "* ]]; then timeout 150 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
   timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
@@ -69,6 +69,10 @@ if [[ $PARTS == *" sdpa "* ]]; then
     timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
       --steps 10 --sdpa-backend $k --out "$RESULTS_DIR/sdpa-$k" || status=1; pack
   done
+fi
+# the Triton attention kernel's launch settings at the MaskDiT encoder and decoder shapes (attention_sweep.*)
+if [[ $PARTS == *" asweep "* ]]; then
+  timeout 150 $PY bench/attention.py --sweep --out "$RESULTS_DIR" || status=1; pack
 fi
 # the triton step at batch 256 with the project's Triton attention kernel (kernels/attention.py) for every layer
 if [[ $PARTS == *" tattn "* ]]; then

@@ -54,11 +54,14 @@ def test_every_part_is_documented_in_the_header():
     header = " ".join(line.lstrip("# ") for line in text[:text.index("set -u")].splitlines())
     parts = re.findall(r'\$PARTS == \*" (\w+) "\*', text)
     (default,) = re.findall(r"GPU_CHECK_PARTS:-([\w ]+)\}", text)
-    assert {"tests", "kernels", "attention", "train_step", "sdpa", "tattn"} <= set(parts)
+    assert {"tests", "kernels", "attention", "train_step", "sdpa", "tattn", "asweep"} <= set(parts)
     assert f'(default: "{default}"' in header
     assert not [p for p in parts if p not in default.split() and f'"{p}"' not in header]
 
 
-def test_attention_part_has_time_for_the_triton_rows():
-    """bench/attention.py compiles and times the Triton kernel's rows and launch sweep after the SDPA rows."""
-    assert re.search(r"timeout 180 \$PY bench/attention.py", _script())
+def test_attention_parts_have_time_for_the_triton_rows():
+    """bench/attention.py compiles and times the Triton kernel's rows after the SDPA rows (part "attention"),
+    and its launch settings with --sweep (part "asweep")."""
+    text = _script()
+    assert re.search(r"timeout 150 \$PY bench/attention.py --out", text)
+    assert re.search(r"timeout 150 \$PY bench/attention.py --sweep --out", text)
