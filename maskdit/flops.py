@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import forced_path, sdpa_backend
 from .masking import num_kept
 from .models import create_model
 
 
 def _counted_flops(name: str, input_size: int, in_channels: int, num_classes: int, mask_ratio: float,
                    backward: bool, **overrides) -> int:
-    """FLOPs the counter sees for one image: the forward, and the backward too when ``backward``."""
-    with torch.device("meta"):
+    """FLOPs the counter sees for one image: the forward, and the backward too when ``backward``.  Attention runs
+    PyTorch's SDPA whatever kernel the caller chose (``maskdit.attention.set_sdpa_backend``): the counter knows
+    SDPA's FLOPs, and a Triton kernel or compiled FlexAttention cannot run on the meta device."""
+    with torch.device("meta"), sdpa_backend(None), forced_path(None):
         model = create_model(name, input_size, in_channels, num_classes, **overrides)
         x = torch.empty(1, in_channels, input_size, input_size)
         ids_keep = None

@@ -98,6 +98,16 @@ def test_maskdit_compute_matches_the_paper():
     assert train_gflops("MaskDiT-XL/2", mask_ratio=0.5) == pytest.approx(393, rel=0.01)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "flex"])
+def test_compute_counts_do_not_depend_on_the_attention_kernel(kernel):
+    """Counted with SDPA whatever attention kernel a run chose (neither runs on the meta device)."""
+    from maskdit.attention import sdpa_backend
+
+    expected = train_gflops("MaskDiT-S/2", mask_ratio=0.5)
+    with sdpa_backend(kernel):
+        assert train_gflops("MaskDiT-S/2", mask_ratio=0.5) == expected
+
+
 def test_output_shapes_and_learn_sigma():
     x = torch.randn(2, 3, 8, 8)
     for name, kw, cout in [("DiT-T/2", {}, 3), ("DiT-T/2", dict(learn_sigma=True), 6), ("MaskDiT-T/4", {}, 3)]:
