@@ -138,14 +138,19 @@ def _row_dot(x_a, x_b, y_a, y_b, D_B: tl.constexpr):
 
 
 @triton.jit
+def _program_sample(CU):
+    """A program's sample s (grid axis 1), head h (axis 2), and the sample's first token and length."""
+    s = tl.program_id(1)
+    start = tl.load(CU + s)
+    return s, tl.program_id(2).to(tl.int64), start, tl.load(CU + s + 1) - start
+
+
+@triton.jit
 def _attention_fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           H, qk_scale, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                           STAGES: tl.constexpr):
-    s = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
-    start = tl.load(CU + s)
-    n = tl.load(CU + s + 1) - start
+    s, h, start, n = _program_sample(CU)
     m0 = tl.program_id(0) * BLOCK_M
     if m0 < n:
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -196,10 +201,7 @@ def _attention_bwd_kernel(Q, K, V, O, DO, LSE, DQKV, SUMS, CU, stride_qt, stride
                           HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_M: tl.constexpr, SINGLE: tl.constexpr, BIAS_SUMS: tl.constexpr,
                           PRECISION: tl.constexpr):
-    s = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
-    start = tl.load(CU + s)
-    n = tl.load(CU + s + 1) - start
+    s, h, start, n = _program_sample(CU)
     j0 = tl.program_id(0) * BLOCK_N
     width = 3 * H * HEAD_DIM  # a token's row of the packed gradient (q, k, v parts of heads x head_dim)
     sums = SUMS + (s.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * width + h * HEAD_DIM
