@@ -1,4 +1,5 @@
-"""Fused Triton kernels (forward and backward) for the memory-bound steps of MaskDiT training.
+"""Fused Triton kernels (forward and backward) for the memory-bound steps of MaskDiT training, and a
+FlashAttention for its packed variable-length sequences (``attention.py``).
 
 Each module holds its Triton kernels, a validating launcher, ``torch.library`` custom ops (so
 ``torch.compile`` traces them without graph breaks), autograd, and a plain-PyTorch reference of the
