@@ -78,6 +78,24 @@ def test_sdpa_backend_flag(tmp_path, one_thread, monkeypatch):
     assert "attention kernel: math" in (tmp_path / "train_step.md").read_text()
 
 
+def test_triton_attention_run(tmp_path, one_thread, monkeypatch):
+    """``make gpu-check`` part "tattn" on the CPU: the triton backend's step on the Triton attention kernel (the
+    interpreter, blocks of 16 for speed) times a row, with the FLOPs counted as with SDPA."""
+    import kernels.attention as attention_kernels
+    from maskdit.attention import PATHS_USED
+
+    for name in ("FWD_BLOCK_M", "FWD_BLOCK_N", "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_BLOCK_M_MULTI"):
+        monkeypatch.setattr(attention_kernels, name, 16)
+    monkeypatch.setattr(attention_kernels, "FP32_FWD", (16, 16, 4))
+    monkeypatch.setattr(attention_kernels, "FP32_BWD", (16, 16, 4))
+    before = PATHS_USED["triton"]
+    args = ["--models", "MaskDiT-T/2", "--batches", "2", "--steps", "1", "--warmup", "0", "--input-size", "8"]
+    row, = train_step.main(args + ["--impls", "triton", "--sdpa-backend", "triton", "--out", str(tmp_path)])["rows"]
+    assert PATHS_USED["triton"] > before and row["step_ms"] > 0 and not row["error"]
+    sdpa, = train_step.main(args + ["--impls", "torch", "--out", str(tmp_path / "sdpa")])["rows"]
+    assert row["train_gflops_per_img"] == sdpa["train_gflops_per_img"]
+
+
 def test_sweep_records_oom_and_speedups(monkeypatch):
     """Step times made up by a fake measurement: MaskDiT triton runs out of memory at batch 8, so batch 16
     is skipped as out of memory; speed-ups are the step-time ratios and None where a side is missing."""
