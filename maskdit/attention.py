@@ -17,8 +17,8 @@ The path of each call is logged (logger "maskdit.attention", INFO, when it chang
 ``PATHS_USED``.  ``sdpa_backend(name)`` / ``set_sdpa_backend(name)`` make the dense path use one SDPA kernel
 ("cudnn", "flash", "efficient" or "math") instead of PyTorch's choice, or FlexAttention compiled ("flex"), or
 make every layout use the Triton kernel ("triton"): at the short sequences of a MaskDiT step (128 kept tokens)
-they differ (``bench/attention.py``).  ``qkv_attention`` takes the packed projection output instead of q, k, v
-views of it: with the Triton kernel its gradient then comes in one piece, with the projection bias's.
+they differ (``bench/attention.py``).  ``triton_qkv_attention`` runs the Triton kernel on the packed projection
+output instead of q, k, v views of it: its gradient then comes in one piece, with the projection bias's.
 """
 
 from __future__ import annotations
@@ -180,18 +180,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
     raise ValueError(f"unknown attention path {path!r}")
 
 
-def qkv_attention(qkv: torch.Tensor, layout: TokenLayout, bias: torch.Tensor | None = None,
-                  path: str | None = None) -> torch.Tensor:
-    """``attention`` of the q, k, v in a packed (T, 3, heads, head_dim) projection output.  On the "triton" path
-    the kernel's backward writes ``qkv``'s gradient in one piece and, given the projection's ``bias`` (which the
-    caller's projection must then leave out of its own backward), sums the bias gradient with it; on the other
-    paths ``bias`` must be None (the projection's backward sums it)."""
-    path = path or choose_path(qkv, layout)
-    if path != "triton":
-        if bias is not None:
-            raise ValueError(f"bias is summed by the 'triton' attention path only, not by {path!r}")
-        return attention(*qkv.unbind(1), layout, path=path)
-    _record(path)
+def triton_qkv_attention(qkv: torch.Tensor, layout: TokenLayout, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The "triton" path's attention of the q, k, v in a packed (T, 3, heads, head_dim) projection output: the
+    kernel's backward writes ``qkv``'s gradient in one piece and, given the projection's ``bias`` (which the
+    caller's projection must then leave out of its own backward), sums the bias gradient with it."""
+    _record("triton")
     import kernels
 
     return kernels.qkv_attention(qkv, bias, layout.cu_seqlens, layout.max_len)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .attention import attention, choose_path, qkv_attention
+from .attention import attention, choose_path, triton_qkv_attention
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -159,19 +159,21 @@ class TritonOps(_Ops):
         would read the stacked gradient again."""
         if not (self.recompute and torch.is_grad_enabled()):
             return super().qkv(y, layer, num_heads)
-        qkv = _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias.detach(), *self._recomputed_from(y))
-        return _SplitQkv.apply(qkv, layer.bias, num_heads)
+        return _SplitQkv.apply(self._projection_without_bias_grad(y, layer), layer.bias, num_heads)
 
     def self_attention(self, y: ModulatedLN, qkv_layer, num_heads: int, layout):
         """As ``_Ops.self_attention``; on the "triton" attention path, when recomputing, the packed projection
-        output goes to the kernel whole (``maskdit.attention.qkv_attention``), whose backward writes its
+        output goes to the kernel whole (``maskdit.attention.triton_qkv_attention``), whose backward writes its
         gradient in one piece and sums the projection's bias gradient (the projection leaving it out) where
         the views' backward would stack dq, dk and dv (``qkv``)."""
         if not (self.recompute and torch.is_grad_enabled()) or choose_path(y.y, layout) != "triton":
             return super().self_attention(y, qkv_layer, num_heads, layout)
-        w, b = qkv_layer.weight, qkv_layer.bias
-        qkv = _Linear.apply(y.y, w.to(y.y.dtype), b.detach(), *self._recomputed_from(y))
-        return qkv_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), layout, bias=b)
+        qkv = self._projection_without_bias_grad(y, qkv_layer)
+        return triton_qkv_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), layout, bias=qkv_layer.bias)
+
+    def _projection_without_bias_grad(self, y: ModulatedLN, layer):
+        """``layer(y.y)`` as ``linear`` runs it, its bias detached: the caller's Function sums its gradient."""
+        return _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias.detach(), *self._recomputed_from(y))
 
     def dense(self, x, layer):
         """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
