@@ -41,3 +41,17 @@ def saved_storages(fn, describe=lambda t: t.untyped_storage().nbytes()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, saved
+
+
+@pytest.fixture
+def small_attention_tiles(monkeypatch):
+    """The Triton attention kernel on blocks of 16 (fp16/bf16 and fp32 inputs alike) for the interpreter, whose
+    time grows with the tiles (the networks here have 8 or 16 tokens a sample); left as they are on CUDA."""
+    if torch.cuda.is_available():
+        return
+    import kernels.attention as attention_kernels
+
+    for name in ("FWD_BLOCK_M", "FWD_BLOCK_N", "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_BLOCK_M_MULTI"):
+        monkeypatch.setattr(attention_kernels, name, 16)
+    monkeypatch.setattr(attention_kernels, "FP32_FWD", (16, 16, 4))
+    monkeypatch.setattr(attention_kernels, "FP32_BWD", (16, 16, 4))

@@ -332,18 +332,13 @@ def test_triton_qkv_sums_its_bias_gradient_with_the_stack(compiled, monkeypatch)
 
 
 @pytest.mark.parametrize("ids_kind,compiled", [("uniform", False), ("all", False), ("mixed", False), ("mixed", True)])
-def test_triton_attention_kernel_in_the_network(ids_kind, compiled, monkeypatch):
+def test_triton_attention_kernel_in_the_network(ids_kind, compiled, monkeypatch, small_attention_tiles):
     """With ``sdpa_backend("triton")`` the triton backend runs the Triton attention kernel through
     ``qkv_attention`` (the packed gradient and the qkv bias's sums from the kernel's backward: no
     ``stack_qkv_grad``, no ``bias_grad`` pass at a qkv width), on equal, mixed and all-token layouts, eager and
     compiled (fullgraph): the same output and parameter gradients as the torch backend on its default attention."""
     import kernels
-    from kernels import attention as attention_kernels
     from maskdit.attention import sdpa_backend
-
-    if DEVICE == "cpu":  # blocks of 16 for the interpreter (8 or 16 tokens a sample here; 128-row tiles are slow)
-        for name in ("FWD_BLOCK_M", "FWD_BLOCK_N", "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_BLOCK_M_MULTI"):
-            monkeypatch.setattr(attention_kernels, name, 16)
 
     ref, fused = pair("MaskDiT-T/2")
     x, t, y = inputs()

@@ -78,16 +78,11 @@ def test_sdpa_backend_flag(tmp_path, one_thread, monkeypatch):
     assert "attention kernel: math" in (tmp_path / "train_step.md").read_text()
 
 
-def test_triton_attention_run(tmp_path, one_thread, monkeypatch):
+def test_triton_attention_run(tmp_path, one_thread, small_attention_tiles):
     """``make gpu-check`` part "tattn" on the CPU: the triton backend's step on the Triton attention kernel (the
     interpreter, blocks of 16 for speed) times a row, with the FLOPs counted as with SDPA."""
-    import kernels.attention as attention_kernels
     from maskdit.attention import PATHS_USED
 
-    for name in ("FWD_BLOCK_M", "FWD_BLOCK_N", "BWD_BLOCK_N", "BWD_BLOCK_M", "BWD_BLOCK_M_MULTI"):
-        monkeypatch.setattr(attention_kernels, name, 16)
-    monkeypatch.setattr(attention_kernels, "FP32_FWD", (16, 16, 4))
-    monkeypatch.setattr(attention_kernels, "FP32_BWD", (16, 16, 4))
     before = PATHS_USED["triton"]
     args = ["--models", "MaskDiT-T/2", "--batches", "2", "--steps", "1", "--warmup", "0", "--input-size", "8"]
     row, = train_step.main(args + ["--impls", "triton", "--sdpa-backend", "triton", "--out", str(tmp_path)])["rows"]
