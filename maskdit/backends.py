@@ -11,6 +11,7 @@ by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
     qkv(y, layer, num_heads)                                        -> q, k, v (T, heads, head_dim) views of it
     self_attention(y, qkv_layer, num_heads, layout)                 -> attention of qkv(...) (T, heads, head_dim)
     mlp(y, fc1, fc2)                                                -> fc2(gelu_tanh(fc1(y))), y as for linear
+    dense(x, layer)                                                 -> layer(x), x a plain tensor
     checkpointed_outputs(x, y)                                      -> a checkpointed block's (x, y), see TritonOps
 
 The modulated output comes in the autocast dtype when autocast is on (it feeds a matrix product); the
@@ -19,6 +20,8 @@ layer) through ``linear``, ``qkv`` or ``mlp`` and nothing else: the triton backe
 ``ModulatedLN`` (the output with what it was computed from), and those keep the LayerNorm's input for that
 Linear's backward and recompute the modulated output from it, instead of storing it, eager and under
 ``torch.compile`` alike.
+The triton backend's Linear layers give an fp32 weight its gradient straight from the product's fp32
+accumulator on CUDA under autocast (``_weight_grad``), not rounded to the compute dtype and cast back.
 Both backends recompute the MLP's GELU output in its backward instead of storing it; the triton backend runs
 the whole MLP backward as one Function with the fused GELU backward kernel (``kernels.gelu_tanh_grad``).
 """
@@ -75,7 +78,8 @@ class _Ops:
 
     @staticmethod
     def dense(x, layer):
-        """``layer(x)`` for a Linear layer on a plain tensor (the attention's output projection)."""
+        """``layer(x)`` for a Linear layer on a plain tensor (the attention's output projection, the adaLN
+        modulation's one GEMM)."""
         return layer(x)
 
 
@@ -150,7 +154,7 @@ class TritonOps(_Ops):
         ``keep_norm_outputs``)."""
         if not (self.recompute and torch.is_grad_enabled()):
             return layer(y.y)
-        return _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias, *self._recomputed_from(y))
+        return _Linear.apply(y.y, layer.weight, layer.bias, *self._recomputed_from(y))
 
     def qkv(self, y: ModulatedLN, layer, num_heads: int):
         """As ``_Ops.qkv``; when recomputing, the projection runs without its bias gradient (``_Linear`` on the
@@ -173,23 +177,21 @@ class TritonOps(_Ops):
 
     def _projection_without_bias_grad(self, y: ModulatedLN, layer):
         """``layer(y.y)`` as ``linear`` runs it, its bias detached: the caller's Function sums its gradient."""
-        return _Linear.apply(y.y, layer.weight.to(y.y.dtype), layer.bias.detach(), *self._recomputed_from(y))
+        return _Linear.apply(y.y, layer.weight, layer.bias.detach(), *self._recomputed_from(y))
 
     def dense(self, x, layer):
-        """``layer(x)``, its bias gradient summed by ``kernels.bias_grad`` (``_Linear``)."""
+        """``layer(x)``, its weight gradient in the weight's dtype and its bias gradient summed by
+        ``kernels.bias_grad`` (``_Linear``)."""
         if not torch.is_grad_enabled() or layer.bias is None:
             return layer(x)
-        dt = _autocast_dtype(x) or x.dtype
-        return _Linear.apply(x.to(dt), layer.weight.to(dt), layer.bias)
+        return _Linear.apply(x.to(_autocast_dtype(x) or x.dtype), layer.weight, layer.bias)
 
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
         LayerNorm's input and the GELU's input and runs the GELU backward as one kernel."""
         if not (self.recompute and torch.is_grad_enabled()):
             return super().mlp(y, fc1, fc2)
-        dt = y.y.dtype
-        return _MlpOnRecomputedLN.apply(y.y, fc1.weight.to(dt), fc1.bias, fc2.weight.to(dt), fc2.bias,
-                                        *self._recomputed_from(y))
+        return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias, *self._recomputed_from(y))
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):
@@ -223,11 +225,23 @@ def _saved_input(kept: list, dtype: torch.dtype) -> torch.Tensor:
     return kernels.ln_modulate_recompute(*kept, out_dtype=dtype)
 
 
+def _weight_grad(dout2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear's weight gradient ``dout2^T @ x2`` in the weight's ``dtype``.  For an fp32 weight and 16-bit
+    inputs on CUDA it comes straight from the product's fp32 accumulator (``torch.mm``'s ``out_dtype``):
+    autocast's 16-bit product would round it and a cast would then read it and write it again in fp32 (2 + 6
+    bytes a weight instead of 4, and a launch and an autograd node per weight: 9.3 GB of casts a MaskDiT-XL/2
+    step at batch 256, half of them these)."""
+    if dtype == torch.float32 and dout2.dtype in (torch.float16, torch.bfloat16) and dout2.is_cuda:
+        return torch.mm(dout2.t(), x2, out_dtype=torch.float32)
+    return (dout2.t() @ x2).to(dtype)
+
+
 class _Linear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)`` (x and weight in the compute dtype, the bias in its own) whose backward sums
-    the bias gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
+    """``F.linear(x, weight, bias)`` in x's dtype (the compute dtype; the weight and bias cast to it) whose
+    backward gives the weight its gradient in the weight's own dtype (``_weight_grad``) and sums the bias
+    gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
     averaged about a third of it in a profiled step), when the bias needs one (``TritonOps.qkv`` passes it
-    detached: ``_SplitQkv`` sums it).  It saves the weight and x, as autograd's Linear does, or,
+    detached: ``_SplitQkv`` sums it).  It saves the cast weight and x, as autograd's Linear does, or,
     given ``recomputed_from`` = (x0, shift, scale, seg) with x = ln_modulate(x0, shift, scale, seg), those
     instead of x: the backward recomputes x with the forward kernel for the weight gradient.  A block then
     keeps neither of its two modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's
@@ -237,20 +251,21 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, *recomputed_from):
-        ctx.save_for_backward(weight, *(recomputed_from or (x,)))
-        ctx.x_dtype, ctx.bias_dtype, ctx.num_extra = x.dtype, bias.dtype, len(recomputed_from)
-        return F.linear(x, weight, bias.to(x.dtype))
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(w, *(recomputed_from or (x,)))
+        ctx.x_dtype, ctx.dtypes, ctx.num_extra = x.dtype, (weight.dtype, bias.dtype), len(recomputed_from)
+        return F.linear(x, w, bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dout):
         import kernels
 
-        weight, *kept = ctx.saved_tensors
+        w, *kept = ctx.saved_tensors
         x = _saved_input(kept, ctx.x_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = dout2.t() @ x.reshape(-1, x.shape[-1])
-        dbias = kernels.bias_grad(dout2).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dout @ weight, dweight, dbias, *[None] * ctx.num_extra
+        dweight = _weight_grad(dout2, x.reshape(-1, x.shape[-1]), ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
+        dbias = kernels.bias_grad(dout2).to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        return dout @ w, dweight, dbias, *[None] * ctx.num_extra
 
 
 class _SplitQkv(torch.autograd.Function):
@@ -317,15 +332,18 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     GELU backward as one kernel (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight
     gradient, a's gradient and fc1's bias gradient from one read of a and of its incoming gradient, where the
     unfused backward reads a twice and a's gradient once more).  The biases come in their own (fp32) dtype,
-    their gradients summed in fp32 (fc2's by ``kernels.bias_grad``).
+    their gradients summed in fp32 (fc2's by ``kernels.bias_grad``); the weights come in theirs too (cast to y's
+    dtype for the products) and get their gradients in it (``_weight_grad``).
     """
 
     @staticmethod
     def forward(ctx, y, w1, b1, w2, b2, *recomputed_from):
-        a = F.linear(y, w1, b1.to(y.dtype))
-        ctx.save_for_backward(w1, w2, a, *(recomputed_from or (y,)))
-        ctx.y_dtype, ctx.bias_dtypes, ctx.num_extra = y.dtype, (b1.dtype, b2.dtype), len(recomputed_from)
-        return F.linear(F.gelu(a, approximate="tanh"), w2, b2.to(a.dtype))
+        w1c, w2c = w1.to(y.dtype), w2.to(y.dtype)
+        a = F.linear(y, w1c, b1.to(y.dtype))
+        ctx.save_for_backward(w1c, w2c, a, *(recomputed_from or (y,)))
+        ctx.y_dtype, ctx.num_extra = y.dtype, len(recomputed_from)
+        ctx.dtypes = w1.dtype, b1.dtype, w2.dtype, b2.dtype
+        return F.linear(F.gelu(a, approximate="tanh"), w2c, b2.to(a.dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -335,9 +353,9 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         y = _saved_input(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
         g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
-        dw2, db2 = dout2.t() @ g, kernels.bias_grad(dout2)
-        dw1, dy = da.t() @ y.reshape(-1, y.shape[-1]), (da @ w1).view(y.shape)
-        return dy, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), *[None] * ctx.num_extra
+        dw2, db2 = _weight_grad(dout2, g, ctx.dtypes[2]), kernels.bias_grad(dout2)
+        dw1, dy = _weight_grad(da, y.reshape(-1, y.shape[-1]), ctx.dtypes[0]), (da @ w1).view(y.shape)
+        return dy, dw1, db1.to(ctx.dtypes[1]), dw2, db2.to(ctx.dtypes[3]), *[None] * ctx.num_extra
 
 
 _TORCH = TorchOps()

@@ -251,7 +251,7 @@ class DiT(nn.Module):
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels)
         # One GEMM for all modulations, then views: each consumer gets its (N, width) shift/scale/gate chunks.
-        mods = self.adaLN_modulation(F.silu(c)).split([k * w for k, w in self._mod_layout], dim=1)
+        mods = ops.dense(F.silu(c), self.adaLN_modulation).split([k * w for k, w in self._mod_layout], dim=1)
         mods = [m.chunk(k, dim=1) for m, (k, _) in zip(mods, self._mod_layout)]
         enc_mods, rest = mods[:self.config.depth], mods[self.config.depth:]
 

@@ -257,6 +257,48 @@ def test_triton_dense_matches_linear_and_saves_the_same(autocast):
     assert bytes_f == bytes_r
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weight_gradient_in_the_weights_dtype(dtype):
+    """``_weight_grad`` (the triton backend's Linear weight gradients): for 16-bit operands and an fp32 weight,
+    on CUDA the fp32 product unrounded (within fp32 summation-order error, far inside the 16-bit rounding that a
+    16-bit product and a cast would leave: checked against it); elsewhere the 16-bit product cast, bitwise
+    what autocast's Linear and autograd's cast give.  Other weight dtypes get the product in their own."""
+    from maskdit.backends import _weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    dout, x = (torch.randn(300, n, generator=g).to(DEVICE, dtype) for n in (72, 100))
+    got = _weight_grad(dout, x, torch.float32)
+    exact = dout.float().t() @ x.float()
+    rounded = (dout.t() @ x).float()
+    assert got.dtype == torch.float32 and got.shape == (72, 100)
+    if DEVICE == "cuda":
+        torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(rounded, exact, atol=1e-4, rtol=1e-5)  # the check above can tell them apart
+    else:
+        assert torch.equal(got, rounded)
+    same = _weight_grad(dout, x, dtype)
+    assert same.dtype == dtype and torch.equal(same, dout.t() @ x)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_autocast_weight_gradients_are_fp32_and_match_the_torch_backend(masked):
+    """MaskDiT under 16-bit autocast: every parameter gradient of the triton backend is fp32, close to the torch
+    backend's (whose weight gradients are 16-bit products cast back), with no parameter left without one."""
+    ref, fused = pair("MaskDiT-T/2")
+    x, t, y = inputs()
+    ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE) if masked else None
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    dout = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for model in (ref, fused):
+        with torch.autocast(DEVICE, dtype=dtype):
+            out = model(x, t, y, ids)
+        out.float().backward(dout)
+    g_ref, g_fused = grads(ref), grads(fused)
+    for k, p in fused.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, k
+        torch.testing.assert_close(g_fused[k], g_ref[k], atol=2e-2, rtol=2e-2, msg=lambda m: f"{k}: {m}")
+
+
 def test_keeping_the_norm_outputs_gives_the_same_gradients_for_exactly_their_bytes():
     """DiT.set_keep_norm_outputs: the triton backend's Linear Functions keep each block's two modulated
     LayerNorm outputs (qkv and fc1 inputs) instead of recomputing them: the same loss and gradients (the
