@@ -14,7 +14,8 @@ backward runs at a fifth of their forward's rate (``bench/results/nvidia-h200/at
   then dQ of the query block with the same rows over the key blocks (FlashAttention-2's split: no atomics,
   deterministic); when every sample fits one program (``max_len <= BWD_BLOCK_N``) one pass gets all three
   from one S and P (five products a step instead of seven).  Each row's dO . O is taken in the kernel;
-- the head dim as two power-of-two column chunks, 72 = 64 + 16 (8 masked), where one block would be 128 wide;
+- the head dim as two power-of-two column chunks, 72 = 64 + 16 (8 masked), where one block would be 128 wide
+  (one block where two would not be narrower: 100 in 128);
 - the gradients written into one packed (T, 3, heads, head_dim) buffer: for ``qkv_attention`` that is the
   projection output's gradient with no stacking, and each program also adds up its rows' gradients in fp32
   for the projection's bias (one row of a zeroed (programs, 3 * heads * head_dim) buffer, summed after).
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, autograd_op, block_size, cdiv, check_tensor, new_output
+from ._common import FLOAT_DTYPES, autograd_op, cdiv, check_tensor, column_blocks, new_output
 
 FWD_BLOCK_M = 128  # query rows of a forward program
 FWD_BLOCK_N = 64  # keys of a step of its loop
@@ -268,12 +269,11 @@ def _attention_bwd_kernel(Q, K, V, O, DO, LSE, DQKV, SUMS, CU, stride_qt, stride
             _store_sums(sums, dq_sum_a, dq_sum_b, HEAD_DIM, D_A, D_B)
 
 
-def head_chunks(head_dim: int) -> tuple[int, int]:
-    """(D_A, D_B): the power-of-two column chunks covering ``head_dim`` (each at least 16, as ``tl.dot``
-    needs): the largest power of two <= head_dim and a block for the rest (D_B = 0 when none is left)."""
-    first = max(16, 1 << (head_dim.bit_length() - 1))
-    rest = head_dim - first
-    return first, (block_size(rest) if rest > 0 else 0)
+def _head_chunks(head_dim: int) -> tuple[int, int]:
+    """(D_A, D_B): the head dim's power-of-two column chunks (``column_blocks``: D_B = 0 where two would not be
+    narrower than one)."""
+    blocks = column_blocks(head_dim, split=True)
+    return blocks["BLOCK_A"], blocks["BLOCK_B"]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -300,7 +300,7 @@ def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     lse = new_output((t, heads), torch.float32, q.device)
     num = cu_seqlens.numel() - 1
     if t and heads:
-        d_a, d_b = head_chunks(d)
+        d_a, d_b = _head_chunks(d)
         rows, keys, warps = FP32_FWD if q.dtype == torch.float32 else (FWD_BLOCK_M, FWD_BLOCK_N, FWD_WARPS)
         _attention_fwd_kernel[(cdiv(max_len, rows), num, heads)](
             q, k, v, out, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
@@ -342,7 +342,7 @@ def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     # one row of fp32 column sums per program (zeros where a program has no rows), added up after
     sums = torch.zeros((num * blocks if bias_sums else 1, 3 * heads * d), dtype=torch.float32, device=q.device)
     if t and heads:
-        d_a, d_b = head_chunks(d)
+        d_a, d_b = _head_chunks(d)
         _attention_bwd_kernel[(blocks, num, heads)](
             q, k, v, out, dout, lse, dqkv, sums, cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), heads,

@@ -8,7 +8,6 @@ from kernels.attention import (
     _qkv_fwd,
     flash_attention,
     flash_attention_reference,
-    head_chunks,
     qkv_attention,
 )
 from tests.kernels.conftest import DEVICE, DTYPES
@@ -185,15 +184,6 @@ def test_repeats_are_bitwise_equal():
     runs = [(out, *_grads(out, [qkv, bias])) for out in (qkv_attention(qkv, bias, cu, max_len) for _ in range(2))]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-
-
-def test_head_chunks():
-    assert head_chunks(72) == (64, 16)
-    assert head_chunks(100) == (64, 64)
-    assert head_chunks(64) == (64, 0)
-    assert head_chunks(24) == (16, 16)
-    assert head_chunks(8) == (16, 0)
-    assert head_chunks(1152 // 16) == (64, 16)
 
 
 def test_opcheck():
