@@ -142,6 +142,20 @@ def _ops_in_half_precision():
             kernels.stack_qkv_grad(*(rnd(6, d).detach() for _ in range(3)))
 
 
+def _patch_embed_tf32x3():
+    """The patch embedding's forward on fp32 inputs at D 1152 (the training step's) with tf32x3 products, at
+    the tiles ``bench/kernels.py`` times them with."""
+    import kernels
+
+    module = sys.modules["kernels.patch_embed"]
+    seg = kernels.token_samples(2, 3, "cpu")
+    ids = torch.tensor([0, 2, 3, 1, 3, 0])
+    for tokens, cols in ((32, 128), (64, 128), (64, 256)):
+        with module_constants([module], FWD_PRECISION="tf32x3", FWD_TOKENS=tokens, FWD_BLOCK_D=cols):
+            kernels.embed_kept_patches(torch.randn(2, 4, 4, 4), ids, seg, torch.randn(1152, 16), torch.randn(1152),
+                                       torch.randn(4, 1152), 2)
+
+
 def _attention(dtypes=(torch.float16, torch.bfloat16), shapes=((72, 128), (72, 256), (32, 128), (32, 256))):
     """The attention kernels (``kernels.attention``) forward and backward, for each dtype and (head dim,
     tokens a sample) shape: ``qkv_attention`` of a packed projection output with an fp32 bias (the bias sums'
@@ -219,6 +233,7 @@ def collect_launches() -> list[Launch]:
             with module_constants(layer_norms, BWD_SPLIT_COLUMNS=True, BWD_WARPS=warps):
                 _training_steps()
                 _ops_in_half_precision()
+        _patch_embed_tf32x3()
         # ... with the gated backward's registers capped for 4 programs an SM (128 at 4 warps)
         with module_constants(layer_norms, BWD_SPLIT_COLUMNS=True), \
                 module_constants([sys.modules["kernels.gated_residual"]], BWD_PROGRAMS=4):

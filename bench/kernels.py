@@ -254,7 +254,8 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     (``BWD_SPLIT_COLUMNS``, the other than the default, at 4 and 8 warps and 2-4 stages; the gated one also with
     registers capped for 4 programs an SM, ``BWD_PROGRAMS``); for ``edm_loss`` the
     elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for
-    ``embed_kept_patches`` the tokens and output columns of a forward program; for ``gelu_tanh_grad`` and
+    ``embed_kept_patches`` the tokens and output columns of a forward program, also with tf32x3 products
+    (``FWD_PRECISION``); for ``gelu_tanh_grad`` and
     ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
@@ -283,6 +284,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
             choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
                         for t, b in ((16, 128), (64, 128), (32, 64), (32, 256), (64, 64))]
+            choices += [(f"tf32x3 forward products, {t} tokens x {b} columns", {"FWD_PRECISION": "tf32x3",
+                                                                               "FWD_TOKENS": t, "FWD_BLOCK_D": b})
+                        for t, b in ((32, 128), (64, 128), (64, 256))]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):

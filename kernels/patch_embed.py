@@ -5,7 +5,7 @@ x (N, C, H, W) contiguous; kept tokens in token layout: ``ids`` (T,) the token i
 read in ``maskdit.ops.patchify``'s order (row in patch, column in patch, channel); masked patches are
 never read.  weight (D, p*p*C), bias (D,), pos_embed (L, D) a fixed buffer (no gradient).  The forward
 is one kernel over (block of tokens) x (block of D): the tile's gathered patches times the weight
-columns (``tl.dot`` in ieee fp32, chunks of up to 32 patch values), then bias and the positional row, one
+columns (``tl.dot`` in fp32, ieee by default, chunks of up to 32 patch values), then bias and the positional row, one
 write of (T, D).
 
 Backward: a small Triton kernel gathers the kept patches into an fp32 (T, p*p*C + pad) matrix with a
@@ -38,6 +38,9 @@ FWD_BLOCK_D = 128  # output columns per forward program
 FWD_BLOCK_K = 32  # patch values per step of the forward's product (at least 16, for tl.dot)
 GATHER_TOKENS = 32  # tokens per gather/scatter program
 FWD_WARPS = 4  # warps of a forward program (H200, D 1152: 0.151 ms against 0.202 with 8, CUDA-graph times)
+# the forward product's precision for fp32 operands: "ieee" (CUDA-core FMAs), or "tf32x3" (tensor cores, three
+# tf32 products whose sum keeps about fp32's precision; ``bench/kernels.py`` times it, untimed so far)
+FWD_PRECISION = "ieee"
 
 
 @triton.jit
@@ -54,7 +57,7 @@ def _patch_offsets(X_OFF, tok, s, k, C, H, W, GW, P: tl.constexpr):
 @triton.jit
 def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride_w, stride_pos, stride_out,
                             C: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -65,7 +68,7 @@ def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride
     s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     # the tile's patches (BLOCK_T, BLOCK_K) and weight columns (BLOCK_K, BLOCK_D), each loaded at once (a
-    # loop of one patch value at a time was latency-bound), multiplied in fp32 (ieee: no tf32 rounding)
+    # loop of one patch value at a time was latency-bound), multiplied in fp32 (no plain tf32 rounding)
     for k0 in range(0, P * P * C, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < P * P * C
@@ -73,7 +76,7 @@ def _patch_embed_fwd_kernel(X, IDS, SEG, WT, B, POS, OUT, T, D, H, W, GW, stride
         xt = tl.load(X + offs, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         wt = tl.load(WT + cols[None, :] * stride_w + ks[:, None], mask=kmask[:, None] & cmask[None, :],
                      other=0.0).to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
     b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     mask2 = rmask[:, None] & cmask[None, :]
     pos = tl.load(POS + tok[:, None] * stride_pos + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
@@ -161,7 +164,7 @@ def _fwd_impl(x: torch.Tensor, ids: torch.Tensor, seg: torch.Tensor, weight: tor
                                       weight.stride(0), pos_embed.stride(0), out.stride(0),
                                       C=c, P=patch_size, BLOCK_T=FWD_TOKENS, BLOCK_D=FWD_BLOCK_D,
                                       BLOCK_K=min(FWD_BLOCK_K, block_size(patch_size * patch_size * c)),
-                                      num_warps=FWD_WARPS)
+                                      PRECISION=FWD_PRECISION, num_warps=FWD_WARPS)
     return out
 
 
