@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-cosine-power", type=float, help="k of the cosine schedule r*cos(pi x/2)^k (default 4)")
     p.add_argument("--mask-ratio-dist", help="per-sample ratios: none (default), unmasked:F (a fraction F of each "
                                              "batch keeps all tokens), uniform:LO:HI")
-    p.add_argument("--mae-coef", type=float, help="weight of the MAE term (default 0.1)")
+    p.add_argument("--mae-coef", type=float, help="weight of the MAE term (default 0.1); 0 also builds a new MaskDiT "
+                   "without a learnable mask token (zeros at the masked positions), as the official code does")
     p.add_argument("--label-dropout", type=float, help="probability of the null class (default 0.1)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16 uses a grad scaler)")
     p.add_argument("--seed", type=int)
@@ -279,7 +280,7 @@ def main(argv=None) -> str:
     else:
         size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
-                                 num_classes=dataset.num_classes)
+                                 num_classes=dataset.num_classes, learn_mask_token=cfg["mae_coef"] > 0)
     model = DiT(model_cfg, backend=cfg["backend"]).to(device)
     model.set_activation_checkpointing(cfg["activation_checkpointing"]).set_keep_norm_outputs(cfg["keep_norm_outputs"])
     n_params = sum(p.numel() for p in model.parameters())

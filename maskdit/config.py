@@ -46,6 +46,9 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_hidden_size: int = 512
     decoder_num_heads: int = 16
+    # MaskDiT's decoder input at masked positions: a learnable token (True), or zeros (False), as the official
+    # code builds it with an MAE coefficient > 0 or = 0 (train.py follows --mae-coef)
+    learn_mask_token: bool = True
 
     @property
     def out_channels(self) -> int:
@@ -87,6 +90,8 @@ class ModelConfig:
             need(self.decoder_hidden_size % 4 == 0,
                  f"decoder_hidden_size must be divisible by 4, got {self.decoder_hidden_size}")
             need(self.decoder_depth >= 0, f"decoder_depth must be >= 0, got {self.decoder_depth}")
+            need(isinstance(self.learn_mask_token, bool),
+                 f"learn_mask_token must be a bool, got {self.learn_mask_token!r}")
         return self
 
 

@@ -127,7 +127,8 @@ def infer_config(state_dict: dict, source: str) -> ModelConfig:
             raise ValueError(f"decoder width {dec_hidden} differs from the official {default_hidden}: its head "
                              "count cannot be inferred; build the model with create_model(..., decoder_num_heads=)")
         overrides.update(decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
-                         decoder_hidden_size=dec_hidden, decoder_num_heads=default_heads)
+                         decoder_hidden_size=dec_hidden, decoder_num_heads=default_heads,
+                         learn_mask_token="mask_token" in sd)  # (trained without MAE: zeros, no token)
     family = "MaskDiT" if use_decoder else "DiT"
     return model_config(f"{family}-{sizes[0]}/{patch}", input_size=grid * patch, in_channels=in_channels,
                         num_classes=num_classes, **overrides)

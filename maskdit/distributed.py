@@ -123,7 +123,7 @@ class LossModule(nn.Module):
     def forward(self, images, labels, ids_keep, sigma, noise) -> torch.Tensor:
         loss = self.loss_fn(self.net, images, labels, ids_keep, sigma=sigma, noise=noise)
         mask_token = getattr(self.net.model, "mask_token", None)
-        if mask_token is not None:
+        if isinstance(mask_token, nn.Parameter):  # (a zero buffer without --mae-coef: nothing to train)
             loss = loss + 0 * mask_token.sum()
         return loss
 

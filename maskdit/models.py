@@ -193,7 +193,10 @@ class DiT(nn.Module):
         if cfg.use_decoder:
             dd = cfg.decoder_hidden_size
             self.decoder_layer = nn.Linear(d, dd)  # the bridge: LN + modulate (2d) -> Linear to decoder width
-            self.mask_token = nn.Parameter(torch.empty(dd))
+            if cfg.learn_mask_token:
+                self.mask_token = nn.Parameter(torch.empty(dd))
+            else:  # zeros at the masked positions, not trained and not saved (the official code without MAE)
+                self.register_buffer("mask_token", torch.zeros(dd), persistent=False)
             self.register_buffer("decoder_pos_embed", torch.empty(self.num_tokens, dd))
             self.decoder_blocks = nn.ModuleList(
                 [DiTBlock(dd, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
@@ -222,7 +225,10 @@ class DiT(nn.Module):
         if self.config.use_decoder:
             self.decoder_pos_embed.copy_(
                 sincos_pos_embed_2d(self.decoder_pos_embed.shape[1], grid, self.decoder_pos_embed.device))
-            nn.init.normal_(self.mask_token, std=0.02)
+            if self.config.learn_mask_token:
+                nn.init.normal_(self.mask_token, std=0.02)
+            else:
+                self.mask_token.zero_()
             zero_init.append(self.decoder_layer)
         for m in zero_init:
             nn.init.zeros_(m.weight)

@@ -54,6 +54,23 @@ def test_forward_and_parameter_gradients_match(name, masked):
         torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
 
 
+def test_backends_match_without_a_learnable_mask_token():
+    """learn_mask_token=False (zeros at the masked positions): the fused insertion gets a zero buffer that needs
+    no gradient; outputs and every parameter gradient as the torch backend's."""
+    ref, fused = pair("MaskDiT-T/2", learn_mask_token=False)
+    x, t, y = inputs()
+    ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE)
+    out_ref, out_fused = ref(x, t, y, ids), fused(x, t, y, ids)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-4, rtol=1e-4)
+    dout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out_ref.backward(dout)
+    out_fused.backward(dout)
+    g_ref, g_fused = grads(ref), grads(fused)
+    assert g_ref.keys() == g_fused.keys() and "mask_token" not in g_ref
+    for k in g_ref:
+        torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_fused_loss_and_gradients_match(masked):
     ref, fused = pair("MaskDiT-T/2")

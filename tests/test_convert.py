@@ -190,6 +190,16 @@ def test_infer_config():
     assert (cfg.name, cfg.learn_sigma, cfg.null_class, cfg.num_classes) == ("DiT-T/2", True, "learned", NC)
 
 
+def test_maskdit_trained_without_mae_has_no_mask_token():
+    """The official code makes the mask token only with an MAE coefficient > 0: a state dict without one
+    converts to a model with zeros at the masked positions (learn_mask_token=False), loading strictly."""
+    official = {k: v for k, v in official_state_dict("maskdit").items() if not k.endswith("mask_token")}
+    cfg = infer_config(official, "maskdit")
+    assert cfg.learn_mask_token is False and infer_config(official_state_dict("maskdit"), "maskdit").learn_mask_token
+    create_model(cfg.name, **{k: v for k, v in cfg.to_dict().items() if k != "name"}).load_state_dict(
+        convert_official_state_dict(official, "maskdit"), strict=True)
+
+
 def test_official_xl2_shapes_load_strictly():
     """The released MaskDiT-XL/2 and DiT-XL/2 key sets and shapes, on the meta device."""
     with torch.device("meta"):

@@ -150,6 +150,31 @@ def test_mask_token_appears_exactly_at_masked_positions():
     assert torch.equal(is_mask_token, mk.mask)
 
 
+def test_without_a_learnable_mask_token_the_decoder_gets_zeros():
+    """learn_mask_token=False (the official MaskDiT trained without MAE): no mask-token parameter and nothing
+    saved for it; the masked positions get zeros, i.e. the outputs and gradients of a model whose learnable
+    token is zero, with the same other weights."""
+    m = tiny(learn_mask_token=False)
+    assert "mask_token" not in dict(m.named_parameters()) and "mask_token" not in m.state_dict()
+    ref = create_model("MaskDiT-T/2", input_size=8, in_channels=3, num_classes=5)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters()) - ref.mask_token.numel()
+    missing = ref.load_state_dict(m.state_dict(), strict=False).missing_keys
+    assert missing == ["mask_token"]
+    with torch.no_grad():
+        ref.mask_token.zero_()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 4])
+    ids = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep
+    out, out_ref = m(x, t, y, ids), ref(x, t, y, ids)
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k].grad, atol=0, rtol=0, msg=lambda msg: f"{k}: {msg}")
+    with pytest.raises(ValueError, match="learn_mask_token must be a bool"):
+        create_model("MaskDiT-T/2", learn_mask_token="no")
+
+
 def test_masked_forward_with_all_tokens_equals_unmasked():
     m = tiny()
     x, t, y = torch.randn(2, 3, 8, 8), torch.randn(2), torch.tensor([0, 4])

@@ -95,6 +95,16 @@ def test_resume_is_exact(tmp_path, precision):
     assert [json.loads(line)["step"] for line in lines] == [2, 3, 4, 6]  # the resumed run appends
 
 
+def test_mae_coef_zero_builds_maskdit_without_a_learnable_mask_token(tmp_path):
+    """--mae-coef 0: the official code's model without MAE (zeros at the masked positions); the checkpoint's
+    config says so and a resume rebuilds the same model."""
+    run(tmp_path, "--steps", "2", "--mae-coef", "0", "--ckpt-every", "2")
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["config"]["model"]["learn_mask_token"] is False and "mask_token" not in ckpt["model"]
+    train.main(["--resume", str(tmp_path), "--steps", "3"])
+    assert load_checkpoint(str(tmp_path))["step"] == 3
+
+
 def test_resume_refuses_to_change_the_model(tmp_path):
     run(tmp_path, "--steps", "1")
     with pytest.raises(ValueError, match="--model 'DiT-T/2' differs"):
