@@ -286,7 +286,7 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
                         for t, b in ((16, 128), (64, 128), (32, 64), (32, 256), (64, 64))]
             choices += [(f"tf32x3 forward products, {t} tokens x {b} columns", {"FWD_PRECISION": "tf32x3",
                                                                                "FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                        for t, b in ((32, 128), (64, 128), (64, 256))]
+                        for t, b in ((16, 128), (32, 128), (64, 128))]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):

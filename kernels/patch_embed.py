@@ -38,8 +38,10 @@ FWD_BLOCK_D = 128  # output columns per forward program
 FWD_BLOCK_K = 32  # patch values per step of the forward's product (at least 16, for tl.dot)
 GATHER_TOKENS = 32  # tokens per gather/scatter program
 FWD_WARPS = 4  # warps of a forward program (H200, D 1152: 0.151 ms against 0.202 with 8, CUDA-graph times)
-# the forward product's precision for fp32 operands: "ieee" (CUDA-core FMAs), or "tf32x3" (tensor cores, three
-# tf32 products whose sum keeps about fp32's precision; ``bench/kernels.py`` times it, untimed so far)
+# the forward product's precision for fp32 operands: "ieee" (CUDA-core FMAs, whose operand fragments take the
+# 32 x 128 tile to 166 registers: three programs an SM, offline sm_90 build), or "tf32x3" (tensor cores, three
+# tf32 products whose sum keeps about fp32's precision: 139 registers, 80 at 16 x 128). ``bench/kernels.py``
+# times it; untimed so far.  (Unrolled outer products instead of a dot spilled kilobytes: not offered.)
 FWD_PRECISION = "ieee"
 
 

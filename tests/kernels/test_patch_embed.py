@@ -49,6 +49,21 @@ def test_forward_backward_against_reference(c, p, d, side, lengths, dtype):
         torch.testing.assert_close(gk.float(), gr.float(), **tol["grad"], msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter ignores a product's precision")
+@pytest.mark.parametrize("tokens", [16, 32, 64])
+@pytest.mark.parametrize("c,p,d,side,lengths", CASES[:4])
+def test_forward_with_tf32x3_products(c, p, d, side, lengths, tokens, monkeypatch):
+    """The forward with tf32x3 products (``FWD_PRECISION``, timed by bench/kernels.py) at the fp32 tolerance."""
+    import kernels.patch_embed as module
+
+    monkeypatch.setattr(module, "FWD_PRECISION", "tf32x3")
+    monkeypatch.setattr(module, "FWD_TOKENS", tokens)
+    x, ids, seg, weight, bias, pos_embed, p = _inputs(c, p, d, side, lengths, torch.float32)
+    y = embed_kept_patches(x, ids, seg, weight, bias, pos_embed, p)
+    torch.testing.assert_close(y, embed_kept_patches_reference(x, ids, seg, weight, bias, pos_embed, p),
+                               **TOL[torch.float32]["fwd"])
+
+
 def test_dx_zero_at_masked_patches_and_only_when_needed():
     x, ids, seg, weight, bias, pos_embed, p = _inputs(4, 2, 72, 8, [3, 5], torch.float32)
     xg, wg, bg = x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
