@@ -23,7 +23,7 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import EDMPrecond, edm_sample, image_noise
+from maskdit.edm import EDMPrecond, ImageNoise, add_stochastic_arguments, edm_sample, stochastic_options
 from maskdit.images import save_grid, to_uint8
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub name); default: "
                    "the VAE in the latent folder's meta.json when the model was trained on latents")
     p.add_argument("--out", default="samples", help="output prefix: writes PREFIX.png and PREFIX.npz")
+    add_stochastic_arguments(p)
     return p.parse_args(argv)
 
 
@@ -79,9 +80,11 @@ def main(argv=None) -> tuple[str, str]:
     images = []
     for start in range(0, len(labels), args.batch_size):
         idx = torch.arange(start, min(start + args.batch_size, len(labels)))
-        noise = image_noise(args.seed, idx, shape).to(device)
+        draws = ImageNoise(args.seed, idx)
+        noise = draws.randn(shape).to(device)
         y = labels[idx].to(device) if model.num_classes else None
-        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale)
+        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                         **stochastic_options(args), randn_like=draws.randn_like)
         if decode is not None:
             out = decode(out)
         images.append(to_uint8(out))

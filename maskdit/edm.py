@@ -140,17 +140,27 @@ def guided_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_l
 @torch.no_grad()
 def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor | None = None,
                num_steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-               cfg_scale: float | None = 1.5, null_label: int | None = None) -> torch.Tensor:
-    """Deterministic EDM Heun sampler (2nd order, 2*num_steps-1 evaluations) from unit-variance ``noise``.
+               cfg_scale: float | None = 1.5, null_label: int | None = None, s_churn: float = 0.0,
+               s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0,
+               randn_like=torch.randn_like) -> torch.Tensor:
+    """EDM Heun sampler (2nd order, 2*num_steps-1 evaluations) from unit-variance ``noise``.
 
     ``net`` is a denoiser (``EDMPrecond``); ``class_labels`` (N,) int64; ``null_label`` defaults to
-    ``net.model.num_classes``.  The same noise gives the same samples: draw it with a seeded generator.
+    ``net.model.num_classes``.  Deterministic by default (``s_churn`` 0, as for the paper's FIDs): the same
+    noise gives the same samples, so draw it with a seeded generator.  ``s_churn`` > 0 is EDM's stochastic
+    sampler (its Algorithm 2, the official ``edm_sampler``'s S_churn, S_min, S_max, S_noise): at each step
+    with s_min <= sigma <= s_max the noise level first rises by gamma = min(s_churn / num_steps, sqrt(2) - 1)
+    of itself, with fresh noise from ``randn_like`` (e.g. ``ImageNoise.randn_like``) times ``s_noise``.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not s_churn >= 0 or not s_noise >= 0 or not s_min <= s_max:
+        raise ValueError(f"need s_churn >= 0, s_noise >= 0 and s_min <= s_max, got s_churn={s_churn}, "
+                         f"s_noise={s_noise}, s_min={s_min}, s_max={s_max}")
     if null_label is None and class_labels is not None:
         null_label = net.model.num_classes
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, noise.device)
+    gamma_max = min(s_churn / num_steps, 2 ** 0.5 - 1)
 
     def denoise(x, t):
         return guided_denoise(net, x.float(), t.float(), class_labels, cfg_scale, null_label).double()
@@ -158,6 +168,11 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
     x_next = noise.double() * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
+        if gamma_max > 0:  # raise the noise level to t_hat, adding fresh noise (drawn at every step, as the
+            # official sampler does, also where gamma is 0 outside [s_min, s_max])
+            t_hat = t_cur * (1 + (gamma_max if s_min <= t_cur <= s_max else 0.0))
+            x_cur = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * s_noise * randn_like(x_cur)
+            t_cur = t_hat
         d_cur = (x_cur - denoise(x_cur, t_cur)) / t_cur
         x_next = x_cur + (t_next - t_cur) * d_cur
         if i < num_steps - 1:
@@ -166,7 +181,39 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
     return x_next.float()
 
 
+def add_stochastic_arguments(parser) -> None:
+    """The stochastic sampler's options (``edm_sample``'s s_churn, s_min, s_max, s_noise) for a command line."""
+    g = parser.add_argument_group("stochastic sampling (EDM's S_churn etc.; off by default, as for the paper's FIDs)")
+    g.add_argument("--s-churn", type=float, default=0.0, help="total noise added back over the steps (default 0)")
+    g.add_argument("--s-min", type=float, default=0.0, help="lowest sigma that gets noise added (default 0)")
+    g.add_argument("--s-max", type=float, default=float("inf"), help="highest such sigma (default inf)")
+    g.add_argument("--s-noise", type=float, default=1.0, help="scale of the added noise (default 1)")
+
+
+def stochastic_options(args) -> dict:
+    """``edm_sample`` keywords from the options of ``add_stochastic_arguments``."""
+    return dict(s_churn=args.s_churn, s_min=args.s_min, s_max=args.s_max, s_noise=args.s_noise)
+
+
+class ImageNoise:
+    """Unit Gaussian noise per image: image i draws from its own generator, seeded by (seed, i), so samples
+    do not depend on the batch they are drawn in (EDM's StackedRandomGenerator).  ``randn(shape)`` gives
+    each image's next draw, stacked; ``randn_like(x)`` the same shaped and placed like x (for ``edm_sample``'s
+    stochastic steps)."""
+
+    def __init__(self, seed: int, index: torch.Tensor):
+        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in index]
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"x holds {x.shape[0]} images, these generators {len(self.generators)}")
+        return self.randn(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+
+
 def image_noise(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in index])
+    """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i): the
+    first draw of ``ImageNoise(seed, index)``."""
+    return ImageNoise(seed, index).randn(shape)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
-from maskdit.edm import EDMPrecond, edm_sample, image_noise
+from maskdit.edm import EDMPrecond, ImageNoise, add_stochastic_arguments, edm_sample, stochastic_options
 from maskdit.fid import (
     InceptionFeatures,
     InceptionUnavailableError,
@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception-v3 weights "
                                                "(default: the torch hub cache, downloading if needed)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
+    add_stochastic_arguments(p)
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.write_stats is None):
         p.error("give --ckpt (evaluate a checkpoint) or --write-stats SRC --out STATS.npz (reference statistics)")
@@ -138,7 +139,8 @@ def result_path(args, ckpt_file: str) -> str:
     if args.outdir:
         return os.path.join(args.outdir, "fid.json")
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
-    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}-{args.weights}.json"
+    churn = f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
+    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{churn}-{args.weights}.json"
     return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
 
 
@@ -189,10 +191,12 @@ def evaluate(args) -> dict | None:
               f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, device {device}")
     t0 = time.perf_counter()
     for batch in indices.split(args.batch_size):
-        noise = image_noise(args.seed, batch, shape).to(device)
+        draws = ImageNoise(args.seed, batch)
+        noise = draws.randn(shape).to(device)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
         y = labels.to(device) if model.num_classes else None
-        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale)
+        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                         **stochastic_options(args), randn_like=draws.randn_like)
         if decode is not None:
             out = decode(out)
         images = to_uint8(out)
@@ -223,6 +227,7 @@ def evaluate(args) -> dict | None:
         "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
         "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
         "seed": args.seed, "ref": os.path.abspath(args.ref), "world_size": world,
+        **{k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()},  # (strict JSON)
         "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

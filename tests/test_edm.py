@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskdit import EDMLoss, EDMPrecond, create_model, edm_sample, random_mask
-from maskdit.edm import edm_sigma_steps, guided_denoise
+from maskdit.edm import ImageNoise, edm_sigma_steps, guided_denoise
 from maskdit.ops import patchify
 from tests.conftest import randomize
 
@@ -147,6 +147,73 @@ def test_sampler_with_exact_denoiser_recovers_the_data_distribution():
     x = edm_sample(GaussianDenoiser(mu, s), noise, None, num_steps=40)
     assert x.mean().item() == pytest.approx(mu, abs=0.01)
     assert x.std().item() == pytest.approx(s, rel=0.01)
+
+
+def _algorithm_2(denoise, noise, num_steps, s_churn, s_min, s_max, s_noise, randn_like):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) written out step by step, for comparison."""
+    t = edm_sigma_steps(num_steps)
+    x = noise.double() * t[0]
+    for i in range(num_steps):
+        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= t[i] <= s_max else 0.0
+        t_hat = t[i] + gamma * t[i]
+        x_hat = x + math.sqrt(t_hat ** 2 - t[i] ** 2) * s_noise * randn_like(x)
+        d = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x = x_hat + (t[i + 1] - t_hat) * d
+        if t[i + 1] != 0:
+            d2 = (x - denoise(x, t[i + 1])) / t[i + 1]
+            x = x_hat + (t[i + 1] - t_hat) * (d + d2) / 2
+    return x.float()
+
+
+@pytest.mark.parametrize("s_churn,s_min,s_max", [(0.0, 0.0, float("inf")), (10.0, 0.05, 50.0), (80.0, 0.0, 1e9)])
+def test_stochastic_sampler_follows_edm_algorithm_2(s_churn, s_min, s_max):
+    """s_churn > 0: noise added back at the steps with s_min <= sigma <= s_max (gamma capped at sqrt(2) - 1),
+    from ``randn_like`` (per-image generators), as EDM's Algorithm 2; s_churn 0 is the deterministic sampler."""
+    mu, s = 0.3, 0.6
+    den = GaussianDenoiser(mu, s)
+    idx = torch.arange(5)
+    draws_a, draws_b = ImageNoise(7, idx), ImageNoise(7, idx)
+    noise = draws_a.randn((1, 4, 4))
+    assert torch.equal(noise, draws_b.randn((1, 4, 4)))
+    got = edm_sample(den, noise, None, num_steps=12, s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=1.007,
+                     randn_like=draws_a.randn_like)
+    want = _algorithm_2(lambda x, t: den(x.float(), t.float()).double(), noise, 12, s_churn, s_min, s_max, 1.007,
+                        draws_b.randn_like)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    if s_churn > 0:  # a draw at every step, as the official sampler makes (also where gamma is 0)
+        assert torch.equal(draws_a.randn((1,)), draws_b.randn((1,)))
+    else:
+        assert torch.equal(got, edm_sample(den, noise, None, num_steps=12))
+
+
+def test_stochastic_sampler_recovers_the_data_distribution():
+    """With the exact denoiser of Gaussian data the churned sampler's samples have the data's mean and spread
+    (its discretisation error is larger than the deterministic one's: 200 steps here; at 40 steps and this
+    churn the spread came out 4% high, 1.3% at 100 steps)."""
+    mu, s = 0.3, 0.6
+    g = torch.Generator().manual_seed(0)
+    x = edm_sample(GaussianDenoiser(mu, s), torch.randn(8000, 1, 4, 4, generator=g), None, num_steps=200,
+                   s_churn=100, s_min=0.05, s_max=50, randn_like=lambda v: torch.randn(v.shape, generator=g,
+                                                                                   dtype=v.dtype))
+    assert x.mean().item() == pytest.approx(mu, abs=0.01)
+    assert x.std().item() == pytest.approx(s, rel=0.01)
+
+
+def test_stochastic_sampler_rejects_bad_options_and_is_batch_independent():
+    den = GaussianDenoiser(0.0, 0.5)
+    noise = torch.randn(2, 1, 4, 4)
+    for bad in (dict(s_churn=-1), dict(s_noise=-0.5), dict(s_min=2.0, s_max=1.0)):
+        with pytest.raises(ValueError, match="s_churn >= 0"):
+            edm_sample(den, noise, None, num_steps=3, **bad)
+    with pytest.raises(ValueError, match="x holds 2 images, these generators 3"):
+        ImageNoise(0, torch.arange(3)).randn_like(noise)
+
+    def run(index):
+        draws = ImageNoise(3, index)
+        return edm_sample(den, draws.randn((1, 4, 4)), None, num_steps=6, s_churn=20, randn_like=draws.randn_like)
+
+    whole = run(torch.arange(4))
+    torch.testing.assert_close(torch.cat([run(torch.arange(2)), run(torch.arange(2, 4))]), whole, atol=0, rtol=0)
 
 
 def test_sampler_is_deterministic_for_a_seed():

@@ -185,16 +185,17 @@ def test_train_and_sample_scripts_end_to_end(tmp_path):
     assert f"run folder: {out}" in res.stdout
     assert {"checkpoint-0000004.pt", "log.jsonl", "samples.png"} <= set(os.listdir(out))
     prefix = tmp_path / "s" / "digits"
+    churn = ["--s-churn", "3", "--s-min", "0.01", "--s-noise", "1.003"]  # (the stochastic sampler's draws too)
     _subprocess([os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--num-per-class", "2", "--steps", "2",
-                 "--batch-size", "7", "--out", str(prefix)], cwd=tmp_path)
+                 "--batch-size", "7", *churn, "--out", str(prefix)], cwd=tmp_path)
     npz = np.load(str(prefix) + ".npz")
     assert npz["images"].shape == (20, 8, 8, 1) and npz["images"].dtype == np.uint8
     assert npz["labels"].tolist() == [i // 2 for i in range(20)]
     assert os.path.exists(str(prefix) + ".png")
-    # the same seed gives the same images whatever the batch size
+    # the same seed gives the same images whatever the batch size (per-image generators, also for the churn)
     prefix2 = tmp_path / "s" / "again"
     _subprocess([os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--num-per-class", "2", "--steps", "2",
-                 "--batch-size", "20", "--out", str(prefix2)], cwd=tmp_path)
+                 "--batch-size", "20", *churn, "--out", str(prefix2)], cwd=tmp_path)
     assert np.array_equal(np.load(str(prefix2) + ".npz")["images"], npz["images"])
 
 
