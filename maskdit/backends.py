@@ -229,8 +229,8 @@ def _weight_grad(dout2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> t
     """A Linear's weight gradient ``dout2^T @ x2`` in the weight's ``dtype``.  For an fp32 weight and 16-bit
     inputs on CUDA it comes straight from the product's fp32 accumulator (``torch.mm``'s ``out_dtype``):
     autocast's 16-bit product would round it and a cast would then read it and write it again in fp32 (2 + 6
-    bytes a weight instead of 4, and a launch and an autograd node per weight: 9.3 GB of casts a MaskDiT-XL/2
-    step at batch 256, half of them these)."""
+    bytes a weight instead of 4, and a launch and an autograd node per weight: most of the 228 ToCopyBackward
+    a profiled MaskDiT-XL/2 step at batch 256 ran, 2.8 ms of H200 time and about 10 ms of host time)."""
     if dtype == torch.float32 and dout2.dtype in (torch.float16, torch.bfloat16) and dout2.is_cuda:
         return torch.mm(dout2.t(), x2, out_dtype=torch.float32)
     return (dout2.t() @ x2).to(dtype)
