@@ -98,6 +98,7 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         leaves=[], fwd_bytes=t_enc * 3 * d * (2 + 2) + 3 * d * 4, bwd_bytes=0))
 
     # the weight average over MaskDiT-XL/2's parameters (shapes from the meta device), one step of train.py's EMA
+    from kernels._common import interpreting
     from kernels.ema import MultiTensorLerp, lerp_reference
     from maskdit import create_model
 
@@ -107,7 +108,8 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
     params = [torch.randn(sh, generator=g).to(device) for sh in shapes]
     averages = [q.clone() for q in params]
     w_ema = torch.tensor(1e-4, device=device)
-    lerp = MultiTensorLerp(averages, params) if device.type == "cuda" else None  # (the fused rows need CUDA)
+    # (the fused rows need CUDA, or the interpreter for tests/test_bench_kernels.py)
+    lerp = MultiTensorLerp(averages, params) if device.type == "cuda" or interpreting() else None
     numel = sum(q.numel() for q in params)
     specs.append(dict(
         name="ema (weight average)", module=_kernel_module("ema"),

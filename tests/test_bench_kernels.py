@@ -1,0 +1,46 @@
+"""bench/kernels.py's launch-parameter sweep on the CPU (the Triton interpreter, tiny shapes, timing stubbed):
+every forced configuration of every fused op must run, forward and backward, and give the default's outputs
+(NaN-poisoned).
+A GPU run records a failing configuration as an error row and goes on, so a broken variant (a constant that
+a kernel no longer takes, a tile that does not cover the row) would otherwise only show up in its table."""
+
+import pytest
+import torch
+
+from bench import kernels as bench_kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the sweep itself (make gpu-check)")
+def test_every_launch_configuration_runs_and_matches_the_defaults(monkeypatch):
+    from kernels import _common
+
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)  # an element a variant leaves unwritten stays NaN
+    specs = bench_kernels.op_specs(n=2, L=16, k=8, d=72, dd=32, c=4, p=2, device=torch.device(DEVICE))
+    results = {}
+
+    def run_once(fn, leaves):
+        outs = bench_kernels._outputs(fn())
+        grads = ()
+        if leaves:
+            dy = [torch.ones_like(o) for o in outs]
+            grads = torch.autograd.grad(outs, leaves, dy, allow_unused=True)
+        results.setdefault(fn, []).append([t.detach().clone() for t in (*outs, *grads) if t is not None])
+        return 0.0, (0.0 if leaves else None), "retained"
+
+    monkeypatch.setattr(bench_kernels, "time_op", run_once)
+    monkeypatch.setattr(bench_kernels, "graph_times", lambda fn, leaves: {})
+    rows = bench_kernels.config_rows(specs, warps=(4, 8), fwd_rows=(2,), bwd_rows=(8,), bwd_stages=(1, 2),
+                                     bwd_tile_elems=(512,))
+    errors = [(r["op"], r["config"], r["error"]) for r in rows if "error" in r]
+    assert not errors, errors
+    configs = {(r["op"], r["config"]) for r in rows}
+    assert len(configs) == len(rows) > 5 * len(specs)
+    assert ("embed_kept_patches", "tf32x3 forward products, 16 tokens x 128 columns") in configs
+    for spec in specs:
+        runs = results[spec["fused"]]
+        assert len(runs) == sum(1 for r in rows if r["op"] == spec["name"]), spec["name"]
+        for run in runs[1:]:  # the first is the defaults row
+            for a, b in zip(run, runs[0]):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{spec['name']}: {m}")
