@@ -37,10 +37,14 @@ def grads(model):
     return {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["MaskDiT-T/2", "DiT-T/2"])
+@pytest.mark.parametrize("name,kw", [("MaskDiT-T/2", {}), ("DiT-T/2", {}),
+                                     ("MaskDiT-T/2", dict(learn_mask_token=False))],
+                         ids=["MaskDiT", "DiT", "MaskDiT-zero-mask-token"])
 @pytest.mark.parametrize("masked", [True, False])
-def test_forward_and_parameter_gradients_match(name, masked):
-    ref, fused = pair(name)
+def test_forward_and_parameter_gradients_match(name, kw, masked):
+    """Outputs and every parameter gradient; also MaskDiT without a learnable mask token (zeros at the masked
+    positions: the fused insertion gets a zero buffer that needs no gradient)."""
+    ref, fused = pair(name, **kw)
     x, t, y = inputs()
     ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE) if masked else None
     out_ref, out_fused = ref(x, t, y, ids), fused(x, t, y, ids)
@@ -49,24 +53,8 @@ def test_forward_and_parameter_gradients_match(name, masked):
     out_ref.backward(dout)
     out_fused.backward(dout)
     g_ref, g_fused = grads(ref), grads(fused)
-    assert g_ref.keys() == g_fused.keys()
-    for k in g_ref:
-        torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
-
-
-def test_backends_match_without_a_learnable_mask_token():
-    """learn_mask_token=False (zeros at the masked positions): the fused insertion gets a zero buffer that needs
-    no gradient; outputs and every parameter gradient as the torch backend's."""
-    ref, fused = pair("MaskDiT-T/2", learn_mask_token=False)
-    x, t, y = inputs()
-    ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE)
-    out_ref, out_fused = ref(x, t, y, ids), fused(x, t, y, ids)
-    torch.testing.assert_close(out_fused, out_ref, atol=1e-4, rtol=1e-4)
-    dout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    out_ref.backward(dout)
-    out_fused.backward(dout)
-    g_ref, g_fused = grads(ref), grads(fused)
-    assert g_ref.keys() == g_fused.keys() and "mask_token" not in g_ref
+    has_token = name.startswith("MaskDiT") and kw.get("learn_mask_token", True)
+    assert g_ref.keys() == g_fused.keys() and ("mask_token" in g_ref) == has_token
     for k in g_ref:
         torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
 
