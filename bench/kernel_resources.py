@@ -10,7 +10,8 @@ and the attention kernel alone at the XL/2 head dims and sequence lengths; every
 intercepted (nothing runs), and each distinct (kernel, argument types, constexprs, launch options; the
 deterministic backward variants, the pipelined backwards that ``bench/kernels.py`` times and the attention
 launch settings that ``bench/attention.py`` times included) is compiled by Triton for the target GPU down to a
-cubin with ptxas.  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
+cubin with ptxas, over ``--workers`` processes (2 CPUs: 74 s instead of 137 for 364 specialisations, the same
+rows).  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
 compile for a GPU, register spills, and more shared memory a program than the GPU has (``SHARED_LIMIT``).
 The table gives registers per thread, spilled bytes and shared memory per program.  Needs no GPU and no
 CUDA toolkit (Triton ships ptxas); must run without ``TRITON_INTERPRET``.
@@ -19,7 +20,10 @@ CUDA toolkit (Triton ships ptxas); must run without ``TRITON_INTERPRET``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -55,11 +59,19 @@ class Launch:
     def name(self) -> str:
         return self.kernel.fn.__name__
 
+    def __reduce__(self):  # to a compiling process: the kernel by its module and name
+        fields = (self.signature, self.constexprs, self.attrs, self.num_warps, self.num_stages, self.maxnreg)
+        return _rebuild_launch, (self.kernel.fn.__module__, self.name, *fields)
+
     def describe(self) -> str:
         ptr_types = sorted({t[1:] for _, t in self.signature if t.startswith("*")})
         consts = ", ".join(f"{k}={v}" for k, v in self.constexprs)
         regs = f", maxnreg={self.maxnreg}" if self.maxnreg else ""
         return f"{self.name}[{'/'.join(ptr_types)}; {consts}; warps={self.num_warps}{regs}]"
+
+
+def _rebuild_launch(module: str, name: str, *fields) -> Launch:
+    return Launch(getattr(importlib.import_module(module), name), *fields)
 
 
 def _launch_from_call(kernel: JITFunction, args, kwargs) -> Launch:
@@ -273,6 +285,23 @@ def compile_launch(launch: Launch, arch: int) -> dict:
             "shared_bytes": compiled.metadata.shared, **usage}
 
 
+def _compile_or_fail(launch: Launch, arch: int) -> dict:
+    """``compile_launch``'s row, or {"spec", "error"} (every failing kernel is reported, not only the first)."""
+    try:
+        return compile_launch(launch, arch)
+    except Exception as e:
+        return {"spec": launch.describe(), "error": f"{type(e).__name__}: {e}"}
+
+
+def compile_all(launches: list[Launch], arch: int, workers: int) -> list[dict]:
+    """``_compile_or_fail`` of each launch, in order, over ``workers`` processes (spawned: each imports the
+    kernels afresh; the compiles are independent, about a third of a second each)."""
+    if workers <= 1:
+        return [_compile_or_fail(launch, arch) for launch in launches]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_or_fail, launches, [arch] * len(launches), chunksize=8))
+
+
 def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: list[dict]) -> str:
     lines = [f"## Triton kernels compiled for sm_{arch} (no GPU used)", "",
              f"triton {env['triton']}, torch {env['torch']}, {env['date']}, on {env['device']}; `{env['command']}`. "
@@ -292,17 +321,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100/H200)")
     ap.add_argument("--out", help="write kernel_resources.json / .md into this folder")
+    ap.add_argument("--workers", type=int, default=min(len(os.sched_getaffinity(0)), 8),
+                    help="compiling processes (default: the CPUs this process may use, at most 8)")
     args = ap.parse_args(argv)
     launches = collect_launches()
     rows, failures = [], []
-    for launch in launches:
-        try:
-            rows.append(compile_launch(launch, args.arch))
-        except Exception as e:  # report every failing kernel, not only the first
-            failures.append({"spec": launch.describe(), "error": f"{type(e).__name__}: {e}"})
+    for result in compile_all(launches, args.arch, args.workers):
+        if "error" in result:
+            failures.append(result)
             continue
-        if rows[-1]["shared_bytes"] > SHARED_LIMIT.get(args.arch, float("inf")):
-            failures.append({"spec": launch.describe(), "error": f"shared memory {rows[-1]['shared_bytes']} bytes > "
+        rows.append(result)
+        if result["shared_bytes"] > SHARED_LIMIT.get(args.arch, float("inf")):
+            failures.append({"spec": result["spec"], "error": f"shared memory {result['shared_bytes']} bytes > "
                              f"sm_{args.arch}'s {SHARED_LIMIT[args.arch]} a program: it would fail at launch"})
     env = environment()
     md = markdown(env, args.arch, len(launches), rows, failures)
