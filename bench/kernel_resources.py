@@ -3,18 +3,18 @@
     python bench/kernel_resources.py                 # sm_90 (H100/H200), MaskDiT-XL/2 widths
     python bench/kernel_resources.py --arch 80 --out bench/results/offline-sm80
 
-A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2, 4 channels; one block
-each, batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast (with
-PyTorch's attention and with the project's Triton attention kernel), plus each op alone on fp16/bf16 inputs
-and the attention kernel alone at the XL/2 head dims and sequence lengths; every kernel launch is
-intercepted (nothing runs), and each distinct (kernel, argument types, constexprs, launch options; the
-deterministic backward variants, the pipelined backwards that ``bench/kernels.py`` times and the attention
-launch settings that ``bench/attention.py`` times included) is compiled by Triton for the target GPU down to a
-cubin with ptxas, over ``--workers`` processes (2 CPUs: 74 s instead of 137 for 364 specialisations, the same
-rows).  It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that does not
-compile for a GPU, register spills, and more shared memory a program than the GPU has (``SHARED_LIMIT``).
-The table gives registers per thread, spilled bytes and shared memory per program.  Needs no GPU and no
-CUDA toolkit (Triton ships ptxas); must run without ``TRITON_INTERPRET``.
+A training step of a MaskDiT with the XL/2 widths (D 1152, decoder 512, patch 2, 4 channels; one block each,
+batch 2) runs on the CPU with the triton backend in fp32 and under bf16 and fp16 autocast (with PyTorch's
+attention and with the project's Triton attention kernel), plus each op alone on fp16/bf16 inputs and the
+attention kernel alone at the XL/2 head dims and sequence lengths; every kernel launch is intercepted (nothing
+runs), and each distinct (kernel, argument types, constexprs, launch options; the deterministic backward
+variants, the pipelined backwards and the patch embedding's tf32x3 forwards that ``bench/kernels.py`` times,
+and the attention launch settings that ``bench/attention.py`` times included) is compiled by Triton for the
+target GPU down to a cubin with ptxas, over ``--workers`` processes (2 CPUs: 74 s instead of 137 for 364
+specialisations, the same rows). It catches what the interpreter (``TRITON_INTERPRET=1``) cannot: code that
+does not compile for a GPU, register spills, and more shared memory a program than the GPU has
+(``SHARED_LIMIT``). The table gives registers per thread, spilled bytes and shared memory per program. Needs no
+GPU and no CUDA toolkit (Triton ships ptxas); must run without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -308,7 +308,8 @@ def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: li
              f"{launches} kernel specialisations launched by a MaskDiT training step at XL/2 widths (D 1152, "
              f"decoder 512; fp32, bf16 and fp16 autocast; PyTorch's and the Triton attention), by each op on "
              f"fp16/bf16 inputs (D 72 and 1152) and by the attention kernels (fp32, fp16, bf16; head dim 72 and 32, "
-             f"128 and 256 tokens; bench/attention.py's launch settings); "
+             f"128 and 256 tokens; bench/attention.py's launch settings) and by bench/kernels.py's launch "
+             f"settings; "
              f"{len(failures)} failed to compile or need more shared memory than sm_{arch} has. Registers per thread "
              "and stack (spill) bytes from cuobjdump, shared memory from Triton.", "",
              "| kernel specialisation | regs/thread | stack bytes | shared bytes |", "|---|---:|---:|---:|"]
