@@ -10,9 +10,10 @@ rounded to x_kept's dtype first, as in ``maskdit.ops.insert_mask_tokens``).  The
 ``src`` (4 bytes an output row).  The backward is one kernel over tiles of output rows that reads dout
 once: kept rows are copied to dx[src] (each kept token has exactly one output row), masked rows are summed
 in fp32 registers and added to an fp32 (Dd,) buffer with one atomic add per program (deterministic mode:
-one row per program, summed in order); dmask_token is
-returned in mask_token's dtype.  pos_embed is meant to be fixed; if it requires grad anyway its gradient
-(dout summed over samples) comes from plain PyTorch.
+one row per program, summed in order); dmask_token is returned in mask_token's dtype.  When mask_token
+needs no gradient (MaskDiT's fixed zero token, ``learn_mask_token=False``) the backward skips those sums
+and only scatters dx.  pos_embed is meant to be fixed; if it requires grad anyway its gradient (dout
+summed over samples) comes from plain PyTorch.
 
 Assumption: ids are unique within a sample (a duplicate would leave rows of dx unwritten, and which token
 wins the forward is unspecified).  Samples need not be contiguous in the packed layout.  Out-of-range ids
@@ -69,7 +70,7 @@ def _unmask_fwd_kernel(X, SRC, MASK, POS, OUT, R, L, D, stride_x, stride_pos, st
 @triton.jit
 def _unmask_bwd_kernel(DOUT, SRC, DX, DMASK, R, L, D, stride_dn, stride_dl, stride_dx,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       STAGES: tl.constexpr, MASK_GRAD: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -85,11 +86,13 @@ def _unmask_bwd_kernel(DOUT, SRC, DX, DMASK, R, L, D, stride_dn, stride_dl, stri
                        mask=rmask[:, None] & cmask[None, :], other=0.0)
         tl.store(DX + src[:, None] * stride_dx + cols[None, :], dout.to(DX.dtype.element_ty),
                  mask=kept[:, None] & cmask[None, :])
-        acc += tl.sum(tl.where(kept[:, None], 0.0, dout.to(tl.float32)), axis=0)
-    if DETERMINISTIC:  # this program's row of partial sums; the launcher adds the rows in order
-        tl.store(DMASK + pid * D + cols, acc, mask=cmask)
-    else:
-        tl.atomic_add(DMASK + cols, acc, mask=cmask, sem="relaxed")
+        if MASK_GRAD:
+            acc += tl.sum(tl.where(kept[:, None], 0.0, dout.to(tl.float32)), axis=0)
+    if MASK_GRAD:
+        if DETERMINISTIC:  # this program's row of partial sums; the launcher adds the rows in order
+            tl.store(DMASK + pid * D + cols, acc, mask=cmask)
+        else:
+            tl.atomic_add(DMASK + cols, acc, mask=cmask, sem="relaxed")
 
 
 def _tiles(d: int) -> tuple[int, int]:
@@ -146,7 +149,8 @@ def _fwd_fake(x_kept, ids, seg, mask_token, pos_embed, num_samples):
     return x_kept.new_empty((num_samples, L, d)), x_kept.new_empty((num_samples * L,), dtype=torch.int32)
 
 
-def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int,
+              mask_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     n, L, d = dout.shape
     r = n * L
     det = deterministic(dout.device)
@@ -155,22 +159,23 @@ def _bwd_impl(dout: torch.Tensor, src: torch.Tensor, num_tokens: int) -> tuple[t
     block_r, block_d = _tiles(d)
     tiles = max(1, rows_per_program(r, dout.device, BWD_ROWS) // block_r)
     programs = cdiv(r, block_r * tiles)
-    dmask = column_sums_buffer(programs, d, dout.device, det)
+    # without the mask token's gradient (a fixed zero token) the kernel never touches this buffer
+    dmask = column_sums_buffer(programs, d, dout.device, det) if mask_grad else dout.new_empty(0, dtype=torch.float32)
     if r and d:
         _unmask_bwd_kernel[(programs,)](
             dout, src, dx, dmask, r, L, d, dout.stride(0), dout.stride(1), d,
-            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            BLOCK_R=block_r, BLOCK_D=block_d, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES, MASK_GRAD=mask_grad,
             **backward_options(num_warps(block_r * block_d), BWD_STAGES))
-    return dx, column_sums(dmask, det)
+    return dx, (column_sums(dmask, det) if mask_grad else dmask)
 
 
 _bwd = torch.library.custom_op("maskdit::insert_mask_tokens_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
-def _bwd_fake(dout, src, num_tokens):
+def _bwd_fake(dout, src, num_tokens, mask_grad=True):
     d = dout.shape[2]
-    return dout.new_empty((num_tokens, d)), dout.new_empty((d,), dtype=torch.float32)
+    return dout.new_empty((num_tokens, d)), dout.new_empty((d if mask_grad else 0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,9 +189,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, bwd, dout, _dsrc):
     (src,) = ctx.saved_tensors
-    dx, dmask = bwd(dout, src, ctx.x_shape[0])
+    mask_grad = ctx.needs_input_grad[3]
+    dx, dmask = bwd(dout, src, ctx.x_shape[0], mask_grad)
     dpos = dout.float().sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[4] else None
-    return dx.to(ctx.x_dtype), None, None, dmask.to(ctx.mask_dtype), dpos, None
+    return dx.to(ctx.x_dtype), None, None, dmask.to(ctx.mask_dtype) if mask_grad else None, dpos, None
 
 
 _call = autograd_op("InsertMaskTokens", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)

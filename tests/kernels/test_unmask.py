@@ -92,6 +92,20 @@ def test_pipelined_backward_tiles(stages, dtype, monkeypatch):
     test_forward_backward_against_reference(512, 72, [40, 1, 72], dtype)  # 8-row tiles, 8 a program
 
 
+@pytest.mark.parametrize("det", [False, True])
+def test_fixed_mask_token_gets_no_gradient(det, deterministic_mode):
+    """A mask token that needs no gradient (learn_mask_token=False): the backward skips its sums, dx unchanged."""
+    torch.use_deterministic_algorithms(det)
+    x, ids, seg, mask_token, pos_embed, n = _inputs(100, 36, [1, 18, 36, 17], torch.float32)
+    x.requires_grad_()
+    dout = torch.randn(n, 36, 100, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (dx,) = torch.autograd.grad(insert_mask_tokens(x, ids, seg, mask_token, pos_embed, n), x, dout)
+    torch.testing.assert_close(dx, dout[seg.long(), ids], atol=0, rtol=0)
+    _, src = _fwd(x.detach(), ids, seg, mask_token, pos_embed, n)
+    dx_op, dmask = _bwd(dout, src, x.shape[0], False)
+    assert torch.equal(dx_op, dx) and dmask.shape == (0,)
+
+
 def test_no_kept_tokens():
     d, L, n = 24, 16, 2
     mask_token = torch.randn(d, device=DEVICE, requires_grad=True)
@@ -108,7 +122,8 @@ def test_opcheck():
     x, ids, seg, mask_token, pos_embed, n = _inputs(40, 16, [5, 16, 1], torch.float32)
     torch.library.opcheck(_fwd, (x.requires_grad_(), ids, seg, mask_token.requires_grad_(), pos_embed, n))
     out, src = _fwd(x.detach(), ids, seg, mask_token.detach(), pos_embed, n)
-    torch.library.opcheck(_bwd, (torch.randn_like(out), src, x.shape[0]))
+    for mask_grad in (True, False):
+        torch.library.opcheck(_bwd, (torch.randn_like(out), src, x.shape[0], mask_grad))
 
 
 def test_bad_inputs_are_named():
