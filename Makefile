@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 RUN    ?= runs/digits
+# pytest-xdist processes of `make test` (each interpreted kernel test keeps one core busy)
+TEST_WORKERS ?= 2
 
 .PHONY: install test train sample lint bench bench-kernels quality gpu-check gpu-deps clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # A second `make train` continues the run in $(RUN) (to its --steps) instead of starting over.
 train: install
@@ -34,7 +36,7 @@ gpu-check:
 
 # pytest as plain files for a GPU machine without network: carry .gpu-deps with the working tree.
 gpu-deps:
-	$(PYTHON) -m pip install -q --target .gpu-deps pytest
+	$(PYTHON) -m pip install -q --target .gpu-deps pytest pytest-xdist
 
 # Compute table (anywhere), training-step, sampling and kernel benchmarks (full tables need CUDA).
 bench: install

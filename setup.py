@@ -11,7 +11,7 @@ setup(
     # without CUDA), so this requirement is already met and pip downloads nothing large.
     install_requires=["torch>=2.4", "numpy", "pillow", "scikit-learn", "tqdm"],
     extras_require={
-        "test": ["pytest", "ruff", "triton", "diffusers", "scipy"],
+        "test": ["pytest", "pytest-xdist", "ruff", "triton", "diffusers", "scipy"],
         "triton": ["triton"],
         "bench": ["matplotlib"],
         "latents": ["diffusers"],  # the VAE of the latent pipeline (python -m maskdit.prepare_latents)
