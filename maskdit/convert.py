@@ -122,7 +122,7 @@ def infer_config(state_dict: dict, source: str) -> ModelConfig:
                      null_class="zero" if source == "maskdit" else "learned")
     if use_decoder:
         dec_hidden = sd["decoder_layer.linear.weight"].shape[0]
-        default_depth, default_hidden, default_heads = DECODER["default"]
+        _, default_hidden, default_heads = DECODER["default"]
         if dec_hidden != default_hidden:
             raise ValueError(f"decoder width {dec_hidden} differs from the official {default_hidden}: its head "
                              "count cannot be inferred; build the model with create_model(..., decoder_num_heads=)")

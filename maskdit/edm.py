@@ -211,9 +211,3 @@ class ImageNoise:
         if x.shape[0] != len(self.generators):
             raise ValueError(f"x holds {x.shape[0]} images, these generators {len(self.generators)}")
         return self.randn(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
-
-
-def image_noise(seed: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Unit Gaussian noise for images ``index``, each drawn from its own generator seeded by (seed, i): the
-    first draw of ``ImageNoise(seed, index)``."""
-    return ImageNoise(seed, index).randn(shape)

@@ -4,10 +4,10 @@
     torchrun --nproc-per-node 8 -m maskdit.evaluate --ckpt model.pt --ref REF.npz --cfg-scale 1.5 --outdir fid/
     python -m maskdit.evaluate --write-stats DIR_OF_IMAGES --out STATS.npz --resolution 256
 
-Samples with the EDM Heun sampler and classifier-free guidance.  Sample i has class i % num_classes and the
-noise of sample.py's ``image_noise`` (seed, i), so the samples do not depend on --batch-size or on the number
-of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...  Inception-v3 pool3 features (torch-fidelity,
-an optional dependency) are reduced to their mean and covariance; the per-process sums are added up with
+Samples with the EDM Heun sampler and classifier-free guidance.  Sample i has class i % num_classes and the noise of
+``maskdit.edm.ImageNoise`` (seed, i), as in sample.py, so the samples do not depend on --batch-size or on the number
+of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...  Inception-v3 pool3 features (torch-fidelity, an
+optional dependency) are reduced to their mean and covariance; the per-process sums are added up with
 torch.distributed and rank 0 prints the FID and writes it as JSON.  --outdir also keeps the samples, one uint8 npz
 per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in sample order), and their
 statistics (stats.npz).  Without --ref only the samples are written.
