@@ -225,13 +225,17 @@ def _saved_input(kept: list, dtype: torch.dtype) -> torch.Tensor:
     return kernels.ln_modulate_recompute(*kept, out_dtype=dtype)
 
 
+# torch.mm's out_dtype overload (fp32 results from 16-bit operands on CUDA) came in torch 2.8
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _weight_grad(dout2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A Linear's weight gradient ``dout2^T @ x2`` in the weight's ``dtype``.  For an fp32 weight and 16-bit
     inputs on CUDA it comes straight from the product's fp32 accumulator (``torch.mm``'s ``out_dtype``):
     autocast's 16-bit product would round it and a cast would then read it and write it again in fp32 (2 + 6
     bytes a weight instead of 4, and a launch and an autograd node per weight: most of the 228 ToCopyBackward
     a profiled MaskDiT-XL/2 step at batch 256 ran, 2.8 ms of H200 time and about 10 ms of host time)."""
-    if dtype == torch.float32 and dout2.dtype in (torch.float16, torch.bfloat16) and dout2.is_cuda:
+    if _MM_OUT_DTYPE and dtype == torch.float32 and dout2.dtype in (torch.float16, torch.bfloat16) and dout2.is_cuda:
         return torch.mm(dout2.t(), x2, out_dtype=torch.float32)
     return (dout2.t() @ x2).to(dtype)
 
