@@ -126,6 +126,27 @@ def test_sigma_steps():
     t = edm_sigma_steps(40)
     assert len(t) == 41 and t[0].item() == pytest.approx(80) and t[39].item() == pytest.approx(0.002)
     assert t[40] == 0 and (t[:-1] > t[1:]).all()
+    # every step on EDM's schedule with rho = 7 (eq. 5), the paper's and the official samplers' default
+    want = [(80 ** (1 / 7) + i / 39 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(40)]
+    assert t[:40].tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_sampler_evaluates_the_network_at_the_rho_7_steps():
+    """edm_sample's own defaults (no schedule argument passed) visit EDM's rho = 7 noise levels, each step's
+    sigma then (Heun's correction) the next one's."""
+    seen = []
+
+    class Denoiser(torch.nn.Module):
+        model = Recorder(None)
+
+        def forward(self, x, sigma, class_labels=None, ids_keep=None):
+            seen.append(float(torch.as_tensor(sigma).reshape(-1)[0]))
+            return torch.zeros_like(x)
+
+    edm_sample(Denoiser(), torch.randn(1, 1, 2, 2), num_steps=6, cfg_scale=None)
+    steps = [(80 ** (1 / 7) + i / 5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(6)]
+    want = [s for i in range(5) for s in (steps[i], steps[i + 1])] + [steps[5]]
+    assert seen == pytest.approx(want, rel=1e-6)
 
 
 class GaussianDenoiser(torch.nn.Module):

@@ -117,6 +117,24 @@ def test_fewer_backward_rows_a_program(monkeypatch):
     _check(100, [7, 2, 1, 9], torch.float32)
 
 
+def test_rows_of_variance_near_eps():
+    """x_new rows whose variance is about eps (1e-6), and a constant one: eps inside the square root, forward
+    and backward (see test_ln_modulate's test of the same name)."""
+    x, h, gate, shift, scale, seg = _inputs(100, [3, 4], torch.float32)
+    x, h = 0.5 + 4e-4 * x, 2e-4 * h  # x_new's spread about 1e-3
+    x[2], h[2] = 0.25, 0.0
+    leaves, ref_leaves = _leaves((x, h, gate, shift, scale)), _leaves((x, h, gate, shift, scale))
+    x_new, y = gated_residual_ln_modulate(*leaves, seg)
+    x_new_ref, y_ref = gated_residual_ln_modulate_reference(*ref_leaves, seg)
+    assert torch.equal(x_new, x_new_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy)
+    for name, gk, gr in zip(NAMES, grads, ref_grads):  # dx and dh about 1000 dy here
+        torch.testing.assert_close(gk, gr, atol=1e-3 * gr.abs().max().item(), rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
 def test_mixed_dtypes():
     """Residual stream fp32, branch output and modulation fp16 (autocast), y in fp16."""
     _check(72, [4, 1, 35], torch.float32, h_dtype=torch.float16, mod_dtype=torch.float16, out_dtype=torch.float16,

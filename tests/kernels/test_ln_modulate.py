@@ -104,6 +104,24 @@ def test_large_mean_rows():
     torch.testing.assert_close(ln_modulate(x, shift, scale, seg), ref, atol=1e-3, rtol=1e-3)
 
 
+def test_rows_of_variance_near_eps():
+    """Rows whose variance is about eps (1e-6), and a constant row: eps must sit inside the square root, as in
+    ``layer_norm`` (eps added elsewhere changes such rows by O(1) forward and backward, where wide rows hide it)."""
+    x, shift, scale, seg = _inputs(100, [3, 4], torch.float32)
+    x = 0.5 + 5e-4 * x  # spread 1e-3: variance 1e-6
+    x[2] = 0.25
+    leaves = [t.detach().clone().requires_grad_() for t in (x, shift, scale)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    y, y_ref = ln_modulate(*leaves, seg), ln_modulate_reference(*ref_leaves, seg)
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-3, rtol=1e-3)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    for name, gk, gr in zip(("dx", "dshift", "dscale"), grads, ref_grads):  # dx about 1000 dy here
+        torch.testing.assert_close(gk.double(), gr, atol=1e-3 * gr.abs().max().item(), rtol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_out_dtype():
     x, shift, scale, seg = _inputs(72, [4, 3], torch.float32)
     y = ln_modulate(x, shift.half(), scale.half(), seg, out_dtype=torch.float16)
