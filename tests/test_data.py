@@ -34,6 +34,18 @@ def test_batch_iterator_digits():
     d = DigitsDataset(8)
     x, y = next(batch_iterator(d, 32, seed=0))
     assert x.shape == (32, 1, 8, 8) and y.shape == (32,) and y.dtype == torch.int64
+    flat = d.images.flatten(1)
+    for xi, yi in zip(x.flatten(1), y):  # each image comes with its own label
+        assert yi.item() in d.labels[(flat == xi).all(1)].tolist()
+
+
+def test_batch_iterator_keeps_images_with_their_labels(tmp_path):
+    for name, value in (("black", 0), ("white", 255)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name / f"{i}.png")
+    x, y = next(batch_iterator(make_dataset(str(tmp_path), 8), 6, seed=0))
+    assert torch.equal((x.mean((1, 2, 3)) > 0).long(), y)  # class 1 ("white") exactly at the white images
 
 
 def _write_images(root, classes=("cat", "dog"), per=3, size=(20, 13)):

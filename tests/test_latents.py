@@ -244,16 +244,28 @@ def test_cli_error_and_no_diffusers_import(tmp_path):
     assert r.stderr.strip() == f"error: --images: dataset folder {str(tmp_path / 'missing')!r} does not exist"
 
 
-def test_train_on_latents_end_to_end(tmp_path, image_dir, vae_dir):
-    """prepare -> train.py --dataset latents:DIR (fresh latents every step) -> grid and sample.py decode."""
+def test_train_on_latents_end_to_end(tmp_path, image_dir, vae_dir, monkeypatch):
+    """prepare -> train.py --dataset latents:DIR (fresh latents every step) -> grid and sample.py decode; the
+    loss sees each step's draw (mean + std eps) * SD_SCALE of the batch's moments, scaled once."""
     import train
+    from maskdit import distributed
 
+    drawn, fed = [], []
+    real_prepare, real_forward = LatentDataset.prepare_batch, distributed.LossModule.forward
+    monkeypatch.setattr(LatentDataset, "prepare_batch", lambda self, moments, generator=None, eps=None: drawn.append(
+        (moments.clone(), eps.clone())) or real_prepare(self, moments, generator, eps))
+    monkeypatch.setattr(distributed.LossModule, "forward", lambda self, images, *a, **k: fed.append(images.clone())
+                        or real_forward(self, images, *a, **k))
     out = tmp_path / "lat"
     _prepare(image_dir, out, vae_dir)
     run = tmp_path / "run"
     train.main(["--dataset", f"latents:{out}", "--image-size", "16", "--batch-size", "2", "--steps", "2",
                 "--log-every", "1", "--grid-per-class", "1", "--sample-steps", "2", "--device", "cpu",
                 "--out", str(run)])
+    assert len(drawn) == len(fed) == 2
+    for (moments, eps), images in zip(drawn, fed):
+        mean, logvar = moments.float().chunk(2, dim=1)
+        torch.testing.assert_close(images, (mean + torch.exp(logvar.clamp(-30, 20) / 2) * eps) * SD_SCALE)
     grid = Image.open(run / "samples.png")
     assert grid.mode == "RGB" and grid.size[0] >= 2 * RES  # decoded 32x32 RGB images, a row per class
     ckpt = torch.load(run / "checkpoint-0000002.pt", weights_only=False)

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -58,6 +59,38 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
 
 
+def test_atomic_save_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """The order that makes a checkpoint survive a power cut, not only a killed process: the data on disk
+    before the new name points at it, and the rename itself on disk before the call returns."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode)))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
+    atomic_save({"v": 1}, str(tmp_path / "ck.pt"))
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_ema_warmup_caps_the_decay_early():
+    from maskdit.training import ema_decay_at
+
+    assert ema_decay_at(0, 0.9999, True) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.9999, True) == pytest.approx(0.91)
+    assert ema_decay_at(10 ** 6, 0.9999, True) == 0.9999
+    assert ema_decay_at(0, 0.9999, False) == 0.9999
+
+
+def test_label_dropout_gives_the_null_class_at_its_rate(tmp_path, monkeypatch):
+    from maskdit import distributed
+
+    seen, real = [], distributed.LossModule.forward
+    monkeypatch.setattr(distributed.LossModule, "forward",
+                        lambda self, images, labels, *a, **k: seen.append(labels.clone()) or real(self, images, labels,
+                                                                                                     *a, **k))
+    run(tmp_path, "--steps", "12", "--label-dropout", "0.5", "--ckpt-every", "12")
+    labels = torch.cat(seen)
+    assert labels.numel() == 12 * 16 and abs((labels == 10).float().mean().item() - 0.5) < 0.12  # 10: null class
+
+
 def fixed_batch_loss(state, cfg_dict):
     model = DiT(ModelConfig.from_dict(cfg_dict))
     model.load_state_dict(state)
@@ -80,9 +113,10 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_resume_is_exact(tmp_path, precision):
-    extra = ["--precision", precision, "--ckpt-every", "3", "--steps"]
+@pytest.mark.parametrize("flags", [["--precision", "fp32"], ["--precision", "bf16"], ["--precision", "fp16"],
+                                   ["--mask-ratio-dist", "uniform:0.2:0.8"]])  # (per-sample ratios: host draws)
+def test_resume_is_exact(tmp_path, flags):
+    extra = [*flags, "--ckpt-every", "3", "--steps"]
     run(tmp_path / "a", *extra, "6")
     run(tmp_path / "b", *extra, "3")
     train.main(["--resume", str(tmp_path / "b"), "--steps", "6"])
