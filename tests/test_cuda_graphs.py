@@ -125,6 +125,18 @@ def test_train_cuda_graph_conditions_are_named(tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_cuda_graph_refuses_several_processes(tmp_path, monkeypatch):
+    """Two processes on CUDA devices, faked (the check comes before any CUDA work): refused by name."""
+    import train
+    from maskdit import distributed
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.DistEnv(
+        rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0)))
+    with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device, got 2 process"):
+        train.main(TRAIN + ["--steps", "1", "--cuda-graph", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def _losses(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
