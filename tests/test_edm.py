@@ -122,13 +122,16 @@ def test_sigma_distribution():
     assert s.std().item() == pytest.approx(1.2, abs=0.02)
 
 
+def _rho_7_steps(num_steps):
+    """EDM's noise levels (eq. 5) from sigma 80 to 0.002 with rho = 7, the paper's and the official samplers'."""
+    return [(80 ** (1 / 7) + i / (num_steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(num_steps)]
+
+
 def test_sigma_steps():
     t = edm_sigma_steps(40)
     assert len(t) == 41 and t[0].item() == pytest.approx(80) and t[39].item() == pytest.approx(0.002)
     assert t[40] == 0 and (t[:-1] > t[1:]).all()
-    # every step on EDM's schedule with rho = 7 (eq. 5), the paper's and the official samplers' default
-    want = [(80 ** (1 / 7) + i / 39 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(40)]
-    assert t[:40].tolist() == pytest.approx(want, rel=1e-12)
+    assert t[:40].tolist() == pytest.approx(_rho_7_steps(40), rel=1e-12)  # every step, by default
 
 
 def test_sampler_evaluates_the_network_at_the_rho_7_steps():
@@ -144,7 +147,7 @@ def test_sampler_evaluates_the_network_at_the_rho_7_steps():
             return torch.zeros_like(x)
 
     edm_sample(Denoiser(), torch.randn(1, 1, 2, 2), num_steps=6, cfg_scale=None)
-    steps = [(80 ** (1 / 7) + i / 5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(6)]
+    steps = _rho_7_steps(6)
     want = [s for i in range(5) for s in (steps[i], steps[i + 1])] + [steps[5]]
     assert seen == pytest.approx(want, rel=1e-6)
 
