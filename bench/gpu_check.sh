@@ -10,7 +10,8 @@
 # kernel, into $RESULTS_DIR/sdpa-*), "asweep" (the Triton attention kernel's launch settings, attention_sweep.*),
 # "tattn" (the step with the project's Triton attention kernel alone, into $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into
 # $RESULTS_DIR/keep), "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into
-# $RESULTS_DIR/split), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
+# $RESULTS_DIR/split), "variants" (tattn, keep and split against the defaults in one run, interleaved:
+# step_variants.*), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
 # $RESULTS_DIR/compile)).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
@@ -89,6 +90,11 @@ if [[ $PARTS == *" split "* ]]; then
   timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
     --steps 10 --kernel-constant ln_modulate.BWD_SPLIT_COLUMNS=True gated_residual.BWD_SPLIT_COLUMNS=True \
     --out "$RESULTS_DIR/split" || status=1; pack
+fi
+# the Triton attention kernel, the kept LayerNorm outputs and the split LayerNorm backwards against the defaults,
+# MaskDiT-XL/2 and DiT-XL/2 at batch 256, timed in rotated rounds within one run (bench/step_variants.py)
+if [[ $PARTS == *" variants "* ]]; then
+  timeout 300 $PY bench/step_variants.py --out "$RESULTS_DIR" || status=1; pack
 fi
 # XL/2 at 512x512 (64x64x4 latents, 1024 tokens), batch 64
 if [[ $PARTS == *" res512 "* ]]; then
