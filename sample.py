@@ -55,7 +55,7 @@ def main(argv=None) -> tuple[str, str]:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt, arg="--ckpt")
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()

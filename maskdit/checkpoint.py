@@ -56,21 +56,23 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(run_dir, max(found)[1]) if found else None
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint file, or the latest checkpoint of a run folder; ValueError if there is none."""
+def resolve_checkpoint(path: str, arg: str = "--resume") -> str:
+    """A checkpoint file, or the latest checkpoint of a run folder; ValueError naming the argument ``arg``
+    if there is none."""
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:
-            raise ValueError(f"--resume: run folder {path!r} holds no checkpoint-*.pt file")
+            raise ValueError(f"{arg}: run folder {path!r} holds no checkpoint-*.pt file")
         return found
     if not os.path.isfile(path):
-        raise ValueError(f"--resume: {path!r} is neither a checkpoint file nor a run folder")
+        raise ValueError(f"{arg}: {path!r} is neither a checkpoint file nor a run folder")
     return path
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a training checkpoint written by ``train.py`` (a dict with model, ema, optimizer, step, ...)."""
-    ckpt = torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=False)
+def load_checkpoint(path: str, map_location="cpu", arg: str = "--resume") -> dict:
+    """Load a training checkpoint written by ``train.py`` (a dict with model, ema, optimizer, step, ...);
+    ``path`` may be a run folder (its latest checkpoint), errors name the argument ``arg``."""
+    ckpt = torch.load(resolve_checkpoint(path, arg), map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path!r} is not a checkpoint written by train.py (missing 'model'/'config')")
     return ckpt

@@ -167,7 +167,7 @@ def evaluate(args) -> dict | None:
     rank, world, device = setup_distributed(args.device)
     if args.num_samples < world:
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the number of processes ({world})")
-    ckpt_file = resolve_checkpoint(args.ckpt)
+    ckpt_file = resolve_checkpoint(args.ckpt, "--ckpt")
     ref = load_reference_stats(args.ref) if args.ref is not None else None  # fail before sampling
     ckpt = load_checkpoint(ckpt_file)
     if args.weights not in ckpt:

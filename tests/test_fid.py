@@ -327,6 +327,12 @@ def test_errors_before_sampling(ckpt, tmp_path, monkeypatch):
         evaluate.main(["--ckpt", ckpt, "--num-samples", "0", "--outdir", str(tmp_path), *SAMPLE])
     with pytest.raises(SystemExit):  # argparse: neither --ckpt nor --write-stats
         evaluate.parse_args(["--ref", "x.npz"])
+    for bad, match in ((tmp_path / "none.pt", "^--ckpt: .* is neither a checkpoint file nor a run folder"),
+                       (tmp_path, "^--ckpt: run folder .* holds no checkpoint")):  # the flag these scripts take
+        with pytest.raises(ValueError, match=match):
+            evaluate.main(["--ckpt", str(bad), "--num-samples", "2", "--outdir", str(tmp_path / "o"), *SAMPLE])
+        with pytest.raises(ValueError, match=match):
+            sample.main(["--ckpt", str(bad), "--out", str(tmp_path / "s"), *SAMPLE])
 
 
 def test_latent_checkpoint_without_vae_is_a_clear_error(tmp_path):
