@@ -1,7 +1,6 @@
 """MaskDiT: fast training of diffusion models with masked transformers (Zheng et al., TMLR 2024)."""
 
 from .config import MODEL_NAMES, ModelConfig, model_config
-from .convert import convert_official_state_dict
 from .edm import EDMLoss, EDMPrecond, edm_sample
 from .masking import Mask, random_mask
 from .models import DiT, create_model
@@ -11,3 +10,13 @@ __all__ = [
     "EDMPrecond", "EDMLoss", "edm_sample", "convert_official_state_dict",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``convert_official_state_dict`` on first use: importing ``maskdit.convert`` with the package would make
+    ``python -m maskdit.convert`` warn that the module was imported before it ran."""
+    if name == "convert_official_state_dict":
+        from .convert import convert_official_state_dict
+
+        return convert_official_state_dict
+    raise AttributeError(f"module 'maskdit' has no attribute {name!r}")

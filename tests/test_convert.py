@@ -231,6 +231,7 @@ def test_cli_converts_a_training_checkpoint_file(tmp_path):
                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert res.returncode == 0, res.stderr
     assert "MaskDiT-T/2" in res.stdout
+    assert "Warning" not in res.stderr, res.stderr  # e.g. runpy's, had `import maskdit` imported the module first
     ckpt = torch.load(dst, weights_only=False)
     from maskdit.config import ModelConfig
     from maskdit.models import DiT
