@@ -26,7 +26,14 @@ from tqdm import tqdm
 from maskdit import distributed
 from maskdit.attention import DENSE_KERNELS, set_sdpa_backend
 from maskdit.backends import BACKENDS
-from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from maskdit.checkpoint import (
+    atomic_save,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+)
 from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.cuda_graphs import GraphedStep
 from maskdit.data import batch_iterator, make_dataset
@@ -42,7 +49,7 @@ DEFAULTS = dict(
     lr=None, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.999, ema_warmup=True,
     mask_ratio=0.5, mask_schedule="constant", mask_cosine_power=4.0, mask_ratio_dist="none", mask_schedule_start=0,
     mae_coef=0.1, label_dropout=0.1, precision="fp32", seed=0,
-    ckpt_every=500, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
+    ckpt_every=500, keep_checkpoints=0, keep_every=0, log_every=25, max_nonfinite=5, num_workers=2, device="auto",
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
     activation_checkpointing="none", keep_norm_outputs=False, cuda_graph=False, sdpa_backend="auto",
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
@@ -83,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16 uses a grad scaler)")
     p.add_argument("--seed", type=int)
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default 500)")
+    p.add_argument("--keep-checkpoints", type=int, help="keep only the N most recent checkpoints, deleting older "
+                                                        "ones once a new one is written (default 0: keep all)")
+    p.add_argument("--keep-every", type=int, help="with --keep-checkpoints, also keep the checkpoints at multiples "
+                                                  "of this many steps (default 0: none)")
     p.add_argument("--log-every", type=int, help="steps between log lines (default 25)")
     p.add_argument("--max-nonfinite", type=int, help="stop after this many non-finite losses in a row (default 5)")
     p.add_argument("--num-workers", type=int, help="data loader processes for image folders (default 2)")
@@ -170,6 +181,8 @@ def validate(cfg: dict) -> None:
         (cfg["mae_coef"] >= 0, f"--mae-coef must be >= 0, got {cfg['mae_coef']}"),
         (cfg["image_size"] >= 1, f"--image-size must be positive, got {cfg['image_size']}"),
         (cfg["ckpt_every"] >= 1 and cfg["log_every"] >= 1, "--ckpt-every and --log-every must be >= 1"),
+        (cfg["keep_checkpoints"] >= 0 and cfg["keep_every"] >= 0,
+         f"--keep-checkpoints and --keep-every must be >= 0, got {cfg['keep_checkpoints']} and {cfg['keep_every']}"),
         (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
         (cfg["activation_checkpointing"] != "decoder" or cfg["model"].startswith("MaskDiT-"),
          f"--activation-checkpointing decoder needs a MaskDiT model ({cfg['model']} has no decoder)"),
@@ -371,6 +384,7 @@ def main(argv=None) -> str:
         path = checkpoint_path(run_dir, step)
         if env.is_main:
             atomic_save(state, path)
+            prune_checkpoints(run_dir, step, cfg["keep_checkpoints"], cfg["keep_every"])  # once the new one is safe
         distributed.barrier()  # no process runs ahead of (or exits before) a checkpoint it may need
         return path
 

@@ -56,6 +56,21 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return os.path.join(run_dir, max(found)[1]) if found else None
 
 
+def prune_checkpoints(run_dir: str, step: int, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Delete the checkpoints of ``run_dir`` written before ``step`` that fall outside the ``keep_last`` most
+    recent (the one of ``step`` counted among them) and are not at a multiple of ``keep_every`` steps (0: none
+    kept for that); ``keep_last`` 0 keeps everything.  Checkpoints of later steps (left by a resume from an
+    earlier checkpoint into the same folder) are not touched.  Returns the deleted paths."""
+    if keep_last < 1 or not os.path.isdir(run_dir):
+        return []
+    older = sorted(int(m.group(1)) for name in os.listdir(run_dir) if (m := CKPT_RE.match(name))
+                   and int(m.group(1)) < step)
+    doomed = [s for s in older[:max(0, len(older) - (keep_last - 1))] if not (keep_every and s % keep_every == 0)]
+    for s in doomed:
+        os.unlink(checkpoint_path(run_dir, s))
+    return [checkpoint_path(run_dir, s) for s in doomed]
+
+
 def resolve_checkpoint(path: str, arg: str = "--resume") -> str:
     """A checkpoint file, or the latest checkpoint of a run folder; ValueError naming the argument ``arg``
     if there is none."""

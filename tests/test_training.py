@@ -11,7 +11,7 @@ import torch
 
 import train
 from maskdit import EDMLoss, EDMPrecond, create_model
-from maskdit.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
+from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints
 from maskdit.config import ModelConfig
 from maskdit.models import DiT
 from maskdit.training import EMA
@@ -68,6 +68,33 @@ def test_atomic_save_syncs_the_file_before_the_rename_and_the_folder_after(tmp_p
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
     atomic_save({"v": 1}, str(tmp_path / "ck.pt"))
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_prune_checkpoints_keeps_the_recent_and_the_milestones(tmp_path):
+    def steps():
+        return sorted(int(p.name[11:18]) for p in tmp_path.glob("checkpoint-*.pt"))
+
+    for s in (100, 200, 300, 400, 500, 600, 700):
+        atomic_save({"step": s}, checkpoint_path(str(tmp_path), s))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    assert prune_checkpoints(str(tmp_path), 700, keep_last=0) == [] and len(steps()) == 7  # 0: keep all
+    # a resume from step 300 into the same folder: its new checkpoint 400 counts as the latest, 500-700 stay
+    assert prune_checkpoints(str(tmp_path), 400, keep_last=2) == [checkpoint_path(str(tmp_path), s) for s in (100, 200)]
+    assert steps() == [300, 400, 500, 600, 700]
+    prune_checkpoints(str(tmp_path), 700, keep_last=1, keep_every=200)
+    assert steps() == [400, 600, 700] and (tmp_path / "notes.pt").exists()
+    assert prune_checkpoints(str(tmp_path / "missing"), 700, keep_last=1) == []
+
+
+def test_training_keeps_the_checkpoints_asked_for(tmp_path):
+    run(tmp_path, "--steps", "6", "--ckpt-every", "1", "--keep-checkpoints", "2", "--keep-every", "3")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == \
+        ["checkpoint-0000003.pt", "checkpoint-0000005.pt", "checkpoint-0000006.pt"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    train.main(["--resume", str(tmp_path), "--steps", "8", "--keep-checkpoints", "1"])  # the policy may change
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == \
+        ["checkpoint-0000003.pt", "checkpoint-0000006.pt", "checkpoint-0000008.pt"]
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["keep_checkpoints"] == 1
 
 
 def test_ema_warmup_caps_the_decay_early():
@@ -155,6 +182,8 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--model", "DiT-T/2", "--activation-checkpointing", "decoder"], "needs a MaskDiT model"),
     (["--dataset", "/nonexistent/folder"], "does not exist"),
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints and --keep-every must be >= 0"),
+    (["--keep-every", "-5"], "--keep-checkpoints and --keep-every must be >= 0"),
     (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
     (["--device", "cpu", "--sdpa-backend", "flex"], "--sdpa-backend flex needs a CUDA device"),
 ])
