@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -42,7 +43,7 @@ from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import CHECKPOINTING, DiT
 from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
-from maskdit.training import COMPILE_MODES, EMA, compile_blocks, ema_decay_at, make_optimizer
+from maskdit.training import COMPILE_MODES, EMA, compile_blocks, ema_decay_at, make_optimizer, stop_signals
 
 DEFAULTS = dict(
     model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, grad_accum=1, steps=1000,
@@ -250,7 +251,15 @@ def evaluate_digits(ema_model: DiT, cfg: dict, device: torch.device) -> dict:
 
 
 def main(argv=None) -> str:
-    args = parse_args(argv)
+    """Train as the command line says; returns the run folder.  SIGTERM or SIGUSR1 (a scheduler's notice before
+    it kills the job) makes the run write a checkpoint at its next log step and exit with status 128 + the
+    signal's number."""
+    with stop_signals() as stop_requests:
+        return run(parse_args(argv), stop_requests)
+
+
+def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
+    """The training run of ``main``; ``stop_requests``: the stop signals received so far (``stop_signals``)."""
     ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
     cfg = resolve_config(args, ckpt)
     validate(cfg)
@@ -488,8 +497,8 @@ def main(argv=None) -> str:
 
     graphed = GraphedStep(graph_step, warmup_steps=2) if cfg["cuda_graph"] else None
 
-    out_of_time = False
-    while step < cfg["steps"] and not out_of_time:
+    out_of_time, stop_signal = False, 0
+    while step < cfg["steps"] and not out_of_time and not stop_signal:
         # Per-sample draws for the whole GLOBAL batch, identical on every process; each process keeps the
         # rows of its micro-batches (env.rows), the rows the data sampler gives it.
         drop = torch.rand(global_batch, generator=gen, device=device) < cfg["label_dropout"]
@@ -556,6 +565,10 @@ def main(argv=None) -> str:
             if out_of_time:
                 say(f"time budget of {cfg['time_budget']:.0f} s of training reached at step {step}")
                 last = True
+            stop_signal = distributed.max_over_ranks(max(stop_requests, default=0), device)  # any process's
+            if stop_signal:
+                say(f"{signal.Signals(stop_signal).name} received: checkpoint at step {step}, then stop")
+                last = True
             if worst >= cfg["max_nonfinite"]:  # the same on every process: the losses were all-reduced
                 path = save_checkpoint()
                 bar.close()
@@ -569,7 +582,7 @@ def main(argv=None) -> str:
             t0 = time.perf_counter()
             save_checkpoint()
             t_excluded += time.perf_counter() - t0
-    if evaluate and step > 0:  # the final quality of a digits run
+    if evaluate and step > 0 and not stop_signal:  # the final quality of a digits run
         run_eval()
     bar.close()
     if env.is_main:
@@ -579,6 +592,10 @@ def main(argv=None) -> str:
     if distributed.broadcast_object(step == 0 or not os.path.exists(checkpoint_path(run_dir, step))):
         save_checkpoint()
     say(f"checkpoint: {checkpoint_path(run_dir, step)}")
+    if stop_signal:  # a scheduler's notice: no sample grid, the time is short
+        distributed.cleanup()
+        say(f"stopped by {signal.Signals(stop_signal).name} at step {step}; continue with --resume {run_dir}")
+        raise SystemExit(128 + stop_signal)
     if cfg["grid_per_class"] > 0:
         sample_model = ema_model
         if fsdp:  # gather the EMA (collective) into an unsharded network on rank 0

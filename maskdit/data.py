@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .latents import LATENT_PREFIX, read_meta, sample_latents
+from .training import default_signal_handlers
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -233,5 +234,6 @@ def batch_iterator(dataset, batch_size: int, seed: int, start_batch: int = 0, nu
             yield dataset.images[idx], dataset.labels[idx]
     else:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                             persistent_workers=num_workers > 0)
+                                             persistent_workers=num_workers > 0,
+                                             worker_init_fn=default_signal_handlers if num_workers else None)
         yield from loader

@@ -96,6 +96,16 @@ def broadcast_object(obj):
     return box[0]
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of the processes' ``value`` (a host int; a sync: for log steps), e.g. a stop request that
+    only some processes received."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over all processes (an asynchronous all-reduce on CUDA: no host sync)."""
     if not dist.is_initialized():

@@ -1,9 +1,17 @@
-"""Training utilities: exponential moving average of the weights, the optimizer, regional compilation."""
+"""Training utilities: exponential moving average of the weights, the optimizer, regional compilation, stop
+signals."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 import torch
 import torch.nn as nn
+
+# the signals a scheduler sends before it kills a job (SLURM: SIGTERM, or SIGUSR1 with --signal)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 class EMA:
@@ -100,3 +108,28 @@ def compile_blocks(model: nn.Module, **compile_options) -> int:
     for block in blocks:
         block.compile(**compile_options)
     return len(blocks)
+
+
+@contextlib.contextmanager
+def stop_signals(signals=STOP_SIGNALS):
+    """Within the block, ``signals`` do not end the process: each one received is appended to the yielded list,
+    for the training loop to see at its next log step, write a checkpoint and stop.  The previous handlers
+    come back after the block; outside the main thread (where Python cannot install handlers) nothing is
+    installed.  Processes forked inside the block (data-loader workers) inherit the handlers:
+    ``default_signal_handlers`` gives them back the default ones."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def default_signal_handlers(_worker_id: int = 0) -> None:
+    """The default handlers of ``STOP_SIGNALS`` (a DataLoader ``worker_init_fn``: a worker ends when told to)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)

@@ -6,6 +6,7 @@ are shared through module-scoped fixtures: one reference single-process run, one
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -48,13 +49,30 @@ train.main(sys.argv[1:])
 """
 
 
-def torchrun(cwd, *args, script=None):
+# Launched by torchrun in place of train.py: rank 1 alone gets SIGUSR1 (a stop request) during step 3.
+SIGNAL_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+decay_at = train.ema_decay_at
+
+def signal_at_step_3(step, *args):
+    if step == 3 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return decay_at(step, *args)
+
+train.ema_decay_at = signal_at_step_3
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(cwd, *args, script=None, returncode=0):
     """``torchrun --standalone --nproc_per_node=2 train.py ARGS`` (gloo on the CPU), one thread a process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            script or os.path.join(ROOT, "train.py"), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == returncode, res.stdout[-4000:] + res.stderr[-4000:]
     return res
 
 
@@ -182,3 +200,15 @@ def test_fsdp_trains_like_one_process_and_checkpoints_move_both_ways(reference, 
     assert resumed["data"]["grad_accum"] == 4 and resumed["data"]["micro_batch"] == 2
     assert not resumed["config"]["train"]["fsdp"]  # --fsdp is a setting of the launch, not of the run
     assert_same_training_state(resumed, ckpt(reference, 6))
+
+
+def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """Rank 1 alone is signalled: at the next log step every process agrees, rank 0 writes the checkpoint, all
+    exit (non-zero: torchrun then fails the job, so a scheduler sees it did not finish)."""
+    script = tmp_path / "signal_rank_1.py"
+    script.write_text(SIGNAL_RANK_1.format(root=ROOT))
+    res = torchrun(tmp_path, *FAST, "--ckpt-every", "100", "--steps", "50", "--batch-size", "4", "--out",
+                   str(tmp_path / "run"), script=str(script), returncode=1)
+    assert "SIGUSR1 received: checkpoint at step 4, then stop" in res.stdout
+    assert f"exitcode  : {128 + signal.SIGUSR1}" in res.stdout + res.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-0000004.pt", "log.jsonl"]

@@ -1,9 +1,11 @@
 import copy
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from maskdit import EDMLoss, EDMPrecond, create_model
 from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints
 from maskdit.config import ModelConfig
 from maskdit.models import DiT
-from maskdit.training import EMA
+from maskdit.training import EMA, default_signal_handlers, stop_signals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--image-size", "8", "--batch-size", "16", "--log-every", "2", "--grid-per-class", "0", "--device", "cpu"]
@@ -232,6 +234,58 @@ def test_nonfinite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch)
     for key in ("model", "ema"):  # the skipped steps changed nothing
         assert all(torch.equal(good[key][k], stopped[key][k]) for k in good[key])
     assert all(torch.isfinite(v).all() for v in stopped["model"].values())
+
+
+def test_stop_signals_are_recorded_then_the_handlers_come_back():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with stop_signals() as received:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # (handlers run in the main thread between bytecodes)
+        assert received == [signal.SIGUSR1, signal.SIGTERM]
+        default_signal_handlers()  # what a data-loader worker forked here runs first
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_stop_signal_checkpoints_at_the_next_log_step_and_resumes_exactly(tmp_path, monkeypatch):
+    decay_at = train.ema_decay_at
+
+    def signal_at_step_3(step, *args):  # called once a step, before the step's update
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return decay_at(step, *args)
+
+    monkeypatch.setattr(train, "ema_decay_at", signal_at_step_3)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "b", "--steps", "50", "--ckpt-every", "100")
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-0000004.pt", "log.jsonl"]  # log steps: 2, 4
+    monkeypatch.setattr(train, "ema_decay_at", decay_at)
+    train.main(["--resume", str(tmp_path / "b"), "--steps", "6"])
+    run(tmp_path / "a", "--steps", "6", "--ckpt-every", "100")
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_sigterm_stops_the_script_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--steps", "100000",
+                             "--out", str(out)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # training has started: the first log line
+            if line.startswith("step 2/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "SIGTERM received: checkpoint at step" in rest and f"continue with --resume {out}" in rest
+    ckpt = load_checkpoint(str(out))
+    assert 2 <= ckpt["step"] < 100000 and ckpt["step"] % 2 == 0  # a log step (the signal may beat step 2's check)
 
 
 def _subprocess(args, cwd):
