@@ -93,15 +93,17 @@ def test_edm_defaults():
 
 def test_train_defaults_follow_the_recipe():
     """Adam (weight decay 0, betas (0.9, 0.999), eps 1e-8), lr 1e-4 at XL, mask ratio 0.5, MAE weight 0.1, label
-    dropout 0.1, samples with 40 Heun steps at guidance 1.5.  The EMA decay is the project's 0.999 (the official
-    0.9999 is for long runs; ``--help`` says so)."""
+    dropout 0.1, samples with 40 Heun steps at guidance 1.5, EMA decay 0.9999.  The CPU-sized T models take lr
+    1e-3 and EMA 0.999 instead (their demo runs are a few thousand steps; ``--help`` says so)."""
     import train
     from maskdit.training import make_optimizer
 
     cfg = train.resolve_config(train.parse_args(["--model", "MaskDiT-XL/2"]), None)
     assert cfg["lr"] == 1e-4 and cfg["betas"] == (0.9, 0.999) and cfg["weight_decay"] == 0.0
     assert (cfg["mask_ratio"], cfg["mae_coef"], cfg["label_dropout"]) == (0.5, 0.1, 0.1)
-    assert (cfg["sample_steps"], cfg["cfg_scale"], cfg["ema_decay"]) == (40, 1.5, 0.999)
+    assert (cfg["sample_steps"], cfg["cfg_scale"], cfg["ema_decay"]) == (40, 1.5, 0.9999)
+    tiny = train.resolve_config(train.parse_args(["--model", "MaskDiT-T/2"]), None)
+    assert (tiny["lr"], tiny["ema_decay"]) == (1e-3, 0.999)
     group = make_optimizer(nn.Linear(2, 2), cfg["lr"], cfg["betas"], cfg["weight_decay"]).param_groups[0]
     assert (group["eps"], group["betas"], group["weight_decay"]) == (1e-8, (0.9, 0.999), 0.0)
 
