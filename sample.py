@@ -23,7 +23,15 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import EDMPrecond, ImageNoise, add_stochastic_arguments, edm_sample, stochastic_options
+from maskdit.edm import (
+    EDMPrecond,
+    ImageNoise,
+    add_sampling_arguments,
+    check_sampling_precision,
+    edm_sample,
+    sampling_precision,
+    stochastic_options,
+)
 from maskdit.images import save_grid, to_uint8
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
@@ -45,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub name); default: "
                    "the VAE in the latent folder's meta.json when the model was trained on latents")
     p.add_argument("--out", default="samples", help="output prefix: writes PREFIX.png and PREFIX.npz")
-    add_stochastic_arguments(p)
+    add_sampling_arguments(p)
     return p.parse_args(argv)
 
 
@@ -55,6 +63,7 @@ def main(argv=None) -> tuple[str, str]:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    check_sampling_precision(args.precision, device)
     ckpt = load_checkpoint(args.ckpt, arg="--ckpt")
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
@@ -83,8 +92,9 @@ def main(argv=None) -> tuple[str, str]:
         draws = ImageNoise(args.seed, idx)
         noise = draws.randn(shape).to(device)
         y = labels[idx].to(device) if model.num_classes else None
-        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                         **stochastic_options(args), randn_like=draws.randn_like)
+        with sampling_precision(args.precision, device):
+            out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                             **stochastic_options(args), randn_like=draws.randn_like)
         if decode is not None:
             out = decode(out)
         images.append(to_uint8(out))

@@ -34,7 +34,15 @@ import torch.distributed as dist
 from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
-from maskdit.edm import EDMPrecond, ImageNoise, add_stochastic_arguments, edm_sample, stochastic_options
+from maskdit.edm import (
+    EDMPrecond,
+    ImageNoise,
+    add_sampling_arguments,
+    check_sampling_precision,
+    edm_sample,
+    sampling_precision,
+    stochastic_options,
+)
 from maskdit.fid import (
     InceptionFeatures,
     InceptionUnavailableError,
@@ -72,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception-v3 weights "
                                                "(default: the torch hub cache, downloading if needed)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
-    add_stochastic_arguments(p)
+    add_sampling_arguments(p)
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.write_stats is None):
         p.error("give --ckpt (evaluate a checkpoint) or --write-stats SRC --out STATS.npz (reference statistics)")
@@ -165,6 +173,7 @@ def evaluate(args) -> dict | None:
     if args.ref is not None and args.num_samples < 2:
         raise ValueError(f"FID needs --num-samples >= 2, got {args.num_samples}")
     rank, world, device = setup_distributed(args.device)
+    check_sampling_precision(args.precision, device)
     if args.num_samples < world:
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the number of processes ({world})")
     ckpt_file = resolve_checkpoint(args.ckpt, "--ckpt")
@@ -188,15 +197,16 @@ def evaluate(args) -> dict | None:
     acc = StatsAccumulator(extractor.dim) if extractor is not None else None
     kept_images, kept_labels, processed = [], [], 0
     log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
-              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, device {device}")
+              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.precision}, device {device}")
     t0 = time.perf_counter()
     for batch in indices.split(args.batch_size):
         draws = ImageNoise(args.seed, batch)
         noise = draws.randn(shape).to(device)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
         y = labels.to(device) if model.num_classes else None
-        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                         **stochastic_options(args), randn_like=draws.randn_like)
+        with sampling_precision(args.precision, device):
+            out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                             **stochastic_options(args), randn_like=draws.randn_like)
         if decode is not None:
             out = decode(out)
         images = to_uint8(out)
@@ -226,6 +236,7 @@ def evaluate(args) -> dict | None:
     result = {
         "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
         "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
+        "precision": args.precision,
         "seed": args.seed, "ref": os.path.abspath(args.ref), "world_size": world,
         **{k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()},  # (strict JSON)
         "seconds": round(time.perf_counter() - t0, 1),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskdit import EDMLoss, EDMPrecond, create_model, edm_sample, random_mask
-from maskdit.edm import ImageNoise, edm_sigma_steps, guided_denoise
+from maskdit.edm import ImageNoise, edm_sigma_steps, guided_denoise, sampling_precision
 from maskdit.ops import patchify
 from tests.conftest import randomize
 
@@ -268,3 +268,42 @@ def test_cfg():
     noise = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(edm_sample(net, noise, y, num_steps=3, cfg_scale=1.0),
                                edm_sample(net, noise, y, num_steps=3, cfg_scale=None))
+
+
+def test_sampling_precisions():
+    """bf16 runs the network under autocast (its matrix products in bfloat16: close to fp32, not equal), the
+    preconditioning and the Heun updates in fp32/fp64; fp32 turns TF32 off inside and restores the flags;
+    tf32 needs CUDA."""
+    model = randomize(create_model("MaskDiT-T/2", input_size=8, in_channels=1, num_classes=3), std=0.05)
+    net = EDMPrecond(model).eval()
+    noise, labels, cpu = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.device("cpu")
+    seen = []
+    forward = model.forward
+
+    def spy(x, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+        return forward(x, *args, **kwargs)
+
+    model.forward = spy
+    with sampling_precision("fp32", cpu):
+        full = edm_sample(net, noise, labels, num_steps=3)
+    assert seen and set(seen) == {(False, torch.float32)}
+    seen.clear()
+    with sampling_precision("bf16", cpu):
+        half = edm_sample(net, noise, labels, num_steps=3)
+    assert seen and set(seen) == {(True, torch.float32)}  # the network's input stays fp32; autocast casts inside
+    assert half.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with sampling_precision("fp32", cpu):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    with pytest.raises(ValueError, match="--precision tf32 needs a CUDA device"), sampling_precision("tf32", cpu):
+        pass
+    with pytest.raises(ValueError, match="--precision must be one of"), sampling_precision("fp16", cpu):
+        pass

@@ -252,6 +252,15 @@ def test_samples_do_not_depend_on_batch_size(ckpt, tmp_path):
     # the same images as sample.py with those labels and the same seed
     _, npz = sample.main(["--ckpt", ckpt, "--labels", *map(str, labels), "--out", str(tmp_path / "s"), *SAMPLE])
     np.testing.assert_array_equal(np.load(npz)["images"], images)
+    # and in bf16, the same in both scripts again (close to the fp32 images, not equal)
+    evaluate.main(["--ckpt", ckpt, "--num-samples", "7", "--outdir", str(tmp_path / "bf16"), "--precision", "bf16",
+                   *SAMPLE])
+    _, npz = sample.main(["--ckpt", ckpt, "--labels", *map(str, labels), "--out", str(tmp_path / "s16"),
+                          "--precision", "bf16", *SAMPLE])
+    images16 = evaluate.load_samples(str(tmp_path / "bf16"))[0]
+    np.testing.assert_array_equal(np.load(npz)["images"], images16)
+    assert not np.array_equal(images16, images)
+    assert np.abs(images16.astype(int) - images).mean() < 8  # of 255
 
 
 def test_write_stats_and_fid_end_to_end(ckpt, tmp_path, monkeypatch):
@@ -279,8 +288,8 @@ def test_write_stats_and_fid_end_to_end(ckpt, tmp_path, monkeypatch):
     assert result["fid"] > 0
     saved = json.loads((out / "fid.json").read_text())
     assert saved == result
-    assert {k: saved[k] for k in ("num_samples", "cfg_scale", "steps")} == {"num_samples": 10, "cfg_scale": 2.0,
-                                                                            "steps": 2}
+    assert {k: saved[k] for k in ("num_samples", "cfg_scale", "steps", "precision")} == \
+        {"num_samples": 10, "cfg_scale": 2.0, "steps": 2, "precision": "fp32"}
     assert saved["ckpt"].endswith(".pt") and "date" in saved
     np.testing.assert_allclose(load_reference_stats(str(out / "stats.npz")).mu, mu, rtol=1e-9)
 
@@ -327,6 +336,10 @@ def test_errors_before_sampling(ckpt, tmp_path, monkeypatch):
         evaluate.main(["--ckpt", ckpt, "--num-samples", "0", "--outdir", str(tmp_path), *SAMPLE])
     with pytest.raises(SystemExit):  # argparse: neither --ckpt nor --write-stats
         evaluate.parse_args(["--ref", "x.npz"])
+    with pytest.raises(ValueError, match="--precision tf32 needs a CUDA device"):
+        evaluate.main(["--ckpt", ckpt, "--outdir", str(tmp_path / "o"), "--precision", "tf32", *SAMPLE])
+    with pytest.raises(ValueError, match="--precision tf32 needs a CUDA device"):
+        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--precision", "tf32", *SAMPLE])
     for bad, match in ((tmp_path / "none.pt", "^--ckpt: .* is neither a checkpoint file nor a run folder"),
                        (tmp_path, "^--ckpt: run folder .* holds no checkpoint")):  # the flag these scripts take
         with pytest.raises(ValueError, match=match):
