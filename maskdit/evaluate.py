@@ -10,7 +10,10 @@ of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...  Inception-
 optional dependency) are reduced to their mean and covariance; the per-process sums are added up with
 torch.distributed and rank 0 prints the FID and writes it as JSON.  --outdir also keeps the samples, one uint8 npz
 per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in sample order), and their
-statistics (stats.npz).  Without --ref only the samples are written.
+statistics (stats.npz).  Without --ref only the samples are written.  With --outdir an interrupted run can be
+continued: each process writes its samples as they come, in part files of about ``PART_IMAGES``, and the same
+command run again keeps them and draws only the rest (sampling.json records the settings the samples depend
+on; other settings are refused).
 
 --write-stats computes reference statistics from a folder of images (searched recursively; center-cropped and
 resized like training data, ``maskdit.data.center_crop_resize``) or from an npz of uint8 images (``arr_0`` or
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
+from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.edm import (
@@ -140,6 +143,55 @@ def load_samples(outdir: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+PART_IMAGES = 1000  # samples a process gathers before writing them to --outdir as a part file (resumable)
+
+
+def part_path(outdir: str, rank: int, world: int, first: int) -> str:
+    """A part file of rank ``rank``'s samples, named by the index of its first sample."""
+    return os.path.join(outdir, f"part-rank{rank:03d}-of-{world:03d}-{first:07d}.npz")
+
+
+def save_samples(path: str, images: list, labels: list, indices: list) -> None:
+    """images, labels and sample indices as one npz, written atomically."""
+    atomic_write(path, lambda f: np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels),
+                                          indices=np.concatenate(indices)))
+
+
+def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
+    """What a process's samples depend on: a rerun with other settings must not continue them."""
+    return {"ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"), "weights": args.weights,
+            "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "steps": args.steps, "seed": args.seed,
+            "precision": args.precision, "vae": args.vae, "world_size": world,
+            **{k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()}}
+
+
+def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[list, list, list]:
+    """(images, labels, indices) of the samples this process wrote to ``outdir`` in an earlier run with the same
+    ``settings`` (its part files, or its finished samples file), as lists of arrays; ValueError if ``outdir``
+    holds samples of other settings.  Writes the settings (rank 0) into a new ``outdir``."""
+    settings_file = os.path.join(outdir, "sampling.json")
+    saved = None
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            saved = json.load(f)
+    if saved is not None and saved != settings:
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose another "
+                         "--outdir or remove that one")
+    if dist.is_initialized():
+        dist.barrier()  # every process has read the settings before rank 0 may write them
+    if saved is None:
+        if rank == 0:
+            os.makedirs(outdir, exist_ok=True)
+            atomic_write(settings_file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        return [], [], []
+    finished = samples_path(outdir, rank, world)
+    files = [finished] if os.path.exists(finished) else \
+        sorted(glob.glob(os.path.join(outdir, f"part-rank{rank:03d}-of-{world:03d}-*.npz")))
+    parts = [np.load(f) for f in files]
+    return [p["images"] for p in parts], [p["labels"] for p in parts], [p["indices"] for p in parts]
+
+
 def result_path(args, ckpt_file: str) -> str:
     """--json, else OUTDIR/fid.json, else a name that records the settings, next to the checkpoint."""
     if args.json:
@@ -147,8 +199,9 @@ def result_path(args, ckpt_file: str) -> str:
     if args.outdir:
         return os.path.join(args.outdir, "fid.json")
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
-    churn = f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
-    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{churn}-{args.weights}.json"
+    options = f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
+    options += "" if args.precision == "fp32" else f"-{args.precision}"
+    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{options}-{args.weights}.json"
     return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
 
 
@@ -195,11 +248,23 @@ def evaluate(args) -> dict | None:
     indices = torch.arange(rank, args.num_samples, world)
     shape = (model.in_channels, model.input_size, model.input_size)
     acc = StatsAccumulator(extractor.dim) if extractor is not None else None
-    kept_images, kept_labels, processed = [], [], 0
+    kept_images, kept_labels, kept_indices, processed = [], [], [], 0
+    if args.outdir is not None:  # continue an interrupted run: its samples are not drawn again
+        settings = sampling_settings(args, ckpt_file, ckpt, world)
+        kept_images, kept_labels, kept_indices = samples_done(args.outdir, settings, rank, world)
+        drawn = torch.from_numpy(np.concatenate(kept_indices)) if kept_indices else torch.zeros(0, dtype=torch.int64)
+        indices = indices[~torch.isin(indices, drawn)]
+        processed = len(drawn)
+        if acc is not None:
+            for images in kept_images:
+                for chunk in np.array_split(images, max(1, -(-len(images) // args.batch_size))):
+                    acc.update(extractor(chunk))
+        if processed:
+            log(rank, f"continuing in {args.outdir}: {processed} samples of this process were drawn earlier")
     log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
               f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.precision}, device {device}")
-    t0 = time.perf_counter()
-    for batch in indices.split(args.batch_size):
+    t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
+    for batch in indices.split(args.batch_size) if len(indices) else ():  # (an empty tensor splits into itself)
         draws = ImageNoise(args.seed, batch)
         noise = draws.randn(shape).to(device)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
@@ -215,14 +280,21 @@ def evaluate(args) -> dict | None:
         if args.outdir is not None:
             kept_images.append(images)
             kept_labels.append(labels.numpy())
+            kept_indices.append(batch.numpy())
+            if sum(map(len, kept_indices[part_start:])) >= PART_IMAGES:
+                # the batches since the last part file, as a part file: a rerun continues after them
+                save_samples(part_path(args.outdir, rank, world, int(kept_indices[part_start][0])),
+                             kept_images[part_start:], kept_labels[part_start:], kept_indices[part_start:])
+                part_start = len(kept_images)
         processed += len(batch)
         done = min(processed * world, args.num_samples)  # rank 0's progress, for all processes
-        log(rank, f"sampled {done}/{args.num_samples} ({done / (time.perf_counter() - t0):.1f} img/s)")
+        rate = (processed - resumed) * world / (time.perf_counter() - t0)
+        log(rank, f"sampled {done}/{args.num_samples} ({rate:.1f} img/s)")
 
     if args.outdir is not None:
-        os.makedirs(args.outdir, exist_ok=True)
-        np.savez(samples_path(args.outdir, rank, world), images=np.concatenate(kept_images),
-                 labels=np.concatenate(kept_labels), indices=indices.numpy())
+        save_samples(samples_path(args.outdir, rank, world), kept_images, kept_labels, kept_indices)
+        for part in glob.glob(os.path.join(args.outdir, f"part-rank{rank:03d}-of-{world:03d}-*.npz")):
+            os.unlink(part)  # (after the whole file is safely written)
         log(rank, f"wrote the samples to {args.outdir}")
     if acc is None:
         return None

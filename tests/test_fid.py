@@ -294,6 +294,49 @@ def test_write_stats_and_fid_end_to_end(ckpt, tmp_path, monkeypatch):
     np.testing.assert_allclose(load_reference_stats(str(out / "stats.npz")).mu, mu, rtol=1e-9)
 
 
+def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, monkeypatch):
+    """Part files every 4 samples; a crash in the 4th batch leaves 6 samples, which the rerun keeps (drawing the
+    other 5): the same samples, statistics and FID as one uninterrupted run.  Another rerun draws nothing."""
+    monkeypatch.setattr(evaluate, "InceptionFeatures", StubFeatures)
+    monkeypatch.setattr(evaluate, "PART_IMAGES", 4)
+    ref = str(tmp_path / "ref.npz")
+    save_stats(ref, *random_stats(np.random.default_rng(0), 50, StubFeatures.dim, scale=0.1, offset=0.5))
+    common = ["--ckpt", ckpt, "--num-samples", "11", "--batch-size", "2", "--ref", ref, *SAMPLE]
+    whole = evaluate.main(common + ["--outdir", str(tmp_path / "whole")])
+    sample_batch, calls, crash = evaluate.edm_sample, [], [True]
+
+    def crash_in_batch_4(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 4 and crash:
+            crash.clear()
+            raise RuntimeError("preempted")
+        return sample_batch(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "edm_sample", crash_in_batch_4)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="preempted"):
+        evaluate.main(common + ["--outdir", str(out)])
+    assert sorted(os.listdir(out)) == ["part-rank000-of-001-0000000.npz", "sampling.json"]  # samples 0-3
+    calls.clear()
+    resumed = evaluate.main(common + ["--outdir", str(out)])
+    assert calls == [2, 2, 2, 1]  # samples 4-10
+    assert sorted(os.listdir(out)) == ["fid.json", "samples-rank000-of-001.npz", "sampling.json", "stats.npz"]
+    for a, b in zip(evaluate.load_samples(str(out)), evaluate.load_samples(str(tmp_path / "whole"))):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["fid"] == pytest.approx(whole["fid"], rel=1e-9) and resumed["num_samples"] == 11
+    calls.clear()
+    assert evaluate.main(common + ["--outdir", str(out)])["fid"] == pytest.approx(whole["fid"], rel=1e-9)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"--outdir .* holds samples of other settings .*'cfg_scale': \(1.5, 2.0\)"):
+        evaluate.main(common + ["--outdir", str(out), "--cfg-scale", "2"])
+
+
+def test_result_file_name_records_the_settings():
+    args = evaluate.parse_args(["--ckpt", "x", "--s-churn", "2", "--precision", "bf16", "--cfg-scale", "1.5"])
+    assert os.path.basename(evaluate.result_path(args, "/runs/r/checkpoint-0000010.pt")) == \
+        "fid-checkpoint-0000010-n50000-cfg1.5-steps40-churn2-bf16-ema.json"
+
+
 def _dist_worker(rank, world, port, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -314,7 +357,7 @@ def test_two_processes_match_one(ckpt, tmp_path, monkeypatch):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_dist_worker, args=(2, port, common + ["--outdir", str(tmp_path / "two")]), nprocs=2)
     assert sorted(os.listdir(tmp_path / "two")) == ["fid.json", "samples-rank000-of-002.npz",
-                                                    "samples-rank001-of-002.npz", "stats.npz"]
+                                                    "samples-rank001-of-002.npz", "sampling.json", "stats.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "samples-rank001-of-002.npz")["indices"], [1, 3, 5, 7])
     for a, b in zip(evaluate.load_samples(str(tmp_path / "one")), evaluate.load_samples(str(tmp_path / "two"))):
         np.testing.assert_array_equal(a, b)
