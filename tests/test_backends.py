@@ -301,7 +301,10 @@ def test_autocast_weight_gradients_are_fp32_and_match_the_torch_backend(masked):
     g_ref, g_fused = grads(ref), grads(fused)
     for k, p in fused.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, k
-        torch.testing.assert_close(g_fused[k], g_ref[k], atol=2e-2, rtol=2e-2, msg=lambda m: f"{k}: {m}")
+        # 16-bit rounding in another order: up to about 0.2% of the largest gradient of a parameter (CPU, fp16;
+        # an elementwise atol failed on AVX512 for a gradient of magnitude ~20), a wrong gradient is off by O(1)
+        scale = g_ref[k].abs().max().item()
+        torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-2 * scale, rtol=2e-2, msg=lambda m: f"{k}: {m}")
 
 
 def test_keeping_the_norm_outputs_gives_the_same_gradients_for_exactly_their_bytes():

@@ -293,8 +293,9 @@ def test_activation_checkpointing_same_gradients_less_held_memory(backend):
             results[which] += (held_bytes(model, 3, 0.5),)
     for which in ("decoder", "all"):
         torch.testing.assert_close(results[which][0], results["none"][0], atol=0, rtol=0)
-        for g, g0 in zip(results[which][1], results["none"][1]):
-            torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-6)
+        for g, g0 in zip(results[which][1], results["none"][1]):  # fp32, summed in another order (triton's
+            # checkpointed blocks run without the recomputing Functions): a few ulps of the largest gradient
+            torch.testing.assert_close(g, g0, atol=2e-6 * g0.abs().max().item(), rtol=1e-6)
     if backend == "torch":
         assert results["all"][2] < results["decoder"][2] < results["none"][2]
     with pytest.raises(ValueError, match="activation checkpointing must be one of"):
