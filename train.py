@@ -54,6 +54,7 @@ DEFAULTS = dict(
     grid_per_class=10, grid_max_classes=10, sample_steps=40, cfg_scale=1.5, backend="auto", compile="none",
     activation_checkpointing="none", keep_norm_outputs=False, cuda_graph=False, sdpa_backend="auto",
     fsdp=False, tensorboard=False, eval_every=0, eval_every_seconds=0.0, eval_per_class=10, time_budget=0.0,
+    init_from=None,
 )
 # Settings that define the network and its data: fixed for the life of a run.
 FIXED_ON_RESUME = ("model", "dataset", "image_size")
@@ -141,14 +142,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, help="Heun steps for samples.png (default 40)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale for samples.png (default 1.5)")
     p.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--init-from", help="start a new run from a checkpoint's network and weights (model and EMA): "
+                                       "a run folder or checkpoint of train.py, or a file of maskdit.convert (e.g. "
+                                       "the official MaskDiT weights); a fresh optimizer from step 0, the other "
+                                       "settings from this command line (fine-tuning, unmasking tuning)")
     p.add_argument("--out", help="the run folder (default runs/<time>-<model>, or the resumed run's folder)")
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, ckpt: dict | None) -> dict:
-    """Defaults, then the resumed run's settings, then the flags given on this command line."""
+def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | None = None) -> dict:
+    """Defaults, then the resumed run's settings (or the network of the ``--init-from`` checkpoint ``init``: its
+    model name and input size), then the flags given on this command line."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
     cfg = dict(DEFAULTS)
+    if init is not None:
+        net = init["config"]["model"]
+        if "model" in given and given["model"] != net["name"]:
+            raise ValueError(f"--model {given['model']!r} differs from the network of --init-from ({net['name']!r})")
+        cfg.update(model=net["name"], image_size=net["input_size"])
     if ckpt is not None:
         saved = ckpt["config"]["train"]
         for key in FIXED_ON_RESUME:
@@ -264,8 +275,13 @@ def main(argv=None) -> str:
 
 def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     """The training run of ``main``; ``stop_requests``: the stop signals received so far (``stop_signals``)."""
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint's weights: give one")
     ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
-    cfg = resolve_config(args, ckpt)
+    init = load_checkpoint(args.init_from, arg="--init-from") if args.init_from else None
+    cfg = resolve_config(args, ckpt, init)
+    if init is not None:
+        cfg["init_from"] = os.path.abspath(resolve_checkpoint(args.init_from, "--init-from"))
     validate(cfg)
     env = distributed.setup(pick_device(cfg["device"]))  # joins the process group under torchrun
     micro_batch = cfg["batch_size"]
@@ -303,6 +319,15 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
                          f"x --grad-accum {accum}) is larger than the dataset ({len(dataset)} images)")
     if ckpt is not None:
         model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
+    elif init is not None:  # the checkpoint's network, which the data must fit
+        model_cfg = ModelConfig.from_dict(init["config"]["model"])
+        size = dataset.image_size if latent else cfg["image_size"]
+        misfits = [f"{what} {ours} (the network's: {theirs})" for what, ours, theirs in (
+            ("image size", size, model_cfg.input_size), ("channels", dataset.channels, model_cfg.in_channels),
+            ("classes", dataset.num_classes, model_cfg.num_classes)) if ours != theirs]
+        if misfits:
+            raise ValueError(f"--init-from {args.init_from!r}: the dataset {cfg['dataset']!r} does not fit its "
+                             f"{model_cfg.name}: {', '.join(misfits)}")
     else:
         size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
@@ -347,6 +372,9 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         host_gen.set_state(ckpt["rng"]["host"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         step, nonfinite_total = ckpt["step"], ckpt.get("nonfinite_total", 0)
+    elif init is not None:  # weights only: the optimizer, the draws and the data stream start afresh
+        distributed.load_full_state_dict(model, init["model"])
+        distributed.load_full_state_dict(ema_model, init.get("ema", init["model"]))
 
     run_dir = args.out or (os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume))) if args.resume else
                            os.path.join("runs", time.strftime("%Y%m%d-%H%M%S-") + cfg["model"].replace("/", "_")))
@@ -357,6 +385,8 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
     say(f"run folder: {run_dir}")
+    if init is not None:
+        say(f"initialised from {cfg['init_from']} (its step {init.get('step')}): model and EMA weights")
     say(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
         f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
     if env.distributed or accum > 1:

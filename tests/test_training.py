@@ -168,6 +168,39 @@ def test_mae_coef_zero_builds_maskdit_without_a_learnable_mask_token(tmp_path):
     assert load_checkpoint(str(tmp_path))["step"] == 3
 
 
+def test_init_from_starts_a_new_run_from_the_weights_of_a_checkpoint(tmp_path):
+    run(tmp_path / "a", "--steps", "3", "--ckpt-every", "3")
+    a = load_checkpoint(str(tmp_path / "a"))
+    run(tmp_path / "b", "--init-from", str(tmp_path / "a"), "--steps", "0")  # its model and size by default
+    b = load_checkpoint(str(tmp_path / "b"))
+    assert b["step"] == 0 and b["optimizer"]["state"] == {} and b["data"]["batches_done"] == 0
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert b["config"]["model"] == a["config"]["model"]
+    assert b["config"]["train"]["init_from"] == str(tmp_path / "a" / "checkpoint-0000003.pt")
+    # a weights-only file, as maskdit.convert writes for official checkpoints, then some steps with new settings
+    weights = {"model": a["ema"], "ema": a["ema"], "config": {"model": a["config"]["model"]}, "step": 0}
+    atomic_save(weights, str(tmp_path / "converted.pt"))
+    run(tmp_path / "c", "--init-from", str(tmp_path / "converted.pt"), "--steps", "2", "--mask-schedule", "cosine",
+        "--lr", "5e-5", "--ckpt-every", "2")
+    c = load_checkpoint(str(tmp_path / "c"))
+    assert c["step"] == 2 and c["config"]["train"]["lr"] == 5e-5
+    assert not all(torch.equal(c["model"][k], a["ema"][k]) for k in a["ema"])  # it trained
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "DiT-T/2"], "--model 'DiT-T/2' differs from the network of --init-from"),
+    (["--image-size", "16"], "does not fit its MaskDiT-T/2: image size 16 \\(the network's: 8\\)"),
+    (["--resume", "RUN"], "give one"),
+])
+def test_init_from_refuses_what_does_not_fit(tmp_path, flags, message):
+    run(tmp_path / "a", "--steps", "1")
+    flags = [str(tmp_path / "a") if f == "RUN" else f for f in flags]
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "b", "--init-from", str(tmp_path / "a"), *flags)
+    assert latest_checkpoint(str(tmp_path / "b")) is None
+
+
 def test_resume_refuses_to_change_the_model(tmp_path):
     run(tmp_path, "--steps", "1")
     with pytest.raises(ValueError, match="--model 'DiT-T/2' differs"):
