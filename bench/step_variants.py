@@ -43,7 +43,6 @@ import importlib
 import os
 import statistics
 import sys
-import time
 import traceback
 
 import torch
@@ -51,7 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import environment, module_constants, results_folder, write_results  # noqa: E402
-from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants, make_step  # noqa: E402
+from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants, make_step, time_steps  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
 
@@ -111,25 +110,6 @@ def applied(variant: dict, model):
         yield
 
 
-def run_steps(step, steps: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``steps`` steps (CUDA events on CUDA, wall clock elsewhere)."""
-    if device.type != "cuda":
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
 def compare(name: str, variants: list[dict], args, device: torch.device) -> list[dict]:
     """The rows of one model: every variant warmed up, then timed in rotated rounds."""
     torch.manual_seed(0)
@@ -145,13 +125,9 @@ def compare(name: str, variants: list[dict], args, device: torch.device) -> list
         if row["error"] is not None:
             return
         try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
             with applied(variants[i], model):
-                times = run_steps(step, steps, device)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated() / 1e9
+                times, peak = time_steps(step, steps, device)  # (peak: over these steps, None on the CPU)
+            if peak is not None:
                 row["peak_mem_gb"] = max(peak, row["peak_mem_gb"] or 0.0)
         except Exception as e:  # a failing variant must not end the comparison
             row["error"] = "out of memory" if is_oom(e) else f"{type(e).__name__}: {e}"

@@ -86,13 +86,13 @@ def test_summarize_pairs_rounds_and_skips_failures():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU check (on CUDA the script times the XL models)")
 def test_tiny_cpu_run(tmp_path, monkeypatch):
     seen = []  # the settings each timed step ran with
-    run_steps = step_variants.run_steps
+    time_steps = step_variants.time_steps
 
     def spy(step, steps, device):
         seen.append((attention._sdpa_backend, GATED.BWD_STAGES))
-        return run_steps(step, steps, device)
+        return time_steps(step, steps, device)
 
-    monkeypatch.setattr(step_variants, "run_steps", spy)
+    monkeypatch.setattr(step_variants, "time_steps", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
