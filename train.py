@@ -5,7 +5,8 @@
     python train.py --resume runs/NAME   # continue a run exactly where its last checkpoint left it
     torchrun --nproc_per_node=8 train.py --model MaskDiT-XL/2 ...   # DDP (add --fsdp to shard the model)
 
-A run folder (printed at start) receives checkpoint-<step>.pt files, log.jsonl and samples.png.
+A run folder (printed at start) receives checkpoint-<step>.pt files, log.jsonl and samples.png.  SIGTERM or
+SIGUSR1 (a scheduler's notice) writes a checkpoint at the next log step and exits with 128 + the signal.
 With N processes the global batch is --batch-size x N x --grad-accum; it alone defines the data stream and
 the random draws, so N processes train like one process with the same global batch.
 """
