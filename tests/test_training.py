@@ -188,6 +188,16 @@ def test_init_from_starts_a_new_run_from_the_weights_of_a_checkpoint(tmp_path):
     assert not all(torch.equal(c["model"][k], a["ema"][k]) for k in a["ema"])  # it trained
 
 
+def test_init_from_names_each_misfit_of_the_data(tmp_path):
+    """A network for 3-channel images of 7 classes (at the digits' size) does not fit the digits."""
+    model = create_model("MaskDiT-T/2", input_size=8, in_channels=3, num_classes=7)
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "config": {"model": model.config.to_dict()},
+                 "step": 0}, str(tmp_path / "rgb7.pt"))
+    with pytest.raises(ValueError, match=r"does not fit its MaskDiT-T/2: channels 1 \(the network's: 3\), "
+                                         r"classes 10 \(the network's: 7\)$"):
+        run(tmp_path / "b", "--init-from", str(tmp_path / "rgb7.pt"))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "DiT-T/2"], "--model 'DiT-T/2' differs from the network of --init-from"),
     (["--image-size", "16"], "does not fit its MaskDiT-T/2: image size 16 \\(the network's: 8\\)"),
@@ -270,15 +280,25 @@ def test_nonfinite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch)
 
 
 def test_stop_signals_are_recorded_then_the_handlers_come_back():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    with stop_signals() as received:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # (handlers run in the main thread between bytecodes)
-        assert received == [signal.SIGUSR1, signal.SIGTERM]
-        default_signal_handlers()  # what a data-loader worker forked here runs first
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert {s: signal.getsignal(s) for s in before} == before
+    originals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def own_handler(signum, frame):  # the caller's handlers, which must come back (not the defaults)
+        raise AssertionError("called")
+
+    try:
+        for s in originals:
+            signal.signal(s, own_handler)
+        with stop_signals() as received:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # (handlers run in the main thread between bytecodes)
+            assert received == [signal.SIGUSR1, signal.SIGTERM]
+            default_signal_handlers()  # what a data-loader worker forked here runs first
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert all(signal.getsignal(s) is own_handler for s in originals)
+    finally:
+        for s, handler in originals.items():
+            signal.signal(s, handler)
 
 
 def test_stop_signal_checkpoints_at_the_next_log_step_and_resumes_exactly(tmp_path, monkeypatch):
