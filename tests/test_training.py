@@ -99,6 +99,20 @@ def test_training_keeps_the_checkpoints_asked_for(tmp_path):
     assert load_checkpoint(str(tmp_path))["config"]["train"]["keep_checkpoints"] == 1
 
 
+def test_a_failed_checkpoint_write_prunes_nothing(tmp_path, monkeypatch):
+    """Older checkpoints are deleted only once the new one is written: a failed write keeps the last good one."""
+    run(tmp_path, "--steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "1")
+    assert [p.name for p in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-0000002.pt"]
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "atomic_save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(["--resume", str(tmp_path), "--steps", "3"])
+    assert [p.name for p in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-0000002.pt"]
+
+
 def test_ema_warmup_caps_the_decay_early():
     from maskdit.training import ema_decay_at
 
