@@ -66,12 +66,12 @@ train.main(sys.argv[1:])
 """
 
 
-def torchrun(cwd, *args, script=None, returncode=0):
+def torchrun(cwd, *args, script=None, returncode=0, timeout=300):
     """``torchrun --standalone --nproc_per_node=2 train.py ARGS`` (gloo on the CPU), one thread a process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            script or os.path.join(ROOT, "train.py"), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
     assert res.returncode == returncode, res.stdout[-4000:] + res.stderr[-4000:]
     return res
 
@@ -208,7 +208,8 @@ def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     script = tmp_path / "signal_rank_1.py"
     script.write_text(SIGNAL_RANK_1.format(root=ROOT))
     res = torchrun(tmp_path, *FAST, "--ckpt-every", "100", "--steps", "50", "--batch-size", "4", "--out",
-                   str(tmp_path / "run"), script=str(script), returncode=1)
+                   str(tmp_path / "run"), script=str(script), returncode=1, timeout=120)  # (about 7 s; processes
+    # that disagree on the step hang in a collective)
     assert "SIGUSR1 received: checkpoint at step 4, then stop" in res.stdout
     assert f"exitcode  : {128 + signal.SIGUSR1}" in res.stdout + res.stderr
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-0000004.pt", "log.jsonl"]
