@@ -89,5 +89,7 @@ def load_checkpoint(path: str, map_location="cpu", arg: str = "--resume") -> dic
     ``path`` may be a run folder (its latest checkpoint), errors name the argument ``arg``."""
     ckpt = torch.load(resolve_checkpoint(path, arg), map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path!r} is not a checkpoint written by train.py (missing 'model'/'config')")
+        raise ValueError(f"{arg}: {path!r} is not a checkpoint of train.py or maskdit.convert (missing 'model'/"
+                         "'config'); official MaskDiT and DiT checkpoints: python -m maskdit.convert SRC DST --source "
+                         "maskdit|dit")
     return ckpt

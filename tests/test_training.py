@@ -202,6 +202,13 @@ def test_init_from_starts_a_new_run_from_the_weights_of_a_checkpoint(tmp_path):
     assert not all(torch.equal(c["model"][k], a["ema"][k]) for k in a["ema"])  # it trained
 
 
+def test_init_from_an_unconverted_file_points_to_the_converter(tmp_path):
+    torch.save({"model": {}, "opt": {}}, tmp_path / "official.pt")  # no 'config': an official file, say
+    with pytest.raises(ValueError, match="--init-from: .* is not a checkpoint of train.py or maskdit.convert.*"
+                                         "python -m maskdit.convert"):
+        run(tmp_path / "b", "--init-from", str(tmp_path / "official.pt"))
+
+
 def test_init_from_names_each_misfit_of_the_data(tmp_path):
     """A network for 3-channel images of 7 classes (at the digits' size) does not fit the digits."""
     model = create_model("MaskDiT-T/2", input_size=8, in_channels=3, num_classes=7)
