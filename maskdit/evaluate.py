@@ -231,7 +231,7 @@ def evaluate(args) -> dict | None:
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the number of processes ({world})")
     ckpt_file = resolve_checkpoint(args.ckpt, "--ckpt")
     ref = load_reference_stats(args.ref) if args.ref is not None else None  # fail before sampling
-    ckpt = load_checkpoint(ckpt_file)
+    ckpt = load_checkpoint(ckpt_file, arg="--ckpt")
     if args.weights not in ckpt:
         raise ValueError(f"checkpoint {ckpt_file!r} has no {args.weights!r} weights")
     model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])

@@ -383,6 +383,10 @@ def test_errors_before_sampling(ckpt, tmp_path, monkeypatch):
         evaluate.main(["--ckpt", ckpt, "--outdir", str(tmp_path / "o"), "--precision", "tf32", *SAMPLE])
     with pytest.raises(ValueError, match="--precision tf32 needs a CUDA device"):
         sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "s"), "--precision", "tf32", *SAMPLE])
+    torch.save({"model": {}}, tmp_path / "official.pt")  # no config: an unconverted file, say
+    for script, out in ((evaluate.main, "--outdir"), (sample.main, "--out")):
+        with pytest.raises(ValueError, match="^--ckpt: .* is not a checkpoint of train.py or maskdit.convert"):
+            script(["--ckpt", str(tmp_path / "official.pt"), out, str(tmp_path / "x"), *SAMPLE])
     for bad, match in ((tmp_path / "none.pt", "^--ckpt: .* is neither a checkpoint file nor a run folder"),
                        (tmp_path, "^--ckpt: run folder .* holds no checkpoint")):  # the flag these scripts take
         with pytest.raises(ValueError, match=match):
