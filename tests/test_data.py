@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from maskdit.data import DigitsDataset, EpochBatchSampler, ImageFolderDataset, batch_iterator, make_dataset
+from maskdit.data import (
+    DigitsDataset,
+    EpochBatchSampler,
+    ImageFolderDataset,
+    batch_iterator,
+    center_crop_resize,
+    make_dataset,
+)
 
 
 def test_digits():
@@ -86,3 +93,11 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         make_dataset(str(tmp_path), 8)
+
+
+def test_center_crop_box_downsamples_at_exactly_twice_the_size():
+    """ADM's crop halves with a box filter while the short side is >= 2 x size: 80x64 at 32 is halved to 40x32
+    (the bicubic step is then a no-op), then cropped in the middle."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    expected = np.asarray(img.resize((40, 32), Image.BOX))[:, 4:36]
+    np.testing.assert_array_equal(center_crop_resize(img, 32), expected)

@@ -140,3 +140,9 @@ def test_digits_quality_on_a_tiny_untrained_model(cache_dir):
     assert split["digits_fd"] == pytest.approx(one["digits_fd"], rel=1e-4)
     with pytest.raises(ValueError, match="in_channels=1"):
         dm.digits_quality(create_model("DiT-T/2", input_size=16, in_channels=3, num_classes=10))
+
+
+def test_split_holds_out_a_fifth_with_no_overlap():
+    train, held = dm.split_indices(1797)
+    assert (len(train), len(held)) == (1438, 359)
+    assert sorted(torch.cat([train, held]).tolist()) == list(range(1797))

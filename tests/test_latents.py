@@ -89,6 +89,29 @@ def test_prepare_writes_shards_and_meta(tmp_path, image_dir, vae_dir):
     torch.testing.assert_close(stored, torch.cat([dist.mean, dist.logvar], 1)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_uneven_last_shard(tmp_path, image_dir, vae_dir):
+    """6 images in shards of 4: a last shard of 2, and batches that never run past the last image."""
+    from maskdit.prepare_latents import plan_batches
+
+    assert plan_batches([0, 1], 6, 4, 3) == ([[0, 1, 2], [3], [4, 5]], [None, 0, 1])
+    meta = _prepare(image_dir, tmp_path / "lat", vae_dir, shard_size=4, batch_size=3)
+    assert meta["complete"] and meta["num_shards"] == 2
+    assert [np.load(tmp_path / "lat" / f"shard-{k:05d}.npy").shape[0] for k in range(2)] == [4, 2]
+    ds = LatentDataset(str(tmp_path / "lat"))
+    assert len(ds) == 6 and [int(ds[i][1]) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_changed_image_files_are_not_mixed_into_old_shards(tmp_path, image_dir, vae_dir):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    _prepare(str(images), tmp_path / "lat", vae_dir)
+    os.rename(images / "dog" / "2.png", images / "dog" / "9.png")  # the same count and classes
+    with pytest.raises(ValueError, match="the image files changed"):
+        _prepare(str(images), tmp_path / "lat", vae_dir)
+
+
 def test_latent_dataset(tmp_path, image_dir, vae_dir):
     out = tmp_path / "lat"
     _prepare(image_dir, out, vae_dir, dtype="float16")

@@ -165,3 +165,27 @@ def test_token_layout():
     assert masked.sum(1).tolist() == [15, 0, 9, 4]
     with pytest.raises(ValueError, match="ids_keep as a list"):
         token_layout(ids[:3], 4, L, DEVICE)
+
+
+def test_varlen_kernels_are_chosen_for_16_bit_cuda_inputs_only(monkeypatch):
+    """flash-attn and varlen_attn take fp16/bf16 only: fp32 packed CUDA inputs go to the padded path."""
+    from types import SimpleNamespace
+
+    from maskdit import attention as att
+
+    monkeypatch.setattr(att, "HAS_FLASH_ATTN", True)
+    monkeypatch.setattr(att, "HAS_TORCH_VARLEN", True)
+    monkeypatch.setattr(att, "HAS_XFORMERS", False)
+    mixed = token_layout([torch.arange(5), torch.arange(3)], 2, 16, "cpu")
+    assert mixed.uniform_len is None
+    with att.forced_path(None):
+        assert choose_path(SimpleNamespace(is_cuda=True, dtype=torch.float32), mixed) == "padded-sdpa"
+        assert choose_path(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), mixed) == "flash-attn-varlen"
+        uniform = token_layout([torch.randperm(16)[:6] for _ in range(3)], 3, 16, "cpu")
+        assert uniform.uniform_len == 6
+        assert choose_path(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), uniform) == "dense-sdpa"
+
+
+def test_layout_masked_is_the_mask_of_the_kept_ids():
+    mk = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(token_layout(mk.ids_keep, 3, 16, "cpu").masked(), mk.mask)
