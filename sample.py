@@ -23,16 +23,8 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import (
-    EDMPrecond,
-    ImageNoise,
-    add_sampling_arguments,
-    check_sampling_precision,
-    edm_sample,
-    sampling_precision,
-    stochastic_options,
-)
-from maskdit.images import save_grid, to_uint8
+from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images
+from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
 
@@ -84,20 +76,10 @@ def main(argv=None) -> tuple[str, str]:
         if args.max_classes is not None:
             classes = min(args.max_classes, classes)
         labels = torch.arange(classes).repeat_interleave(per)
-    shape = (model.in_channels, model.input_size, model.input_size)
-
     images = []
     for start in range(0, len(labels), args.batch_size):
         idx = torch.arange(start, min(start + args.batch_size, len(labels)))
-        draws = ImageNoise(args.seed, idx)
-        noise = draws.randn(shape).to(device)
-        y = labels[idx].to(device) if model.num_classes else None
-        with sampling_precision(args.precision, device):
-            out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                             **stochastic_options(args), randn_like=draws.randn_like)
-        if decode is not None:
-            out = decode(out)
-        images.append(to_uint8(out))
+        images.append(draw_images(net, idx, labels[idx] if model.num_classes else None, args, device, decode))
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
 

@@ -279,10 +279,11 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint's weights: give one")
     ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
-    init = load_checkpoint(args.init_from, arg="--init-from") if args.init_from else None
+    init_file = resolve_checkpoint(args.init_from, "--init-from") if args.init_from else None
+    init = load_checkpoint(init_file, arg="--init-from") if init_file else None
     cfg = resolve_config(args, ckpt, init)
     if init is not None:
-        cfg["init_from"] = os.path.abspath(resolve_checkpoint(args.init_from, "--init-from"))
+        cfg["init_from"] = os.path.abspath(init_file)
     validate(cfg)
     env = distributed.setup(pick_device(cfg["device"]))  # joins the process group under torchrun
     micro_batch = cfg["batch_size"]

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from . import ops
 from .backends import get_ops
+from .images import to_uint8
 from .masking import mask_from_ids_keep, token_layout
 
 
@@ -221,6 +222,22 @@ def add_sampling_arguments(parser) -> None:
                              "matrix products) or bf16 (autocast; several times faster on a GPU); the sampler's "
                              "updates stay fp64 in all")
     add_stochastic_arguments(parser)
+
+
+def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None, args, device: torch.device,
+                decode=None):
+    """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(
+    args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` with ``args.steps``,
+    ``args.cfg_scale``, the stochastic options and ``sampling_precision(args.precision)``; the samples decoded
+    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``."""
+    model = net.model
+    draws = ImageNoise(args.seed, index)
+    noise = draws.randn((model.in_channels, model.input_size, model.input_size)).to(device)
+    y = labels.to(device) if labels is not None else None
+    with sampling_precision(args.precision, device):
+        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale, **stochastic_options(args),
+                         randn_like=draws.randn_like)
+    return to_uint8(decode(out) if decode is not None else out)
 
 
 def add_stochastic_arguments(parser) -> None:

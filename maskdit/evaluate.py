@@ -37,15 +37,7 @@ import torch.distributed as dist
 from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
-from maskdit.edm import (
-    EDMPrecond,
-    ImageNoise,
-    add_sampling_arguments,
-    check_sampling_precision,
-    edm_sample,
-    sampling_precision,
-    stochastic_options,
-)
+from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images, stochastic_options
 from maskdit.fid import (
     InceptionFeatures,
     InceptionUnavailableError,
@@ -54,7 +46,6 @@ from maskdit.fid import (
     load_reference_stats,
     save_stats,
 )
-from maskdit.images import to_uint8
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
 
@@ -157,12 +148,17 @@ def save_samples(path: str, images: list, labels: list, indices: list) -> None:
                                           indices=np.concatenate(indices)))
 
 
+def stochastic_json(args) -> dict:
+    """The stochastic sampler's options for strict JSON (an infinite s_max as null)."""
+    return {k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()}
+
+
 def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
     """What a process's samples depend on: a rerun with other settings must not continue them."""
     return {"ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"), "weights": args.weights,
             "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "steps": args.steps, "seed": args.seed,
             "precision": args.precision, "vae": args.vae, "world_size": world,
-            **{k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()}}
+            **stochastic_json(args)}
 
 
 def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[list, list, list]:
@@ -246,7 +242,6 @@ def evaluate(args) -> dict | None:
     extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
 
     indices = torch.arange(rank, args.num_samples, world)
-    shape = (model.in_channels, model.input_size, model.input_size)
     acc = StatsAccumulator(extractor.dim) if extractor is not None else None
     kept_images, kept_labels, kept_indices, processed = [], [], [], 0
     if args.outdir is not None:  # continue an interrupted run: its samples are not drawn again
@@ -265,16 +260,8 @@ def evaluate(args) -> dict | None:
               f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.precision}, device {device}")
     t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
     for batch in indices.split(args.batch_size) if len(indices) else ():  # (an empty tensor splits into itself)
-        draws = ImageNoise(args.seed, batch)
-        noise = draws.randn(shape).to(device)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
-        y = labels.to(device) if model.num_classes else None
-        with sampling_precision(args.precision, device):
-            out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                             **stochastic_options(args), randn_like=draws.randn_like)
-        if decode is not None:
-            out = decode(out)
-        images = to_uint8(out)
+        images = draw_images(net, batch, labels if model.num_classes else None, args, device, decode)
         if acc is not None:
             acc.update(extractor(images))
         if args.outdir is not None:
@@ -310,7 +297,7 @@ def evaluate(args) -> dict | None:
         "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
         "precision": args.precision,
         "seed": args.seed, "ref": os.path.abspath(args.ref), "world_size": world,
-        **{k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()},  # (strict JSON)
+        **stochastic_json(args),
         "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sample
 import train
-from maskdit import create_model, evaluate
+from maskdit import create_model, edm, evaluate
 from maskdit.checkpoint import atomic_save
 from maskdit.fid import (
     InceptionFeatures,
@@ -303,7 +303,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
     save_stats(ref, *random_stats(np.random.default_rng(0), 50, StubFeatures.dim, scale=0.1, offset=0.5))
     common = ["--ckpt", ckpt, "--num-samples", "11", "--batch-size", "2", "--ref", ref, *SAMPLE]
     whole = evaluate.main(common + ["--outdir", str(tmp_path / "whole")])
-    sample_batch, calls, crash = evaluate.edm_sample, [], [True]
+    sample_batch, calls, crash = edm.edm_sample, [], [True]
 
     def crash_in_batch_4(*args, **kwargs):
         calls.append(len(args[1]))
@@ -312,7 +312,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
             raise RuntimeError("preempted")
         return sample_batch(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "edm_sample", crash_in_batch_4)
+    monkeypatch.setattr(edm, "edm_sample", crash_in_batch_4)  # (what maskdit.edm.draw_images calls)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate.main(common + ["--outdir", str(out)])
