@@ -244,7 +244,7 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
 
 
 def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(1, 2, 3, 4),
-                bwd_tile_elems=(512, 4096, 8192)) -> list[dict]:
+                bwd_tile_elems=(2048, 8192)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
     the defaults: the warps per program of every kernel of the op (``kernels._common.num_warps`` picks them
     from the block size, ``forward_warps`` for the LayerNorm forwards, constants ``NUM_WARPS``, ``FWD_WARPS``
@@ -255,9 +255,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     gelu_tanh_grad and bias_grad); the LayerNorm backwards' row in one or two power-of-two column blocks
     (``BWD_SPLIT_COLUMNS``, the other than the default, at 4 and 8 warps and 2-4 stages; the gated one also with
     registers capped for 4 programs an SM, ``BWD_PROGRAMS``); for ``edm_loss`` the
-    elements of a backward program's tile (``BWD_TILE_ELEMS``, 2048 by default: 512 programs at batch 256); for
-    ``embed_kept_patches`` the tokens and output columns of a forward program, also with tf32x3 products
-    (``FWD_PRECISION``); for ``gelu_tanh_grad`` and
+    elements of a backward program's tile (``BWD_TILE_ELEMS``, 4096 by default: 256 programs at batch 256); for
+    ``embed_kept_patches`` the tokens and output columns of a forward program, also with the products' other
+    precision (``FWD_PRECISION``: ieee or tf32x3); for ``gelu_tanh_grad`` and
     ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
@@ -286,8 +286,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
             choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
                         for t, b in ((16, 128), (64, 128), (32, 64), (32, 256), (64, 64))]
-            choices += [(f"tf32x3 forward products, {t} tokens x {b} columns", {"FWD_PRECISION": "tf32x3",
-                                                                               "FWD_TOKENS": t, "FWD_BLOCK_D": b})
+            other = "ieee" if module.FWD_PRECISION == "tf32x3" else "tf32x3"  # the products' other precision
+            choices += [(f"{other} forward products, {t} tokens x {b} columns", {"FWD_PRECISION": other,
+                                                                                "FWD_TOKENS": t, "FWD_BLOCK_D": b})
                         for t, b in ((16, 128), (32, 128), (64, 128))]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]

@@ -48,12 +48,19 @@ KERNEL_KINDS = (
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
     ("optimizer and EMA (multi-tensor)", ("multi_tensor", "fused_adam", "foreach", "_lerp_kernel")),
     ("fused Triton (kernels/)", ("_ln_modulate_", "_gated_residual_", "_unmask_", "_edm_loss_", "_patch_", "_gelu_",
-                                 "_column_sums_")),
+                                 "_column_sums_", "_stack_qkv_grad_")),
     ("memset and memcpy", ("memset", "memcpy")),  # the profiler's names: "Memset (Device)", "Memcpy DtoD ..."
 )
 
 
 TOP_KERNELS = 30  # kernels listed by name, most GPU time first
+
+
+def device_kernels(events) -> list:
+    """The kernels' own events among a profile's: on the device, less the ranges ``record_function`` marks there
+    (``Optimizer.step#AdamW.step`` spans the optimizer's kernels: counting it too counts them twice), and an
+    operator's device time repeats its kernels' (so operators are left out too)."""
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 def kernel_kind(name: str) -> str:
@@ -97,8 +104,7 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
             step()
         _sync(device)
     events = prof.key_averages()
-    # the kernels' own events (an operator's device time repeats its kernels': summing both double counts)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = device_kernels(prof.events())
     kernel_us = sum(e.device_time_total for e in kernels) / 2
     by_kind: dict[str, float] = {}
     by_name: dict[str, list] = {}  # kernel name -> [ms a step, calls a step]

@@ -6,8 +6,8 @@
 Autograd would stack dq, dk, dv (``unbind``'s backward: one pass) and the Linear's backward would then read
 the stacked gradient again for the bias (``bias_grad``: a second pass over 3D values a token).  Here each
 program copies ``ROWS`` rows of a ``BLOCK_D``-column block of one of the three in tiles (``bias_grad``'s
-launch parameters, read from ``kernels.bias``), adding them into a 2-D fp32 accumulator that it sums once
-after its loop and adds to the bias gradient with one atomic add (deterministic mode,
+loop, with launch parameters of its own: the copy needs more registers), adding them into a 2-D fp32
+accumulator that it sums once after its loop and adds to the bias gradient with one atomic add (deterministic mode,
 ``_common.deterministic``: one row per row block, summed in order), as ``bias_grad`` does.  dq, dk, dv:
 (T, D) with unit column stride (any row stride).  No autograd: a piece of a backward (``maskdit.backends``'
 qkv Function).
@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import bias
 from ._common import (
     FLOAT_DTYPES,
     backward_options,
@@ -31,6 +30,14 @@ from ._common import (
     new_output,
     row_tiles,
 )
+
+# launch parameters (as bias_grad's; bench/kernels.py varies them): H100, 3 x (32768, 1152) bf16, 0.169 ms
+# (CUDA graph).  bias_grad's 512 columns at 2 warps spill hundreds of bytes here (offline sm_90 build).
+BLOCK_D = 256  # columns of a program
+TILE_ROWS = 16  # rows of one tile
+ROWS = 256  # most rows of a program: one atomic add of its column sums
+NUM_WARPS = 4
+BWD_STAGES = 3  # software-pipeline stages of the tile loop
 
 
 @triton.jit
@@ -65,15 +72,14 @@ def _stack_qkv_grad_kernel(DQ, DK, DV, OUT, SUMS, T, D, stride_q, stride_k, stri
 def _impl(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, d = dq.shape
     det = deterministic(dq.device)
-    # bias_grad's launch parameters: the same tiles, accumulator and loop (a copy added to each tile)
-    block_t, tiles, row_blocks = row_tiles(t, bias.TILE_ROWS, bias.ROWS)
+    block_t, tiles, row_blocks = row_tiles(t, TILE_ROWS, ROWS)
     out = new_output((t, 3 * d), dq.dtype, dq.device)
     sums = column_sums_buffer(row_blocks, 3 * d, dq.device, det)
     if t and d:
-        _stack_qkv_grad_kernel[(row_blocks, 3 * cdiv(d, bias.BLOCK_D))](
+        _stack_qkv_grad_kernel[(row_blocks, 3 * cdiv(d, BLOCK_D))](
             dq, dk, dv, out, sums, t, d, dq.stride(0), dk.stride(0), dv.stride(0), BLOCK_T=block_t,
-            BLOCK_D=bias.BLOCK_D, TILES=tiles, DETERMINISTIC=det, STAGES=bias.BWD_STAGES,
-            **backward_options(bias.NUM_WARPS, bias.BWD_STAGES))
+            BLOCK_D=BLOCK_D, TILES=tiles, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            **backward_options(NUM_WARPS, BWD_STAGES))
     return out, column_sums(sums, det)
 
 

@@ -106,6 +106,9 @@ def sdpa_backend(name: str | None):
         set_sdpa_backend(previous)
 
 
+FLEX_MIN_HEAD_DIM = 16  # smallest head dim Inductor lowers FlexAttention for on CUDA (torch 2.11)
+
+
 def _compile_flex() -> None:
     """``_flex``: ``flex_attention`` compiled (eager, it would run a slow reference; inside a compiled model
     Dynamo traces it like the rest)."""
@@ -121,6 +124,9 @@ def _dense_sdpa(q, k, v):
     if _sdpa_backend is None:
         return F.scaled_dot_product_attention(q, k, v)
     if _sdpa_backend == "flex":
+        if q.is_cuda and q.shape[-1] < FLEX_MIN_HEAD_DIM:
+            raise ValueError(f"sdpa backend 'flex' needs a head dim of at least {FLEX_MIN_HEAD_DIM} on CUDA "
+                             f"(Inductor's FlexAttention kernels), got {q.shape[-1]}")
         return _flex(q, k, v)
     with sdpa_kernel([SDPA_BACKENDS[_sdpa_backend]]):
         return F.scaled_dot_product_attention(q, k, v)

@@ -25,10 +25,23 @@ def test_kernel_kinds_from_names():
     assert kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
     assert kind("void cudnn::some_helper_kernel") == "attention"  # any cuDNN kernel: cuDNN runs only attention here
     assert kind("_gated_residual_bwd_kernel") == kind("_gelu_tanh_grad_kernel") == kind("_column_sums_kernel") \
-        == "fused Triton (kernels/)"
+        == kind("_stack_qkv_grad_kernel") == kind("_patch_embed_fwd_kernel") == "fused Triton (kernels/)"
     assert kind("_lerp_kernel") == "optimizer and EMA (multi-tensor)"
     assert kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>") == \
         "optimizer and EMA (multi-tensor)"
     assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>") == \
         "other PyTorch kernels"
     assert kind("Memset (Device)") == kind("Memcpy DtoD (Device -> Device)") == "memset and memcpy"
+
+
+def test_device_kernels_leave_out_host_events_and_annotated_ranges():
+    """The optimizer's ``record_function`` range shows on the device as well: it must not count beside its
+    kernels (the H100 profile of 2026-11-27 counted AdamW's 7.9 ms twice)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    kernel = SimpleNamespace(name="multi_tensor_apply_kernel", device_type=DeviceType.CUDA, is_user_annotation=False)
+    annotation = SimpleNamespace(name="Optimizer.step#AdamW.step", device_type=DeviceType.CUDA, is_user_annotation=True)
+    host = SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, is_user_annotation=False)
+    assert profile_step.device_kernels([host, annotation, kernel]) == [kernel]

@@ -110,13 +110,13 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
 def test_forced_sdpa_backend_on_the_dense_path():
     """``sdpa_backend``: one SDPA kernel for the dense path (math and flash anywhere; on CUDA also
     memory-efficient, in bf16), or FlexAttention compiled (forward anywhere; on CUDA also the backward), or the
-    Triton kernel, the same result, eager and compiled; a kernel that cannot run fails with PyTorch's error; a
-    bad name is refused."""
+    Triton kernel, the same result, eager and compiled; a kernel that cannot run fails with PyTorch's error, or
+    (FlexAttention below its smallest head dim on CUDA) with one naming the head dim; a bad name is refused."""
     from maskdit.attention import sdpa_backend, set_sdpa_backend
 
     layout = token_layout(torch.stack([torch.randperm(L)[:6] for _ in range(3)]).to(DEVICE), 3, L, DEVICE)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    q, k, v = (torch.randn(18, 2, 8).to(DEVICE, dtype) for _ in range(3))
+    q, k, v = (torch.randn(18, 2, 16).to(DEVICE, dtype) for _ in range(3))
     expected = attention(q, k, v, layout)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     for name in ["math", "flash", "flex", "triton"] + (["efficient"] if DEVICE == "cuda" else []):
@@ -131,6 +131,9 @@ def test_forced_sdpa_backend_on_the_dense_path():
             flex_grads = torch.autograd.grad(attention(*leaves, layout).float().sum(), leaves)
         for got, want in zip(flex_grads, grads):
             torch.testing.assert_close(got, want, **tol)
+    if DEVICE == "cuda":
+        with sdpa_backend("flex"), pytest.raises(ValueError, match="head dim of at least 16 on CUDA.*got 8"):
+            attention(q[..., :8], k[..., :8], v[..., :8], layout)
     if DEVICE == "cpu":
         with sdpa_backend("cudnn"), pytest.raises(RuntimeError, match="No viable backend"):
             attention(q, k, v, layout)

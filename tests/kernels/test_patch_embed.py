@@ -50,13 +50,15 @@ def test_forward_backward_against_reference(c, p, d, side, lengths, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter ignores a product's precision")
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 @pytest.mark.parametrize("tokens", [16, 32, 64])
 @pytest.mark.parametrize("c,p,d,side,lengths", CASES[:4])
-def test_forward_with_tf32x3_products(c, p, d, side, lengths, tokens, monkeypatch):
-    """The forward with tf32x3 products (``FWD_PRECISION``, timed by bench/kernels.py) at the fp32 tolerance."""
+def test_forward_with_either_product_precision(c, p, d, side, lengths, tokens, precision, monkeypatch):
+    """The forward with tf32x3 products (``FWD_PRECISION``'s default) or fp32 FMAs ("ieee", the other choice
+    bench/kernels.py times) at the fp32 tolerance."""
     import kernels.patch_embed as module
 
-    monkeypatch.setattr(module, "FWD_PRECISION", "tf32x3")
+    monkeypatch.setattr(module, "FWD_PRECISION", precision)
     monkeypatch.setattr(module, "FWD_TOKENS", tokens)
     x, ids, seg, weight, bias, pos_embed, p = _inputs(c, p, d, side, lengths, torch.float32)
     y = embed_kept_patches(x, ids, seg, weight, bias, pos_embed, p)
