@@ -6,13 +6,15 @@
 # every test's result, kernels.*, attention.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
 # bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
 # after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
-# kernels attention varlen train_step"; also "profile", "sampling", "sdpa" (the step with each attention
-# kernel, into $RESULTS_DIR/sdpa-*), "asweep" (the Triton attention kernel's launch settings, attention_sweep.*),
-# "tattn" (the step with the project's Triton attention kernel alone, into $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into
-# $RESULTS_DIR/keep), "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into
-# $RESULTS_DIR/split), "variants" (tattn, keep and split against the defaults in one run, interleaved:
-# step_variants.*), "res512" (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into
-# $RESULTS_DIR/compile)).
+# kernels attention varlen train_step", within 8 minutes: the kernel benchmark without its launch-parameter
+# rows).  Optional parts: "ksweep" (the kernel benchmark with its launch-parameter rows, into
+# $RESULTS_DIR/ksweep: about 3.5 minutes on an H100), "profile", "sampling", "sdpa" (the step with each
+# attention kernel, into $RESULTS_DIR/sdpa-*), "asweep" (the Triton attention kernel's launch settings,
+# attention_sweep.*), "tattn" (the step with the project's Triton attention kernel alone, into
+# $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into $RESULTS_DIR/keep),
+# "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into $RESULTS_DIR/split),
+# "variants" (tattn, keep and split against the defaults in one run, interleaved: step_variants.*), "res512"
+# (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into $RESULTS_DIR/compile).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -50,7 +52,10 @@ if [[ $PARTS == *" tests "* ]]; then
   fi
   pack
 fi
-if [[ $PARTS == *" kernels "* ]]; then timeout 240 $PY bench/kernels.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" kernels "* ]]; then
+  timeout 150 $PY bench/kernels.py --no-config-sweep --out "$RESULTS_DIR" || status=1; pack
+fi
+if [[ $PARTS == *" ksweep "* ]]; then timeout 300 $PY bench/kernels.py --out "$RESULTS_DIR/ksweep" || status=1; pack; fi
 if [[ $PARTS == *" attention "* ]]; then timeout 150 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
