@@ -146,3 +146,27 @@ def test_split_holds_out_a_fifth_with_no_overlap():
     train, held = dm.split_indices(1797)
     assert (len(train), len(held)) == (1438, 359)
     assert sorted(torch.cat([train, held]).tolist()) == list(range(1797))
+
+
+def test_training_shifts_cover_the_range_and_fill_with_background():
+    """The classifier's augmentation moves each image by -max..max pixels on each axis (every offset drawn,
+    none beyond), the uncovered border filled with the background value -1."""
+    n, m = 600, 2
+    x = torch.full((n, 1, 8, 8), -1.0)
+    x[:, 0, 3, 4] = 1.0  # one bright pixel
+    out = dm._random_shift(x, m, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert set(out.unique().tolist()) == {-1.0, 1.0} and (out == 1.0).sum((1, 2, 3)).eq(1).all()
+    where = (out[:, 0] == 1.0).nonzero()[:, 1:]  # (row, col) of the pixel in each image
+    offsets = {(int(r) - 3, int(c) - 4) for r, c in where}
+    assert offsets == {(dy, dx) for dy in range(-m, m + 1) for dx in range(-m, m + 1)}
+    edge = torch.linspace(-0.9, 0.9, 64).view(1, 1, 8, 8)  # no -1 inside: a -1 in the output is the fill
+    shifted = dm._random_shift(edge.repeat(50, 1, 1, 1), m, torch.Generator().manual_seed(1))
+    assert (shifted == -1.0).any() and ((shifted == -1.0) | (shifted.abs() <= 0.9)).all()
+
+
+def test_images_outside_the_range_are_clamped(cache_dir, heldout):
+    images, _ = heldout
+    loud = images[:50] * 5
+    torch.testing.assert_close(dm.features(loud), dm.features(loud.clamp(-1, 1)))
+    assert not torch.allclose(dm.features(loud), dm.features(images[:50]))

@@ -156,8 +156,14 @@ def test_resume_encodes_only_missing_shards(tmp_path, image_dir, vae_dir, monkey
     assert [files[0].stat().st_mtime_ns, files[2].stat().st_mtime_ns] == [mtimes[0], mtimes[2]]
     np.testing.assert_array_equal(np.load(files[1]), before[1])
 
+    np.save(files[2], before[2].astype(np.float16))  # the right shape in another dtype: not a valid shard
+    _prepare(image_dir, out, vae_dir)
+    assert count.calls == 2 and np.load(files[2]).dtype == np.float32
+    np.testing.assert_array_equal(np.load(files[2]), before[2])
+    capsys.readouterr()
+
     _prepare(image_dir, out, vae_dir)  # complete: nothing to do
-    assert count.calls == 1 and "already encoded" in capsys.readouterr().out
+    assert count.calls == 2 and "already encoded" in capsys.readouterr().out
     with pytest.raises(ValueError, match="other settings.*dtype"):
         _prepare(image_dir, out, vae_dir, dtype="float16")
 
