@@ -284,12 +284,13 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
         if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
             choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
         if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
+            tiles = [(16, 128), (32, 128), (64, 128), (32, 64), (64, 64), (32, 256)]
             choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                        for t, b in ((16, 128), (64, 128), (32, 64), (32, 256), (64, 64))]
+                        for t, b in tiles if (t, b) != (module.FWD_TOKENS, module.FWD_BLOCK_D)]
             other = "ieee" if module.FWD_PRECISION == "tf32x3" else "tf32x3"  # the products' other precision
             choices += [(f"{other} forward products, {t} tokens x {b} columns", {"FWD_PRECISION": other,
                                                                                 "FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                        for t, b in ((16, 128), (32, 128), (64, 128))]
+                        for t, b in ((16, 128), (32, 128), (64, 64))]
         if hasattr(module, "BWD_TILE_ELEMS"):
             choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
         if hasattr(module, "BWD_STAGES"):

@@ -33,16 +33,19 @@ from ._common import (
     new_output,
 )
 
-FWD_TOKENS = 32  # tokens per forward program
-FWD_BLOCK_D = 128  # output columns per forward program
+# a forward program's tile: H100, D 1152, 32768 tokens, tf32x3: 0.080 ms at 64 x 64 against 0.086 at 32 x 128
+# (and 0.141 against 0.157 with "ieee" products; CUDA-graph times, bench/results/nvidia-h100-80gb-hbm3)
+FWD_TOKENS = 64  # tokens per forward program
+FWD_BLOCK_D = 64  # output columns per forward program
 FWD_BLOCK_K = 32  # patch values per step of the forward's product (at least 16, for tl.dot)
 GATHER_TOKENS = 32  # tokens per gather/scatter program
 FWD_WARPS = 4  # warps of a forward program (H200, D 1152: 0.151 ms against 0.202 with 8, CUDA-graph times)
-# the forward product's precision for fp32 operands: "ieee" (CUDA-core FMAs, whose operand fragments take the
+# the forward product's precision for fp32 operands: "ieee" (CUDA-core FMAs, whose operand fragments take a
 # 32 x 128 tile to 166 registers: three programs an SM, offline sm_90 build), or "tf32x3" (tensor cores, three
-# tf32 products whose sum keeps about fp32's precision: 139 registers, 80 at 16 x 128).  tf32x3 it is: H100,
-# D 1152, 32768 tokens, 0.086 ms against 0.157 with "ieee" (CUDA-graph times, bench/results/nvidia-h100-80gb-hbm3/
-# kernels.md).  (Unrolled outer products instead of a dot spilled kilobytes: not offered.)
+# tf32 products whose sum keeps about fp32's precision: 139 registers at 32 x 128, 80 at 16 x 128).  tf32x3 it
+# is: H100, D 1152, 32768 tokens, 32 x 128 tiles, 0.086 ms against 0.157 with "ieee" (CUDA-graph times,
+# bench/results/nvidia-h100-80gb-hbm3/retuned/kernels.md).  (Unrolled outer products instead of a dot spilled
+# kilobytes: not offered.)
 FWD_PRECISION = "tf32x3"
 
 
