@@ -497,10 +497,10 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         ema.update(ema_weight * (~bad).float())
         return bad
 
-    def eager_step(drop, ids_keep, sigma, noise, latent_eps, decay):
+    def eager_step(drop, ids_keep, sigma, noise, latent_eps, decay, measure_grad_norm):
         """One optimizer step over this process's micro-batches (accumulated, DDP/FSDP-synchronised on the
-        last), the fused AdamW and the EMA update; returns the global batch's mean loss and whether it is
-        non-finite (its update skipped)."""
+        last), the fused AdamW and the EMA update; returns the global batch's mean loss, whether it is
+        non-finite (its update skipped) and, if ``measure_grad_norm``, the norm of its gradient (else None)."""
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
@@ -515,7 +515,10 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         # The global batch's mean loss on every process (an all-reduce, no host sync), so that all
         # processes make the same skip decision.
         step_loss = distributed.mean_over_ranks(step_loss)
-        return step_loss, update(step_loss, 1 - decay)
+        norm = None
+        if measure_grad_norm:  # before the update; fp16: the loss scale taken out (a sync: log steps only)
+            norm = distributed.grad_norm(model) / (scaler.get_scale() if scaler is not None else 1.0)
+        return step_loss, update(step_loss, 1 - decay), norm
 
     def graph_step(images, labels, sigma, noise, ema_weight, *ids_keep):
         """One optimizer step over the global batch's micro-batches (one process), as ``eager_step`` does it,
@@ -549,13 +552,16 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         latent_eps = torch.randn((global_batch, *image_shape), generator=gen, device=device) if latent else None
 
         decay = ema_decay_at(step, cfg["ema_decay"], cfg["ema_warmup"])
+        log_step = (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]
         if graphed is not None:  # one process: the step is one graph replay over the global batch
             parts = [load_micro_batch(micro, drop, latent_eps)[1:] for micro in range(accum)]
             images, labels = (torch.cat(t) if accum > 1 else t[0] for t in zip(*parts))
             step_loss, bad = graphed(images, labels, sigma, noise, torch.full((), 1 - decay, device=device),
                                      *([] if ids_keep is None else [ids_keep]))
+            # the replayed step's gradients stay in place (an update does not change them; no fp16 here)
+            grad_norm = distributed.grad_norm(model) if log_step else None
         else:
-            step_loss, bad = eager_step(drop, ids_keep, sigma, noise, latent_eps, decay)
+            step_loss, bad, grad_norm = eager_step(drop, ids_keep, sigma, noise, latent_eps, decay, log_step)
 
         loss_sum += torch.where(bad, 0.0, step_loss)
         good_steps += (~bad).float()
@@ -573,21 +579,24 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
             now = time.perf_counter()
             n_good, n_bad, worst = good_steps.item(), int(bad_total.item()), worst_streak.item()
             mean_loss = loss_sum.item() / n_good if n_good else float("nan")
+            norm = grad_norm.item()
             rate = images_since_log / (now - t_log)
             nonfinite_total += n_bad
-            record = {"step": step, "loss": mean_loss, "imgs_per_s": rate, "nonfinite": n_bad,
-                      "nonfinite_total": nonfinite_total, "lr": cfg["lr"], "mask_ratio": ratio,
-                      "time": time.time()}
+            record = {"step": step, "loss": mean_loss, "grad_norm": norm if math.isfinite(norm) else None,
+                      "imgs_per_s": rate, "nonfinite": n_bad, "nonfinite_total": nonfinite_total, "lr": cfg["lr"],
+                      "mask_ratio": ratio, "time": time.time()}
             if env.is_main:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if tb is not None:
-                    for key in ("loss", "imgs_per_s", "mask_ratio", "lr"):
-                        tb.add_scalar(key, record[key], step)
+                    for key in ("loss", "grad_norm", "imgs_per_s", "mask_ratio", "lr"):
+                        if record[key] is not None:
+                            tb.add_scalar(key, record[key], step)
                     tb.flush()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", grad=f"{norm:.3g}", img_s=f"{rate:.0f}")
                 if bar.disable:  # not a terminal: plain log lines instead of the bar
-                    print(f"step {step}/{cfg['steps']}  loss {mean_loss:.4f}  {rate:.0f} img/s", flush=True)
+                    print(f"step {step}/{cfg['steps']}  loss {mean_loss:.4f}  grad norm {norm:.3g}  {rate:.0f} img/s",
+                          flush=True)
             for t in (loss_sum, good_steps, bad_total, worst_streak):
                 t.zero_()
             t_log, images_since_log = now, 0

@@ -115,6 +115,21 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of ``model``'s gradients over all processes, an fp32 device scalar (no host sync): FSDP2's
+    gradient shards add their squares across processes; DDP's gradients, all-reduced, are the same in every
+    process and count once.  0 when no parameter has a gradient."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shards
+    device = grads[0].device if grads else next(model.parameters()).device
+    squares = torch.zeros((), device=device)
+    if grads:
+        squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    if is_sharded(model):
+        dist.all_reduce(squares)
+    return squares.sqrt()
+
+
 class LossModule(nn.Module):
     """The training forward as one module: the per-sample EDM loss (N,) of ``net`` (an ``EDMPrecond``).
 

@@ -144,9 +144,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(reference, d
     assert [r["step"] for r in records] == [2, 4]
     for r, q in zip(records, ref):
         assert r["loss"] == pytest.approx(q["loss"], rel=1e-5)
+        assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-5)  # the all-reduced gradient's, once
     # one process with gradient accumulation: the same global batch, the same training
     train.main(FAST + ["--batch-size", "4", "--grad-accum", "2", "--steps", "4", "--out", str(tmp_path / "acc")])
     assert_same_training_state(ckpt(tmp_path / "acc", 4), ckpt(reference, 4))
+    for r, q in zip(log_records(tmp_path / "acc"), ref):
+        assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-5)
 
 
 def test_only_rank_zero_writes_and_prints(ddp_run):
@@ -193,6 +196,10 @@ def test_fsdp_trains_like_one_process_and_checkpoints_move_both_ways(reference, 
     sharded = ckpt(tmp_path / "fsdp", 4)
     assert sharded["config"]["train"]["fsdp"] and sharded["data"]["world_size"] == 2
     assert_same_training_state(sharded, ckpt(reference, 4))
+    # the gradient norm sums the shards' squares over both processes
+    (fsdp_record,) = [r for r in log_records(tmp_path / "fsdp") if r["step"] == 4]
+    (ref_record,) = [r for r in log_records(reference) if r["step"] == 4]
+    assert fsdp_record["grad_norm"] == pytest.approx(ref_record["grad_norm"], rel=1e-5)
     # ... and the FSDP checkpoint (full state dicts gathered on rank 0) continues in one unsharded process,
     # which keeps the global batch 8 by itself: batch 2 x 4 accumulated
     train.main(["--resume", str(tmp_path / "fsdp"), "--steps", "6", "--out", str(tmp_path / "one")])

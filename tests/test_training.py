@@ -522,3 +522,29 @@ def test_triton_backend_trains_like_the_torch_backend(tmp_path):
     c = load_checkpoint(str(tmp_path / "kept"))
     assert all(torch.equal(c["model"][k], b["model"][k]) for k in b["model"])
     assert c["config"]["train"]["keep_norm_outputs"] is True
+
+
+def test_grad_norm_counts_the_parameters_with_gradients():
+    from maskdit.distributed import grad_norm
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert grad_norm(model).item() == 0.0  # before any backward
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    model[1].bias.grad = None  # a parameter without a gradient is left out
+    expected = torch.cat([g.flatten() for g in grads[:3]]).norm()
+    assert grad_norm(model).dtype == torch.float32
+    torch.testing.assert_close(grad_norm(model), expected)
+
+
+def test_log_records_the_gradient_norm_with_the_fp16_loss_scale_taken_out(tmp_path):
+    """Each log record has the norm of its step's gradient (of the global batch, before the update); fp16's
+    gradients are scaled by the loss scale (65536 at first), which the logged norm leaves out."""
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        run(tmp_path / precision, "--steps", "2", "--log-every", "1", "--precision", precision, "--ckpt-every", "2")
+        records = [json.loads(line) for line in open(tmp_path / precision / "log.jsonl")]
+        norms[precision] = [r["grad_norm"] for r in records if "loss" in r]
+    assert len(norms["fp32"]) == 2 and all(0 < n < 1e3 for n in norms["fp32"])
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=2e-2)
