@@ -56,7 +56,9 @@ fi
 if [[ $PARTS == *" kernels "* ]]; then
   timeout 150 $PY bench/kernels.py --no-config-sweep --out "$RESULTS_DIR" || status=1; pack
 fi
-if [[ $PARTS == *" ksweep "* ]]; then timeout 300 $PY bench/kernels.py --out "$RESULTS_DIR/ksweep" || status=1; pack; fi
+if [[ $PARTS == *" ksweep "* ]]; then  # (the step rows are the kernels part's)
+  timeout 300 $PY bench/kernels.py --step-batch 0 --out "$RESULTS_DIR/ksweep" || status=1; pack
+fi
 if [[ $PARTS == *" attention "* ]]; then timeout 150 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then

@@ -243,6 +243,58 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
     return rows
 
 
+def launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems) -> list[tuple[str, dict]]:
+    """``config_rows``' launch settings of one kernel module: ("defaults", {}) first, then (label, constants to
+    set) for each other setting; a setting that would only repeat the module's own values is left out."""
+    choices = [("defaults", {})]
+    rules = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]  # functions of the block size
+    constants = [a for a in ("NUM_WARPS", "FWD_WARPS", "BWD_WARPS") if hasattr(module, a)]
+    if rules or constants:
+        choices += [(f"{w} warps", {**{a: (lambda _elements, w=w: w) for a in rules}, **{a: w for a in constants}})
+                    for w in warps]
+    if hasattr(module, "FWD_ROWS"):
+        choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
+    if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
+        choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
+    if hasattr(module, "TILE_ROWS"):  # gelu_tanh_grad and bias_grad: tiles of rows x a block of columns
+        block = "BLOCK_H" if hasattr(module, "BLOCK_H") else "BLOCK_D"
+        choices += [(f"{b}-column blocks", {block: b}) for b in (128, 256, 512)]
+        choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
+        t0, b0, w0 = module.TILE_ROWS, getattr(module, block), module.NUM_WARPS
+        timed = {(t0, b0, w0), *((t0, b0, w) for w in warps), *((t0, b, w0) for b in (128, 256, 512))}  # above
+        choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, block: b, "NUM_WARPS": w})
+                    for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8) if (t, b, w) not in timed]
+    if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
+        choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
+    if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
+        tiles = [(16, 128), (32, 128), (64, 128), (32, 64), (64, 64), (32, 256)]
+        choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
+                    for t, b in tiles if (t, b) != (module.FWD_TOKENS, module.FWD_BLOCK_D)]
+        other = "ieee" if module.FWD_PRECISION == "tf32x3" else "tf32x3"  # the products' other precision
+        choices += [(f"{other} forward products, {t} tokens x {b} columns", {"FWD_PRECISION": other,
+                                                                            "FWD_TOKENS": t, "FWD_BLOCK_D": b})
+                    for t, b in ((16, 128), (32, 128), (64, 64))]
+    if hasattr(module, "BWD_TILE_ELEMS"):
+        choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
+    if hasattr(module, "BWD_STAGES"):
+        choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages
+                    if st != module.BWD_STAGES]  # (the defaults row has the module's own)
+        if hasattr(module, "BWD_WARPS"):  # the LayerNorm ops: the stages at the other backward warps
+            choices += [(f"{st} stages, {w} warps in the backward", {"BWD_STAGES": st, "BWD_WARPS": w})
+                        for st in (1, 2, 3) for w in (4, 8) if w != module.BWD_WARPS]
+    if hasattr(module, "BWD_SPLIT_COLUMNS"):  # the LayerNorm backwards' rows in two column blocks
+        other = "one column block" if module.BWD_SPLIT_COLUMNS else "two column blocks"
+        choices += [(f"backward rows in {other}, {w} warps, {st} stages",
+                     {"BWD_SPLIT_COLUMNS": not module.BWD_SPLIT_COLUMNS, "BWD_WARPS": w, "BWD_STAGES": st})
+                    for w in (4, 8) for st in (2, 3, 4)]
+    if hasattr(module, "BWD_PROGRAMS"):  # gated backward: registers capped for 4 programs an SM (128 at 4 warps)
+        choices += [("backward rows in two column blocks, 4 warps, 3 stages, registers for 4 programs an SM",
+                     {"BWD_SPLIT_COLUMNS": True, "BWD_WARPS": 4, "BWD_STAGES": 3, "BWD_PROGRAMS": 4})]
+    own = [(label, forced) for label, forced in choices[1:]
+           if all(not callable(v) and getattr(module, k, None) == v for k, v in forced.items())]
+    return [c for c in choices if c not in own]
+
+
 def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), bwd_stages=(1, 2, 3, 4),
                 bwd_tile_elems=(2048, 8192)) -> list[dict]:
     """The fused ops' time with a launch parameter forced, to check the launchers' choices, beside a row with
@@ -263,50 +315,7 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     rows = []
     for spec in specs:
         module = spec["module"]
-        choices = [("defaults", {})]
-        rules = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]  # functions of the block size
-        constants = [a for a in ("NUM_WARPS", "FWD_WARPS", "BWD_WARPS") if hasattr(module, a)]
-        if rules or constants:
-            choices += [(f"{w} warps", {**{a: (lambda _elements, w=w: w) for a in rules}, **{a: w for a in constants}})
-                        for w in warps]
-        if hasattr(module, "FWD_ROWS"):
-            choices += [(f"{r} rows a forward program", {"FWD_ROWS": r}) for r in fwd_rows]
-        if hasattr(module, "FWD_ROWS") and hasattr(module, "BWD_ROWS"):
-            choices += [(f"{r} rows a backward program", {"BWD_ROWS": r}) for r in bwd_rows]
-        if hasattr(module, "TILE_ROWS"):  # gelu_tanh_grad and bias_grad: tiles of rows x a block of columns
-            block = "BLOCK_H" if hasattr(module, "BLOCK_H") else "BLOCK_D"
-            choices += [(f"{b}-column blocks", {block: b}) for b in (128, 512)]
-            choices += [(f"{r} rows a program", {"ROWS": r}) for r in (64, 1024)]
-            t0, b0, w0 = module.TILE_ROWS, getattr(module, block), module.NUM_WARPS
-            timed = {(t0, b0, w0), *((t0, b0, w) for w in warps), *((t0, b, w0) for b in (128, 512))}  # rows above
-            choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, block: b, "NUM_WARPS": w})
-                        for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8) if (t, b, w) not in timed]
-        if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
-            choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
-        if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
-            tiles = [(16, 128), (32, 128), (64, 128), (32, 64), (64, 64), (32, 256)]
-            choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                        for t, b in tiles if (t, b) != (module.FWD_TOKENS, module.FWD_BLOCK_D)]
-            other = "ieee" if module.FWD_PRECISION == "tf32x3" else "tf32x3"  # the products' other precision
-            choices += [(f"{other} forward products, {t} tokens x {b} columns", {"FWD_PRECISION": other,
-                                                                                "FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                        for t, b in ((16, 128), (32, 128), (64, 64))]
-        if hasattr(module, "BWD_TILE_ELEMS"):
-            choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
-        if hasattr(module, "BWD_STAGES"):
-            choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages
-                        if st != module.BWD_STAGES]  # (the defaults row has the module's own)
-            if hasattr(module, "BWD_WARPS"):  # the LayerNorm ops: the stages at the other backward warps
-                choices += [(f"{st} stages, {w} warps in the backward", {"BWD_STAGES": st, "BWD_WARPS": w})
-                            for st in (1, 2, 3) for w in (4, 8) if w != module.BWD_WARPS]
-        if hasattr(module, "BWD_SPLIT_COLUMNS"):  # the LayerNorm backwards' rows in two column blocks
-            other = "one column block" if module.BWD_SPLIT_COLUMNS else "two column blocks"
-            choices += [(f"backward rows in {other}, {w} warps, {st} stages",
-                         {"BWD_SPLIT_COLUMNS": not module.BWD_SPLIT_COLUMNS, "BWD_WARPS": w, "BWD_STAGES": st})
-                        for w in (4, 8) for st in (2, 3, 4)]
-        if hasattr(module, "BWD_PROGRAMS"):  # gated backward: registers capped for 4 programs an SM (128 at 4 warps)
-            choices += [("backward rows in two column blocks, 4 warps, 3 stages, registers for 4 programs an SM",
-                         {"BWD_SPLIT_COLUMNS": True, "BWD_WARPS": 4, "BWD_STAGES": 3, "BWD_PROGRAMS": 4})]
+        choices = launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems)
         for label, forced in choices:
             row = dict(op=spec["name"], config=label)
             try:

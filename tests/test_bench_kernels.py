@@ -44,3 +44,19 @@ def test_every_launch_configuration_runs_and_matches_the_defaults(monkeypatch):
         for run in runs[1:]:  # the first is the defaults row
             for a, b in zip(run, runs[0]):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{spec['name']}: {m}")
+
+
+@pytest.mark.parametrize("name", ["ln_modulate", "gated_residual", "gelu", "bias", "qkv_grad", "ema", "patch_embed",
+                                  "unmask", "edm_loss"])
+def test_launch_choices_never_repeat_the_defaults(name):
+    """Each row of the launch-parameter table sets something the defaults row does not (a module's own value,
+    e.g. bias_grad's 512-column blocks, would only time the defaults again), under a label of its own."""
+    import importlib
+
+    module = importlib.import_module(f"kernels.{name}")
+    choices = bench_kernels.launch_choices(module, (4, 8, 16), (2, 4), (8, 16, 64), (1, 2, 3, 4), (2048, 4096, 8192))
+    assert choices[0] == ("defaults", {}) and len(choices) > 1
+    labels = [label for label, _ in choices]
+    assert len(set(labels)) == len(labels)
+    for label, forced in choices[1:]:
+        assert any(callable(v) or getattr(module, k) != v for k, v in forced.items()), label

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import _common
-from kernels import bias as bias_module
+from kernels import qkv_grad as qkv_module
 from kernels.qkv_grad import _op, stack_qkv_grad, stack_qkv_grad_reference
 from tests.kernels.conftest import DEVICE, DTYPES
 
@@ -45,19 +45,23 @@ def test_separate_contiguous_inputs():
     _check(*(torch.randn(50, 72, generator=g).to(DEVICE) for _ in range(3)))
 
 
-def test_bias_grad_launch_parameters(monkeypatch):
-    """It runs on bias_grad's launch parameters (read from kernels.bias at each call)."""
-    monkeypatch.setattr(bias_module, "BWD_STAGES", 1)
-    monkeypatch.setattr(bias_module, "ROWS", 32)
-    monkeypatch.setattr(bias_module, "BLOCK_D", 128)
+@pytest.mark.parametrize("block_d,rows,tile_rows,warps,stages", [(128, 32, 16, 4, 1), (512, 64, 8, 2, 2)])
+def test_other_launch_parameters(monkeypatch, block_d, rows, tile_rows, warps, stages):
+    """Its own launch parameters (read from kernels.qkv_grad at each call, as bench/kernels.py sets them)."""
+    for name, value in dict(BLOCK_D=block_d, ROWS=rows, TILE_ROWS=tile_rows, NUM_WARPS=warps,
+                            BWD_STAGES=stages).items():
+        monkeypatch.setattr(qkv_module, name, value)
     _check(*_grads(100, 300, torch.float32))
 
 
 def test_deterministic_mode_sums_in_order(monkeypatch):
     monkeypatch.setattr(_common, "FORCE_DETERMINISTIC", True)
-    monkeypatch.setattr(bias_module, "ROWS", 32)
+    monkeypatch.setattr(qkv_module, "ROWS", 32)  # 4 row blocks of 100 rows, summed in order
+    blocks, buffer = [], qkv_module.column_sums_buffer
+    monkeypatch.setattr(qkv_module, "column_sums_buffer", lambda n, *a: blocks.append(n) or buffer(n, *a))
     grads = _grads(100, 300, torch.float32)
     assert torch.equal(_check(*grads)[1], stack_qkv_grad(*grads)[1])
+    assert blocks == [4, 4]
 
 
 def test_no_rows():
