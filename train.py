@@ -319,11 +319,11 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if global_batch > len(dataset):
         raise ValueError(f"the global batch {global_batch} (--batch-size {micro_batch} x {env.world_size} processes "
                          f"x --grad-accum {accum}) is larger than the dataset ({len(dataset)} images)")
+    size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
     if ckpt is not None:
         model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
     elif init is not None:  # the checkpoint's network, which the data must fit
         model_cfg = ModelConfig.from_dict(init["config"]["model"])
-        size = dataset.image_size if latent else cfg["image_size"]
         misfits = [f"{what} {ours} (the network's: {theirs})" for what, ours, theirs in (
             ("image size", size, model_cfg.input_size), ("channels", dataset.channels, model_cfg.in_channels),
             ("classes", dataset.num_classes, model_cfg.num_classes)) if ours != theirs]
@@ -331,7 +331,6 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
             raise ValueError(f"--init-from {args.init_from!r}: the dataset {cfg['dataset']!r} does not fit its "
                              f"{model_cfg.name}: {', '.join(misfits)}")
     else:
-        size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
                                  num_classes=dataset.num_classes, learn_mask_token=cfg["mae_coef"] > 0)
     model = DiT(model_cfg, backend=cfg["backend"]).to(device)
@@ -575,7 +574,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         bar.update(1)
 
         last = step == cfg["steps"]
-        if step % cfg["log_every"] == 0 or last:
+        if log_step:  # (step % log_every == 0 or last, now that step counts this one)
             now = time.perf_counter()
             n_good, n_bad, worst = good_steps.item(), int(bad_total.item()), worst_streak.item()
             mean_loss = loss_sum.item() / n_good if n_good else float("nan")

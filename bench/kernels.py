@@ -269,7 +269,7 @@ def launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems
     if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
         tiles = [(16, 128), (32, 128), (64, 128), (32, 64), (64, 64), (32, 256)]
         choices += [(f"{t} tokens x {b} columns a forward program", {"FWD_TOKENS": t, "FWD_BLOCK_D": b})
-                    for t, b in tiles if (t, b) != (module.FWD_TOKENS, module.FWD_BLOCK_D)]
+                    for t, b in tiles]
         other = "ieee" if module.FWD_PRECISION == "tf32x3" else "tf32x3"  # the products' other precision
         choices += [(f"{other} forward products, {t} tokens x {b} columns", {"FWD_PRECISION": other,
                                                                             "FWD_TOKENS": t, "FWD_BLOCK_D": b})
@@ -277,8 +277,7 @@ def launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems
     if hasattr(module, "BWD_TILE_ELEMS"):
         choices += [(f"{e}-element backward tiles", {"BWD_TILE_ELEMS": e}) for e in bwd_tile_elems]
     if hasattr(module, "BWD_STAGES"):
-        choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages
-                    if st != module.BWD_STAGES]  # (the defaults row has the module's own)
+        choices += [(f"{st} stages in the backward's row loop", {"BWD_STAGES": st}) for st in bwd_stages]
         if hasattr(module, "BWD_WARPS"):  # the LayerNorm ops: the stages at the other backward warps
             choices += [(f"{st} stages, {w} warps in the backward", {"BWD_STAGES": st, "BWD_WARPS": w})
                         for st in (1, 2, 3) for w in (4, 8) if w != module.BWD_WARPS]

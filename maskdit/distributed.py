@@ -121,10 +121,10 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     process and count once.  0 when no parameter has a gradient."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shards
-    device = grads[0].device if grads else next(model.parameters()).device
-    squares = torch.zeros((), device=device)
     if grads:
         squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    else:
+        squares = torch.zeros((), device=next(model.parameters()).device)
     if is_sharded(model):
         dist.all_reduce(squares)
     return squares.sqrt()
