@@ -14,8 +14,10 @@
 # $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into $RESULTS_DIR/keep),
 # "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into $RESULTS_DIR/split),
 # "variants" (tattn, keep and split against the defaults in one run, interleaved: step_variants.*), "res512"
-# (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512) and "compile" (into $RESULTS_DIR/compile-triton and
-# compile-torch).
+# (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512), "compile" (into $RESULTS_DIR/compile-triton and
+# compile-torch) and "gemm" (the MLP's GELU in its products' epilogues, kernels.gelu_gemm: its CUDA tests, its
+# kernel rows with their launch settings, the step and eager sampling with and without it, into
+# $RESULTS_DIR/gemm).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
 set -u
 cd "$(dirname "$0")/.."
@@ -115,6 +117,21 @@ if [[ $PARTS == *" compile "* ]]; then
   for impl in triton torch; do
     timeout 280 $PY bench/train_step.py --models MaskDiT-XL/2 --impls $impl+compile --batches 256 \
       --warmup 2 --steps 10 --out "$RESULTS_DIR/compile-$impl" || status=1; pack
+  done
+fi
+# kernels.gelu_gemm (off by default): its tests on CUDA (bf16 included), its kernel rows against cuBLAS and the
+# separate GELU passes with each launch setting, and the step with and without it (interleaved)
+if [[ $PARTS == *" gemm "* ]]; then
+  mkdir -p "$RESULTS_DIR/gemm"
+  timeout 90 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k gelu tests/kernels/test_gelu_gemm.py \
+    tests/test_backends.py > "$RESULTS_DIR/gemm/tests.txt" 2>&1 || status=1; pack
+  timeout 180 $PY bench/kernels.py --ops linear_gelu linear_gelu_output gelu_grad_gemm --step-batch 0 --out "$RESULTS_DIR/gemm" \
+    || status=1; pack
+  timeout 150 $PY bench/step_variants.py --variants base gelu_gemm:gelu_gemm.ENABLED=True --out "$RESULTS_DIR/gemm" \
+    || status=1; pack
+  for fused in False True; do  # eager bf16 sampling without and with it (inference: the forward's kernel alone)
+    timeout 60 $PY bench/sampling.py --impls eager --precisions bf16 --kernel-constant gelu_gemm.ENABLED=$fused \
+      --out "$RESULTS_DIR/gemm/sampling-$fused" || status=1; pack
   done
 fi
 exit $status

@@ -196,6 +196,24 @@ def _attention_sweep():
                 _attention((torch.bfloat16,), [(shape["head_dim"], shape["seq"])])
 
 
+def _gelu_gemm():
+    """The MLP's products with the GELU in their epilogues (``kernels.gelu_gemm``: training forward, inference
+    forward, backward) on fp16 and bf16 at the XL/2 encoder and decoder widths, at each launch setting
+    ``bench/kernels.py`` times."""
+    from bench.kernels import launch_choices
+
+    module = sys.modules["kernels.gelu_gemm"]
+    for _, forced in launch_choices(module, (4, 8, 16), (), (), (), ()):
+        with module_constants([module], **forced):
+            for dtype in (torch.float16, torch.bfloat16):
+                for d in (512, 1152):
+                    y, w1, w2 = torch.zeros(256, d, dtype=dtype), torch.zeros(4 * d, d, dtype=dtype), \
+                        torch.zeros(d, 4 * d, dtype=dtype)
+                    a, _ = module.linear_gelu(y, w1, torch.zeros(4 * d, dtype=dtype))
+                    module.linear_gelu_output(y, w1, torch.zeros(4 * d, dtype=dtype))
+                    module.gelu_grad_gemm(y, w2, a)
+
+
 def _weight_average():
     """The EMA kernel (``kernels.ema``) on fp32, fp16 and bf16 tensors, with a float and a tensor weight, on
     16-byte aligned tensors and on views at odd offsets."""
@@ -228,6 +246,7 @@ def collect_launches() -> list[Launch]:
         _attention((torch.float32,))
         _attention_sweep()
         _weight_average()
+        _gelu_gemm()
         common.FORCE_DETERMINISTIC = True  # the backward kernels' variants without atomic adds
         try:
             _ops_in_half_precision()
@@ -308,8 +327,8 @@ def markdown(env: dict, arch: int, launches: int, rows: list[dict], failures: li
              f"{launches} kernel specialisations launched by a MaskDiT training step at XL/2 widths (D 1152, "
              f"decoder 512; fp32, bf16 and fp16 autocast; PyTorch's and the Triton attention), by each op on "
              f"fp16/bf16 inputs (D 72 and 1152) and by the attention kernels (fp32, fp16, bf16; head dim 72 and 32, "
-             f"128 and 256 tokens; bench/attention.py's launch settings) and by bench/kernels.py's launch "
-             f"settings; "
+             f"128 and 256 tokens; bench/attention.py's launch settings), by the MLP's GELU GEMMs (fp16, bf16; "
+             f"D 512 and 1152) and by bench/kernels.py's launch settings; "
              f"{len(failures)} failed to compile or need more shared memory than sm_{arch} has. Registers per thread "
              "and stack (spill) bytes from cuobjdump, shared memory from Triton.", "",
              "| kernel specialisation | regs/thread | stack bytes | shared bytes |", "|---|---:|---:|---:|"]

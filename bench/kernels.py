@@ -4,7 +4,10 @@ D_dec 512), with GB/s against the measured device-to-device copy bandwidth.  Plu
 memory and time of one MaskDiT-XL/2 training step with each backend, and the fused ops' time at 4, 8
 and 16 warps per program and, for the LayerNorm ops, 2 and 4 tokens per forward program and 8, 16 and 64
 per backward program (to check the launchers' choices).  Ops whose backward adds per-sample sums also get
-a row in deterministic mode (``kernels._common.deterministic``).  Results are rewritten after every stage.
+a row in deterministic mode (``kernels._common.deterministic``).  The MLP's GEMMs with the GELU in their
+epilogues (``kernels.gelu_gemm``; compute-bound, so their "% copy BW" is only the floor their extra bytes set)
+also get a row for what the triton backend runs without them (cuBLAS, then ``gelu_tanh_grad``).  Results are
+rewritten after every stage.
 
     python bench/kernels.py [--batch 256] [--step-batch 32] [--out DIR]
 
@@ -83,6 +86,31 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         name="gelu_tanh_grad", module=_kernel_module("gelu"), shape=f"a, dh ({t_enc}, {4 * d}) bf16 (a backward)",
         fused=lambda: kernels.gelu_tanh_grad(a, dh), reference=lambda: kernels.gelu_tanh_grad_reference(a, dh),
         leaves=[], fwd_bytes=t_enc * 4 * d * (2 + 2 + 2 + 2) + 4 * d * 4, bwd_bytes=0))
+
+    # the MLP's products with the GELU in their epilogues (kernels.gelu_gemm) against cuBLAS and the separate
+    # elementwise pass (the eager reference forward; the triton backend's gelu_tanh_grad kernel backward)
+    mlp_y, w1, b1 = rnd(t_enc, d, dtype=bf), rnd(4 * d, d, dtype=bf, scale=d ** -0.5), rnd(4 * d, dtype=bf)
+    specs.append(dict(
+        name="linear_gelu", module=_kernel_module("gelu_gemm"),
+        shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM)",
+        fused=lambda: kernels.gelu_gemm.linear_gelu(mlp_y, w1, b1),
+        reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1),
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 2 * t_enc * 4 * d) * 2, bwd_bytes=0))
+    specs.append(dict(
+        name="linear_gelu_output", module=_kernel_module("gelu_gemm"),
+        shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM, inference)",
+        fused=lambda: kernels.gelu_gemm.linear_gelu_output(mlp_y, w1, b1),
+        reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1)[1],
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + t_enc * 4 * d) * 2, bwd_bytes=0))
+    mlp_dout, w2 = rnd(t_enc, d, dtype=bf), rnd(d, 4 * d, dtype=bf, scale=(4 * d) ** -0.5)
+    mlp_a = rnd(t_enc, 4 * d, dtype=bf, scale=2.0)
+    specs.append(dict(
+        name="gelu_grad_gemm", module=_kernel_module("gelu_gemm"),
+        shape=f"dout ({t_enc}, {d}) @ w2 ({d}, {4 * d}), a bf16 (a GEMM in a backward)",
+        fused=lambda: kernels.gelu_gemm.gelu_grad_gemm(mlp_dout, w2, mlp_a),
+        reference=lambda: kernels.gelu_gemm.gelu_grad_gemm_reference(mlp_dout, w2, mlp_a),
+        baselines={"cuBLAS + gelu_tanh_grad kernel": lambda: kernels.gelu_tanh_grad(mlp_a, mlp_dout @ w2)},
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 3 * t_enc * 4 * d) * 2 + 4 * d * 4, bwd_bytes=0))
 
     dy = rnd(t_enc, d, dtype=bf)
     specs.append(dict(
@@ -213,7 +241,7 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
         if spec.get("compiled", True):  # (not for the EMA's hundreds of tensors: minutes of compilation)
             impls["compiled reference"] = torch.compile(spec["reference"])
         if with_fused:
-            fused = {"triton (fused)": spec["fused"]}
+            fused = {"triton (fused)": spec["fused"], **spec.get("baselines", {})}
             if hasattr(spec["module"], "deterministic"):  # backward without atomic adds
                 fused["triton (fused, deterministic)"] = spec["fused"]
             impls = {**fused, **impls}
@@ -249,7 +277,8 @@ def launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems
     choices = [("defaults", {})]
     rules = [a for a in ("num_warps", "forward_warps") if hasattr(module, a)]  # functions of the block size
     constants = [a for a in ("NUM_WARPS", "FWD_WARPS", "BWD_WARPS") if hasattr(module, a)]
-    if rules or constants:
+    if (rules or constants) and not hasattr(module, "GROUP_M"):  # (a GEMM tile's warps: not 4 (spills), not 16
+        # (more shared memory than sm_90 has, offline sm_90 build))
         choices += [(f"{w} warps", {**{a: (lambda _elements, w=w: w) for a in rules}, **{a: w for a in constants}})
                     for w in warps]
     if hasattr(module, "FWD_ROWS"):
@@ -264,6 +293,14 @@ def launch_choices(module, warps, fwd_rows, bwd_rows, bwd_stages, bwd_tile_elems
         timed = {(t0, b0, w0), *((t0, b0, w) for w in warps), *((t0, b, w0) for b in (128, 256, 512))}  # above
         choices += [(f"{t}-row tiles of {b} columns, {w} warps", {"TILE_ROWS": t, block: b, "NUM_WARPS": w})
                     for t in (8, 16, 32) for b in (256, 512) for w in (2, 4, 8) if (t, b, w) not in timed]
+    if hasattr(module, "GROUP_M"):  # gelu_gemm's GEMM tiles: (rows, columns, K step, pipeline stages)
+        tiles = [(128, 128, 64, 4), (128, 256, 64, 2), (128, 256, 32, 4), (64, 256, 64, 4), (256, 128, 64, 3)]
+        choices += [(f"{m} x {n} tiles, K steps of {k}, {st} stages",
+                     {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "STAGES": st}) for m, n, k, st in tiles]
+        choices += [(f"{g} row tiles a group", {"GROUP_M": g}) for g in (1, 16)]
+        choices += [(f"{'flattened' if module.WARP_SPECIALIZE else 'warp-specialized'} tile loop",
+                     {"WARP_SPECIALIZE": not module.WARP_SPECIALIZE})]
+        choices += [(f"epilogue in {p} column parts", {"EPILOGUE_PARTS": p}) for p in (2, 4)]
     if hasattr(module, "CHUNK"):  # the EMA kernel (its table is built per MultiTensorLerp: time CHUNK 16384 only)
         choices += [(f"{b}-element steps", {"BLOCK": b}) for b in (1024, 4096)]
     if hasattr(module, "FWD_TOKENS"):  # embed_kept_patches' forward tile: tokens x output columns
@@ -309,7 +346,9 @@ def config_rows(specs, warps=(4, 8, 16), fwd_rows=(2, 4), bwd_rows=(8, 16, 64), 
     elements of a backward program's tile (``BWD_TILE_ELEMS``, 4096 by default: 256 programs at batch 256); for
     ``embed_kept_patches`` the tokens and output columns of a forward program, also with the products' other
     precision (``FWD_PRECISION``: ieee or tf32x3); for ``gelu_tanh_grad`` and
-    ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step.
+    ``bias_grad`` their block, tile rows and warps together, and their rows a program; for the EMA its step; for
+    ``gelu_gemm`` its GEMM tile (rows, columns, K step, pipeline stages), its row tiles a group, the
+    warp-specialized tile loop and its epilogue's column parts.
     Eager and CUDA-graph (kernels alone) times."""
     rows = []
     for spec in specs:

@@ -38,6 +38,8 @@ that it is exercised.  Writes sampling.json (environment + rows) and sampling.md
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import statistics
 import sys
@@ -49,7 +51,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, results_folder, write_results  # noqa: E402
+from bench.common import environment, module_constants, results_folder, write_results  # noqa: E402
+from bench.train_step import kernel_constants  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
 
 CFG_SCALE = 1.5
@@ -182,9 +185,10 @@ def method_text(args, env: dict, device: torch.device) -> str:
                   f"s/batch = (median time / {heun_evals(args.timed_steps)}) x {heun_evals(args.steps)} evaluations "
                   f"of the {args.steps}-step sampler; images/s = batch / s/batch"
                   if args.timed_steps != args.steps else f"timed the full {args.steps}-step sampler")
+    constants = "".join(f" kernels.{m}.{k} = {v!r};" for m, kv in args.kernel_constants.items() for k, v in kv.items())
     return (f"EDM Heun sampler, {args.steps} steps = {heun_evals(args.steps)} network evaluations, guidance "
             f"{CFG_SCALE} (each evaluation runs the network on 2 x batch), {args.input_size}x{args.input_size}x"
-            f"{args.in_channels} inputs, {args.num_classes} classes, random weights; {precision}. "
+            f"{args.in_channels} inputs, {args.num_classes} classes, random weights; {precision}.{constants} "
             f"{conversion}. Median of {args.repeats} runs ({timing}) after {args.warmup} warm-up run(s), which "
             f"include compilation. torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}.")
 
@@ -239,10 +243,17 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     p.add_argument("--in-channels", type=int, default=defaults["in_channels"])
     p.add_argument("--num-classes", type=int, default=defaults["num_classes"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: unchanged)")
+    p.add_argument("--kernel-constant", nargs="+", default=[], metavar="MODULE.NAME=VALUE",
+                   help="set constants of kernels/ modules for the run, as bench/train_step.py's (e.g. "
+                        "gelu_gemm.ENABLED=True)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     if not 1 <= args.timed_steps <= args.steps:
         p.error(f"--timed-steps must be in [1, --steps], got {args.timed_steps}")
+    try:
+        args.kernel_constants = kernel_constants(args.kernel_constant)
+    except ValueError as e:
+        p.error(f"--kernel-constant: {e}")
     return args
 
 
@@ -260,8 +271,11 @@ def main(argv=None) -> dict:
               f"({', '.join(args.models)}, batch {args.batch}, {args.input_size}x{args.input_size}x{args.in_channels}, "
               f"{', '.join(args.precisions)}) to exercise the script", flush=True)
     print(*(CHECK_HEAD if args.check_full else TABLE_HEAD), sep="\n", file=sys.stderr, flush=True)  # progress
-    rows = [row for name in args.models for row in model_rows(name, args, device)]
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    with contextlib.ExitStack() as constants:
+        for module, values in args.kernel_constants.items():
+            constants.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
+        rows = [row for name in args.models for row in model_rows(name, args, device)]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "kernel_constant")}
     payload = dict(env, float32_matmul_precision=torch.get_float32_matmul_precision(),
                    cpu_threads=torch.get_num_threads(), settings=settings, rows=rows)
     md = markdown(env, args, rows, device)

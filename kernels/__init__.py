@@ -13,6 +13,13 @@ from .bias import bias_grad, bias_grad_reference
 from .edm_loss import edm_loss, edm_loss_reference
 from .gated_residual import gated_residual_ln_modulate, gated_residual_ln_modulate_reference
 from .gelu import gelu_tanh_grad, gelu_tanh_grad_reference
+from .gelu_gemm import (
+    gelu_grad_gemm,
+    gelu_grad_gemm_reference,
+    linear_gelu,
+    linear_gelu_output,
+    linear_gelu_reference,
+)
 from .ln_modulate import ln_modulate, ln_modulate_recompute, ln_modulate_reference
 from .patch_embed import embed_kept_patches, embed_kept_patches_reference
 from .qkv_grad import stack_qkv_grad, stack_qkv_grad_reference
@@ -24,4 +31,5 @@ __all__ = [
     "gated_residual_ln_modulate_reference", "ln_modulate", "ln_modulate_recompute", "ln_modulate_reference",
     "embed_kept_patches", "embed_kept_patches_reference", "insert_mask_tokens", "insert_mask_tokens_reference",
     "gelu_tanh_grad", "gelu_tanh_grad_reference", "stack_qkv_grad", "stack_qkv_grad_reference",
+    "linear_gelu", "linear_gelu_output", "linear_gelu_reference", "gelu_grad_gemm", "gelu_grad_gemm_reference",
 ]

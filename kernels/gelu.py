@@ -45,6 +45,19 @@ KAPPA = tl.constexpr(0.044715)
 
 
 @triton.jit
+def gelu_tanh_and_derivative(a):
+    """(gelu_tanh(a), gelu_tanh'(a)) of fp32 ``a``, PyTorch's formulas without cancellation in the tails."""
+    # with z = sqrt(2/pi) (a + 0.044715 a^3) and t = tanh(z): (1 + t) / 2 = sigmoid(2z) and (1 - t) / 2 =
+    # sigmoid(-2z), each taken without cancellation (z clamped below: exp stays finite)
+    z = tl.maximum(SQRT_2_OVER_PI * (a + KAPPA * a * a * a), -30.0)
+    e = tl.exp(-2.0 * z)
+    half_1p = 1.0 / (1.0 + e)
+    half_1m = tl.where(z >= 0, e * half_1p, 1.0 - half_1p)
+    # gelu'(a) = (1 + t) / 2 + a / 2 (1 - t^2) dz/da
+    return a * half_1p, half_1p + 2.0 * a * half_1p * half_1m * SQRT_2_OVER_PI * (1.0 + 3.0 * KAPPA * a * a)
+
+
+@triton.jit
 def _gelu_tanh_grad_kernel(A, DH, G, DA, DBIAS, T, H, stride_a, stride_dh, stride_g, stride_da,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
                            DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
@@ -57,16 +70,8 @@ def _gelu_tanh_grad_kernel(A, DH, G, DA, DBIAS, T, H, stride_a, stride_dh, strid
         m = (rows < T)[:, None] & cmask[None, :]
         a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        # with z = sqrt(2/pi) (a + 0.044715 a^3) and t = tanh(z): (1 + t) / 2 = sigmoid(2z) and (1 - t) / 2 =
-        # sigmoid(-2z), each taken without cancellation (z clamped below: exp stays finite)
-        z = tl.maximum(SQRT_2_OVER_PI * (a + KAPPA * a * a * a), -30.0)
-        e = tl.exp(-2.0 * z)
-        half_1p = 1.0 / (1.0 + e)
-        half_1m = tl.where(z >= 0, e * half_1p, 1.0 - half_1p)
-        g = a * half_1p
-        # gelu'(a) = (1 + t) / 2 + a / 2 (1 - t^2) dz/da
-        da = dh * (half_1p + 2.0 * a * half_1p * half_1m * SQRT_2_OVER_PI * (1.0 + 3.0 * KAPPA * a * a))
-        da = da.to(DA.dtype.element_ty)
+        g, dgelu = gelu_tanh_and_derivative(a)
+        da = (dh * dgelu).to(DA.dtype.element_ty)
         tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=m)
         tl.store(DA + rows[:, None] * stride_da + cols[None, :], da, mask=m)
         acc += da.to(tl.float32)  # the sums of da as stored (zero where masked)

@@ -188,10 +188,16 @@ class TritonOps(_Ops):
 
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
-        LayerNorm's input and the GELU's input and runs the GELU backward as one kernel."""
-        if not (self.recompute and torch.is_grad_enabled()):
-            return super().mlp(y, fc1, fc2)
-        return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias, *self._recomputed_from(y))
+        LayerNorm's input and the GELU's input and runs the GELU backward as one kernel; without autograd, with
+        ``kernels.gelu_gemm.ENABLED``, the GELU in fc1's product's epilogue (``linear_gelu_output``)."""
+        if self.recompute and torch.is_grad_enabled():
+            return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                            *self._recomputed_from(y))
+        if not torch.is_grad_enabled():
+            w1 = fc1.weight.to(y.y.dtype)
+            if _fused_gelu_gemm(y.y, w1):
+                return fc2(self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype)))
+        return super().mlp(y, fc1, fc2)
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):
@@ -329,6 +335,14 @@ class _GeluLinear(torch.autograd.Function):
         return da, dweight, dout2.sum(0)
 
 
+def _fused_gelu_gemm(*operands: torch.Tensor) -> bool:
+    """Whether the MLP's products take ``kernels.gelu_gemm`` (the GELU in their epilogues) for these operands."""
+    import kernels
+
+    fused = kernels.gelu_gemm
+    return fused.ENABLED and fused.supported(*operands, addresses=not torch.compiler.is_compiling())
+
+
 class _MlpOnRecomputedLN(torch.autograd.Function):
     """``fc2(gelu_tanh(fc1(y)))`` for y = ln_modulate(x, shift, scale), keeping what ``_Linear`` and
     ``_GeluLinear`` keep together (given ``recomputed_from``: x, shift, scale and the GELU input a; not y, not
@@ -337,17 +351,25 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     gradient, a's gradient and fc1's bias gradient from one read of a and of its incoming gradient, where the
     unfused backward reads a twice and a's gradient once more).  The biases come in their own (fp32) dtype,
     their gradients summed in fp32 (fc2's by ``kernels.bias_grad``); the weights come in theirs too (cast to y's
-    dtype for the products) and get their gradients in it (``_weight_grad``).
+    dtype for the products) and get their gradients in it (``_weight_grad``).  With ``kernels.gelu_gemm.ENABLED``
+    the GELU goes into the epilogues of fc1's product and of the product that gives fc2's input gradient
+    (``kernels.gelu_gemm``), where the operands suit it.
     """
 
     @staticmethod
     def forward(ctx, y, w1, b1, w2, b2, *recomputed_from):
-        w1c, w2c = w1.to(y.dtype), w2.to(y.dtype)
-        a = F.linear(y, w1c, b1.to(y.dtype))
+        import kernels
+
+        w1c, w2c, b1c = w1.to(y.dtype), w2.to(y.dtype), b1.to(y.dtype)
+        if _fused_gelu_gemm(y, w1c):
+            a, g = kernels.gelu_gemm.linear_gelu(y, w1c, b1c)
+        else:
+            a = F.linear(y, w1c, b1c)
+            g = F.gelu(a, approximate="tanh")
         ctx.save_for_backward(w1c, w2c, a, *(recomputed_from or (y,)))
         ctx.y_dtype, ctx.num_extra = y.dtype, len(recomputed_from)
         ctx.dtypes = w1.dtype, b1.dtype, w2.dtype, b2.dtype
-        return F.linear(F.gelu(a, approximate="tanh"), w2c, b2.to(a.dtype))
+        return F.linear(g, w2c, b2.to(a.dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -356,7 +378,10 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         w1, w2, a, *kept = ctx.saved_tensors
         y = _saved_input(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
-        g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
+        if _fused_gelu_gemm(dout2, w2, a):
+            g, da, db1 = kernels.gelu_gemm.gelu_grad_gemm(dout2, w2, a)
+        else:
+            g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
         dw2, db2 = _weight_grad(dout2, g, ctx.dtypes[2]), kernels.bias_grad(dout2)
         dw1, dy = _weight_grad(da, y.reshape(-1, y.shape[-1]), ctx.dtypes[0]), (da @ w1).view(y.shape)
         return dy, dw1, db1.to(ctx.dtypes[1]), dw2, db2.to(ctx.dtypes[3]), *[None] * ctx.num_extra

@@ -236,6 +236,59 @@ def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
         assert bytes_p - bytes_f == (5 * 72 + 5 * 100) * 4
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
+    """``kernels.gelu_gemm.ENABLED``: the triton MLP under 16-bit autocast puts the GELU into its products'
+    epilogues (both kernels run, eager and compiled; without autograd the forward's alone, not writing the GELU
+    input) and gives what the unfused MLP gives, to the rounding of the products' summation order; operands the
+    kernels cannot take (fp32, widths off the 16-byte grid) still take the unfused path."""
+    import kernels
+    from maskdit.backends import get_ops
+    from maskdit.masking import token_layout
+    from maskdit.models import Mlp
+
+    ops = get_ops("triton", torch.device(DEVICE))
+    layout = token_layout([torch.tensor([0, 2, 3]), torch.tensor([1, 3])], 2, 4, DEVICE)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(0)
+    x, mod = (torch.randn(shape, generator=g).to(DEVICE).requires_grad_() for shape in ((5, 72), (2, 144)))
+    dout = torch.randn(5, 72, generator=g).to(DEVICE)
+    calls, launch = [], kernels.gelu_gemm._launch  # (the launcher: runs outside the traced code when compiled)
+    monkeypatch.setattr(kernels.gelu_gemm, "_launch",
+                        lambda *args, **kw: calls.append((kw["backward"], kw.get("store_a", True)))
+                        or launch(*args, **kw))
+
+    def run(mlp, enabled, autocast=True, grad=True):
+        monkeypatch.setattr(kernels.gelu_gemm, "ENABLED", enabled)
+
+        def forward(x, mod):
+            with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+                return mlp(ops.ln_modulate(x, mod[:, :72], mod[:, 72:], layout), ops)
+
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(forward, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+        out = forward(x, mod)
+        if not grad:
+            return out
+        return out, torch.autograd.grad(out, [x, mod, *mlp.parameters()], dout.to(out.dtype))
+
+    mlp = randomize(Mlp(72, 200), std=0.1).to(DEVICE)  # a hidden width that is not a power of two
+    (out_u, grads_u), (out_f, grads_f) = run(mlp, False), run(mlp, True)
+    assert calls == [(False, True), (True, True)]  # the forward's kernel, then the backward's
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out_f, out_u, **tol)
+    for name, a, b in zip(["x", "mod", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], grads_u, grads_f):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(run(mlp, True, grad=False), out_u, **tol)
+    assert calls[2:] == [(False, False)]
+    run(mlp, True, autocast=False)  # fp32
+    run(randomize(Mlp(72, 100)).to(DEVICE), True)  # 100 fp16/bf16 values a row: 200 bytes
+    torch._dynamo.reset()
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_triton_dense_matches_linear_and_saves_the_same(autocast):
     """``ops.dense`` (the attention projection: a Linear whose bias gradient ``kernels.bias_grad`` sums) against

@@ -47,7 +47,7 @@ def test_every_launch_configuration_runs_and_matches_the_defaults(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["ln_modulate", "gated_residual", "gelu", "bias", "qkv_grad", "ema", "patch_embed",
-                                  "unmask", "edm_loss"])
+                                  "unmask", "edm_loss", "gelu_gemm"])
 def test_launch_choices_never_repeat_the_defaults(name):
     """Each row of the launch-parameter table sets something the defaults row does not (a module's own value,
     e.g. bias_grad's 512-column blocks, would only time the defaults again), under a label of its own."""

@@ -59,3 +59,20 @@ def test_no_extrapolation_when_all_steps_timed(tmp_path):
     (row,) = sampling.main(args)["rows"]
     assert row["extrapolated"] is False
     assert math.isclose(row["seconds_per_batch"], row["timed_seconds"], rel_tol=1e-9)
+
+
+def test_kernel_constants_hold_for_the_run(tmp_path, monkeypatch):
+    import kernels
+
+    seen = []
+    model_rows = sampling.model_rows
+    monkeypatch.setattr(sampling, "model_rows",
+                        lambda *a: seen.append(kernels.gelu_gemm.ENABLED) or model_rows(*a))
+    args = ["--models", "DiT-T/2", "--batch", "1", "--steps", "2", "--timed-steps", "1", "--impls", "eager",
+            "--precisions", "fp32", "--repeats", "1", "--warmup", "0", "--input-size", "8", "--in-channels", "1",
+            "--num-classes", "4", "--kernel-constant", "gelu_gemm.ENABLED=True", "--out", str(tmp_path)]
+    sampling.main(args)
+    assert seen == [True] and kernels.gelu_gemm.ENABLED is False
+    assert "kernels.gelu_gemm.ENABLED = True" in (tmp_path / "sampling.md").read_text()
+    with pytest.raises(SystemExit):
+        sampling.main(args[:-4] + ["--kernel-constant", "gelu_gemm.NOPE=1"])

@@ -26,7 +26,7 @@ PTXAS = NVIDIA_TOOLS / "ptxas"
 def _all_kernel_names() -> set[str]:
     names = set()
     for mod_name in ("patch_embed", "ln_modulate", "gated_residual", "unmask", "edm_loss", "gelu", "ema", "bias",
-                     "qkv_grad", "attention"):
+                     "qkv_grad", "attention", "gelu_gemm"):
         mod = importlib.import_module(f"kernels.{mod_name}")
         for name, obj in inspect.getmembers(mod):
             if name.endswith("_kernel") and hasattr(obj, "fn"):
