@@ -193,7 +193,7 @@ class TritonOps(_Ops):
         if self.recompute and torch.is_grad_enabled():
             return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                             *self._recomputed_from(y))
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and self.k.gelu_gemm.ENABLED:  # (no weight cast for nothing when off)
             w1 = fc1.weight.to(y.y.dtype)
             if _fused_gelu_gemm(y.y, w1):
                 return fc2(self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype)))
