@@ -198,14 +198,14 @@ def _attention_sweep():
 
 def _gelu_gemm():
     """The MLP's products with the GELU in their epilogues (``kernels.gelu_gemm``: training forward, inference
-    forward, backward) on fp16 and bf16 at the XL/2 encoder and decoder widths, at each launch setting
-    ``bench/kernels.py`` times."""
+    forward, backward) at the XL/2 encoder and decoder widths, on fp16 and bf16 with the defaults and on bf16
+    (the benchmark's dtype) at each other launch setting ``bench/kernels.py`` times."""
     from bench.kernels import launch_choices
 
     module = sys.modules["kernels.gelu_gemm"]
-    for _, forced in launch_choices(module, (4, 8, 16), (), (), (), ()):
+    for label, forced in launch_choices(module, (4, 8, 16), (), (), (), ()):
         with module_constants([module], **forced):
-            for dtype in (torch.float16, torch.bfloat16):
+            for dtype in (torch.float16, torch.bfloat16) if label == "defaults" else (torch.bfloat16,):
                 for d in (512, 1152):
                     y, w1, w2 = torch.zeros(256, d, dtype=dtype), torch.zeros(4 * d, d, dtype=dtype), \
                         torch.zeros(d, 4 * d, dtype=dtype)
