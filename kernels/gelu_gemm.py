@@ -19,8 +19,8 @@ fp16/bf16 inputs with TMA-compatible layouts only (``supported``: unit last stri
 address 16-byte aligned, i.e. D and H multiples of 8); ``maskdit.backends`` takes the unfused path otherwise.
 Grid: one program per multiprocessor (at most one per tile), walking output tiles in grouped order (``GROUP_M``
 row tiles share the weight tiles in L2); each tile's products loop over K in ``BLOCK_K`` steps, and its
-epilogue works on two (or four) column parts of the accumulator in turn (fewer live registers).  No autograd: pieces of
-``maskdit.backends``'s MLP Function.
+epilogue works on four (or two) column parts of the accumulator in turn (fewer live registers).  No autograd:
+pieces of ``maskdit.backends``'s MLP Function (``linear_gelu_output``: of its inference path).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _epilogue_part(acc, off_m, off_n, N, a_desc, g_desc, out_desc, BIAS, PARTIALS, row_tile,
                    BACKWARD: tl.constexpr, STORE_A: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One column part (BLOCK_N wide) of a tile's epilogue: forward, a = acc + bias (stored if ``STORE_A``) and
-    g = gelu(a); backward,
-    dg = acc, g = gelu(a) and da = gelu'(a) * dg, da's column sums into the row tile's row of PARTIALS."""
+    """One column part (BLOCK_N wide) of a tile's epilogue.  Forward: a = acc + bias (stored if ``STORE_A``) and
+    g = gelu(a).  Backward: dg = acc, g = gelu(a) and da = gelu'(a) * dg, da's column sums into the row tile's
+    row of PARTIALS."""
     dtype = g_desc.dtype
     cols = off_n + tl.arange(0, BLOCK_N)
     if BACKWARD:
