@@ -17,6 +17,7 @@ the result is deterministic.
 
 fp16/bf16 inputs with TMA-compatible layouts only (``supported``: unit last stride, row strides and the base
 address 16-byte aligned, i.e. D and H multiples of 8); ``maskdit.backends`` takes the unfused path otherwise.
+On a GPU older than sm_90 (``fused_on``) the ops give the same results from cuBLAS and the separate passes.
 Grid: one program per multiprocessor (at most one per tile), walking output tiles in grouped order (``GROUP_M``
 row tiles share the weight tiles in L2); each tile's products loop over K in ``BLOCK_K`` steps, and its
 epilogue works on four (or two) column parts of the accumulator in turn (fewer live registers).  No autograd:
@@ -31,7 +32,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import _multiprocessors, cdiv, check_tensor, new_output
-from .gelu import gelu_tanh_and_derivative
+from .gelu import gelu_tanh_and_derivative, gelu_tanh_grad
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # whether ``maskdit.backends``' MLP takes these kernels (where ``supported``) instead of cuBLAS and the separate GELU
@@ -144,6 +145,13 @@ def supported(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor, addr
         for t in tensors) and all((size * x.element_size()) % 16 == 0 for size in weight.shape)
 
 
+def fused_on(device: torch.device) -> bool:
+    """Whether ``device`` runs the fused GEMMs: a CUDA GPU of compute capability 9.0 or newer (TMA and wgmma,
+    what they are built and tuned for; an sm_80 build of the default tile spills 64-320 bytes and pipelines
+    nothing, offline triton 3.6), or the CPU interpreter.  Elsewhere the ops compute the same unfused."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols])
 
@@ -185,6 +193,9 @@ def _launch(x, w, a, g, out, bias, partials, n: int, backward: bool, store_a: bo
 
 
 def _linear_gelu_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not fused_on(y.device):
+        a, g = linear_gelu_reference(y, weight, bias)
+        return a, g
     _check_aligned(y=y, weight=weight)
     t, h = y.shape[0], weight.shape[0]
     a = new_output((t, h), y.dtype, y.device)
@@ -194,6 +205,8 @@ def _linear_gelu_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 
 def _linear_gelu_output_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if not fused_on(y.device):
+        return linear_gelu_reference(y, weight, bias)[1]
     _check_aligned(y=y, weight=weight)
     g = new_output((y.shape[0], weight.shape[0]), y.dtype, y.device)
     _launch(y, weight, g, g, g, bias, bias, weight.shape[0], backward=False, store_a=False)
@@ -202,6 +215,8 @@ def _linear_gelu_output_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def _gelu_grad_gemm_impl(dout: torch.Tensor, weight: torch.Tensor,
                          a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not fused_on(a.device):
+        return gelu_tanh_grad(a, dout @ weight)
     _check_aligned(dout=dout, weight=weight, a=a)
     t, h = a.shape
     g = new_output((t, h), a.dtype, a.device)

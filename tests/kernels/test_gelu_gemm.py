@@ -101,6 +101,24 @@ def test_matches_the_unfused_chain_bit_for_bit_in_fp16_math(monkeypatch):
     torch.testing.assert_close(db, db_ref, atol=1e-4, rtol=1e-6)
 
 
+def test_gpus_before_sm90_get_the_unfused_chain(monkeypatch):
+    """Where ``fused_on`` is false the ops launch nothing and return the unfused chain's results."""
+    import kernels
+
+    assert gelu_gemm.fused_on(torch.device("cpu"))
+    if DEVICE == "cuda":
+        assert gelu_gemm.fused_on(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
+    monkeypatch.setattr(gelu_gemm, "fused_on", lambda device: False)
+    monkeypatch.setattr(gelu_gemm, "_launch", lambda *args, **kwargs: pytest.fail("a fused GEMM was launched"))
+    x = _inputs(100, 72, 200, torch.float16)
+    a, g = linear_gelu(x["y"], x["w1"], x["b1"])
+    a_ref, g_ref = linear_gelu_reference(x["y"], x["w1"], x["b1"])
+    assert torch.equal(a, a_ref) and torch.equal(g, g_ref)
+    assert torch.equal(linear_gelu_output(x["y"], x["w1"], x["b1"]), g_ref)
+    for out, ref in zip(gelu_grad_gemm(x["dout"], x["w2"], a), kernels.gelu_tanh_grad(a, x["dout"] @ x["w2"])):
+        assert torch.equal(out, ref)
+
+
 def test_deterministic():
     x = _inputs(300, 64, 136, torch.float16)
     first = gelu_grad_gemm(x["dout"], x["w2"], x["y"] @ x["w1"].t())
