@@ -132,3 +132,15 @@ def module_constants(modules, **values):
         for m, before in zip(modules, saved):
             for name, value in before.items():
                 setattr(m, name, value)
+
+
+@contextlib.contextmanager
+def kernel_constants_set(constants: dict):
+    """Within the block, the constants ``{module: {NAME: value}}`` of the ``kernels.<module>`` modules (as
+    ``--kernel-constant`` gives them, ``bench.train_step.kernel_constants``) are set; the previous values after."""
+    import importlib
+
+    with contextlib.ExitStack() as stack:
+        for module, values in constants.items():
+            stack.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
+        yield

@@ -38,8 +38,6 @@ that it is exercised.  Writes sampling.json (environment + rows) and sampling.md
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import os
 import statistics
 import sys
@@ -51,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, module_constants, results_folder, write_results  # noqa: E402
+from bench.common import environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import kernel_constants  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
 
@@ -271,9 +269,7 @@ def main(argv=None) -> dict:
               f"({', '.join(args.models)}, batch {args.batch}, {args.input_size}x{args.input_size}x{args.in_channels}, "
               f"{', '.join(args.precisions)}) to exercise the script", flush=True)
     print(*(CHECK_HEAD if args.check_full else TABLE_HEAD), sep="\n", file=sys.stderr, flush=True)  # progress
-    with contextlib.ExitStack() as constants:
-        for module, values in args.kernel_constants.items():
-            constants.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
+    with kernel_constants_set(args.kernel_constants):
         rows = [row for name in args.models for row in model_rows(name, args, device)]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "kernel_constant")}
     payload = dict(env, float32_matmul_precision=torch.get_float32_matmul_precision(),

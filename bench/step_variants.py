@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, module_constants, results_folder, write_results  # noqa: E402
+from bench.common import environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants, make_step, time_steps  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
@@ -101,8 +100,7 @@ def applied(variant: dict, model):
     with contextlib.ExitStack() as stack:
         if variant["sdpa"] is not None:
             stack.enter_context(sdpa_backend(variant["sdpa"]))
-        for module, values in variant["constants"].items():
-            stack.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
+        stack.enter_context(kernel_constants_set(variant["constants"]))
         keep, checkpointing = model.keep_norm_outputs, model.activation_checkpointing
         stack.callback(model.set_keep_norm_outputs, keep)
         stack.callback(model.set_activation_checkpointing, checkpointing)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import copy
 import gc
 import importlib
@@ -65,7 +64,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, environment, module_constants, results_folder, write_results  # noqa: E402
+from bench.common import bench_ms, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
@@ -483,9 +482,7 @@ def main(argv=None) -> dict:
         payload = dict(env, matmul_tflops=matmul[0], matmul=matmul[1], settings=settings, rows=rows)
         return payload, write_results(out, "train_step", payload, markdown(env, matmul, args, rows))
 
-    with sdpa_backend(args.sdpa_backend), contextlib.ExitStack() as constants:
-        for module, values in args.kernel_constants.items():
-            constants.enter_context(module_constants([importlib.import_module(f"kernels.{module}")], **values))
+    with sdpa_backend(args.sdpa_backend), kernel_constants_set(args.kernel_constants):
         rows = sweep(args, device, matmul[0], on_row=save)
     payload, paths = save(rows)
     print(markdown(env, matmul, args, rows))
