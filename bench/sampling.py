@@ -32,7 +32,8 @@ also times the full ``--steps`` run and reports the deviation of the converted f
 Timing: CUDA events around each sampler call (``torch.cuda.synchronize`` before and after), median of
 ``--repeats``; elsewhere wall clock.  Without CUDA the GPU figures cannot be measured: the script says so
 and runs a tiny configuration (DiT-T/2 and MaskDiT-T/2, 16x16x1 inputs, 10 classes, batch 8, fp32) so
-that it is exercised.  Writes sampling.json (environment + rows) and sampling.md under ``--out``.
+that it is exercised.  Writes sampling.json (environment + rows) and sampling.md under ``--out``, rewritten after
+every row (a run cut short, by a time limit during a compilation say, keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -148,14 +149,16 @@ def measure(denoiser: EDMPrecond, name: str, impl: str, precision: str, args, de
     return row
 
 
-def model_rows(name: str, args, device: torch.device) -> list[dict]:
-    """Every (precision, impl) row of one network; a failing row records its error and the others go on."""
-    rows = []
+def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=lambda: None) -> list[dict]:
+    """Every (precision, impl) row of one network, appended to ``rows`` (``on_row()`` after each); a failing row
+    records its error and the others go on."""
     try:
         denoiser = build_denoiser(name, args, device)
     except Exception as e:
         traceback.print_exc()
-        return [dict(model=name, impl="-", precision="-", batch=args.batch, error=f"{type(e).__name__}: {e}")]
+        rows.append(dict(model=name, impl="-", precision="-", batch=args.batch, error=f"{type(e).__name__}: {e}"))
+        on_row()
+        return rows
     for precision in args.precisions:
         for impl in args.impls:
             if impl == "compile" and precision not in args.compile_precisions:
@@ -167,6 +170,7 @@ def model_rows(name: str, args, device: torch.device) -> list[dict]:
                 rows.append(dict(model=name, impl=impl, precision=precision, batch=args.batch,
                                  error=f"{type(e).__name__}: {e}"))
             print(format_row(rows[-1], args.check_full), file=sys.stderr, flush=True)
+            on_row()
     del denoiser
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -269,15 +273,20 @@ def main(argv=None) -> dict:
               f"({', '.join(args.models)}, batch {args.batch}, {args.input_size}x{args.input_size}x{args.in_channels}, "
               f"{', '.join(args.precisions)}) to exercise the script", flush=True)
     print(*(CHECK_HEAD if args.check_full else TABLE_HEAD), sep="\n", file=sys.stderr, flush=True)  # progress
-    with kernel_constants_set(args.kernel_constants):
-        rows = [row for name in args.models for row in model_rows(name, args, device)]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "kernel_constant")}
-    payload = dict(env, float32_matmul_precision=torch.get_float32_matmul_precision(),
-                   cpu_threads=torch.get_num_threads(), settings=settings, rows=rows)
-    md = markdown(env, args, rows, device)
-    print(md)
     out = results_folder(args.out, env)
-    paths = write_results(out, "sampling", payload, md)
+    rows: list[dict] = []
+
+    def save():  # after every row, so a run cut short by a time limit (a long compilation) keeps what it measured
+        payload = dict(env, float32_matmul_precision=torch.get_float32_matmul_precision(),
+                       cpu_threads=torch.get_num_threads(), settings=settings, rows=rows)
+        return payload, write_results(out, "sampling", payload, markdown(env, args, rows, device))
+
+    with kernel_constants_set(args.kernel_constants):
+        for name in args.models:
+            model_rows(name, args, device, rows, on_row=save)
+    payload, paths = save()
+    print(markdown(env, args, rows, device))
     print("wrote", *paths)
     return payload
 

@@ -67,7 +67,7 @@ def test_kernel_constants_hold_for_the_run(tmp_path, monkeypatch):
     seen = []
     model_rows = sampling.model_rows
     monkeypatch.setattr(sampling, "model_rows",
-                        lambda *a: seen.append(kernels.gelu_gemm.ENABLED) or model_rows(*a))
+                        lambda *a, **kw: seen.append(kernels.gelu_gemm.ENABLED) or model_rows(*a, **kw))
     args = ["--models", "DiT-T/2", "--batch", "1", "--steps", "2", "--timed-steps", "1", "--impls", "eager",
             "--precisions", "fp32", "--repeats", "1", "--warmup", "0", "--input-size", "8", "--in-channels", "1",
             "--num-classes", "4", "--kernel-constant", "gelu_gemm.ENABLED=True", "--out", str(tmp_path)]
@@ -76,3 +76,21 @@ def test_kernel_constants_hold_for_the_run(tmp_path, monkeypatch):
     assert "kernels.gelu_gemm.ENABLED = True" in (tmp_path / "sampling.md").read_text()
     with pytest.raises(SystemExit):
         sampling.main(args[:-4] + ["--kernel-constant", "gelu_gemm.NOPE=1"])
+
+
+def test_rows_are_saved_as_they_come(tmp_path, monkeypatch):
+    """A run stopped after its first row (a time limit during the compiled row's compilation) leaves that row."""
+    measure, measured = sampling.measure, []
+
+    def stopped_after_one(*args):
+        if measured:
+            raise KeyboardInterrupt  # (as a kill would: nothing after this point runs)
+        measured.append(True)
+        return measure(*args)
+
+    monkeypatch.setattr(sampling, "measure", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sampling.main(TINY + ["--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "sampling.json").read_text())["rows"]
+    assert [(r["model"], r["impl"]) for r in rows] == [("DiT-T/2", "eager")] and "error" not in rows[0]
+    assert "| DiT-T/2 | eager |" in (tmp_path / "sampling.md").read_text()
