@@ -121,17 +121,19 @@ if [[ $PARTS == *" compile "* ]]; then
   done
 fi
 # kernels.gelu_gemm (off by default): its tests on CUDA (bf16 included), its kernel rows against cuBLAS and the
-# separate GELU passes with each launch setting, and the step with and without it (interleaved)
+# separate GELU passes with each launch setting, the step with and without it (interleaved; forward and backward
+# each alone too) and eager sampling with and without its forward (time limits: 530 s in all)
 if [[ $PARTS == *" gemm "* ]]; then
   mkdir -p "$RESULTS_DIR/gemm"
   timeout 90 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k gelu tests/kernels/test_gelu_gemm.py \
     tests/test_backends.py > "$RESULTS_DIR/gemm/tests.txt" 2>&1 || status=1; pack
-  timeout 180 $PY bench/kernels.py --ops linear_gelu linear_gelu_output gelu_grad_gemm --step-batch 0 --out "$RESULTS_DIR/gemm" \
-    || status=1; pack
-  timeout 150 $PY bench/step_variants.py --variants base gelu_gemm:gelu_gemm.ENABLED=True --out "$RESULTS_DIR/gemm" \
-    || status=1; pack
+  timeout 150 $PY bench/kernels.py --ops linear_gelu linear_gelu_output gelu_grad_gemm --step-batch 0 \
+    --out "$RESULTS_DIR/gemm" || status=1; pack
+  timeout 200 $PY bench/step_variants.py --variants base "gelu_gemm:gelu_gemm.FORWARD=True+gelu_gemm.BACKWARD=True" \
+    "gelu_gemm forward:gelu_gemm.FORWARD=True" "gelu_gemm backward:gelu_gemm.BACKWARD=True" \
+    --out "$RESULTS_DIR/gemm" || status=1; pack
   for fused in False True; do  # eager bf16 sampling without and with it (inference: the forward's kernel alone)
-    timeout 60 $PY bench/sampling.py --impls eager --precisions bf16 --kernel-constant gelu_gemm.ENABLED=$fused \
+    timeout 45 $PY bench/sampling.py --impls eager --precisions bf16 --kernel-constant gelu_gemm.FORWARD=$fused \
       --out "$RESULTS_DIR/gemm/sampling-$fused" || status=1; pack
   done
 fi

@@ -12,9 +12,9 @@ A variant is one or more settings joined by "+", optionally named by a "LABEL:" 
     MODULE.NAME=VALUE      a launch-parameter constant of ``kernels.MODULE`` (as train_step.py's --kernel-constant)
 
 The default variants are the choices not yet settled by a whole step: the MLP's GELU in its products' epilogues
-(``kernels.gelu_gemm``), alone and with the kept LayerNorm outputs (the H100 run of 2026-11-27 timed the
-project's Triton attention kernel, the kept outputs and the LayerNorm backwards' rows as two column blocks:
-``bench/results/nvidia-h100-80gb-hbm3/step_variants.md``).
+(``kernels.gelu_gemm``: forward and backward, each alone, and both with the kept LayerNorm outputs).  The H100
+run of 2026-11-27 timed the project's Triton attention kernel, the kept outputs and the LayerNorm backwards'
+rows as two column blocks (``bench/results/nvidia-h100-80gb-hbm3/step_variants.md``).
 
 Method (CUDA): per model, one model and one eager triton step (``bench.train_step.make_step``: bf16 autocast,
 EDM loss forward + backward, fused AdamW, EMA) at ``--batch``; every variant first runs ``--warmup`` steps
@@ -55,8 +55,10 @@ from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants,
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
 
-DEFAULT_VARIANTS = ["base", "gelu_gemm:gelu_gemm.ENABLED=True", "keep_norm",
-                    "gelu_gemm+keep_norm:gelu_gemm.ENABLED=True+keep_norm"]
+GELU_GEMM = "gelu_gemm.FORWARD=True+gelu_gemm.BACKWARD=True"
+DEFAULT_VARIANTS = ["base", f"gelu_gemm:{GELU_GEMM}", "gelu_gemm forward:gelu_gemm.FORWARD=True",
+                    "gelu_gemm backward:gelu_gemm.BACKWARD=True", "keep_norm",
+                    f"gelu_gemm+keep_norm:{GELU_GEMM}+keep_norm"]
 CPU_MODEL = dict(input_size=8, depth=1, decoder_depth=1, hidden_size=64, num_heads=4, decoder_hidden_size=32,
                  decoder_num_heads=2)  # the tiny structure of the CPU check
 

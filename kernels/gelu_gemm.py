@@ -36,8 +36,10 @@ from .gelu import gelu_tanh_and_derivative, gelu_tanh_grad
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # whether ``maskdit.backends``' MLP takes these kernels (where ``supported``) instead of cuBLAS and the separate GELU
-# passes: off until a GPU benchmark shows them faster (``bench/step_variants.py``: gelu_gemm.ENABLED=True)
-ENABLED = False
+# passes, in its forward (``linear_gelu``; without autograd ``linear_gelu_output``) and in its backward
+# (``gelu_grad_gemm``): off until a GPU benchmark shows them faster (``make gpu-check`` part gemm)
+FORWARD = False
+BACKWARD = False
 # launch parameters (``bench/kernels.py`` varies them): Triton's persistent TMA matmul tutorial's Hopper tile
 BLOCK_M = 128
 BLOCK_N = 256

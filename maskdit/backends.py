@@ -189,13 +189,13 @@ class TritonOps(_Ops):
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
         LayerNorm's input and the GELU's input and runs the GELU backward as one kernel; without autograd, with
-        ``kernels.gelu_gemm.ENABLED``, the GELU in fc1's product's epilogue (``linear_gelu_output``)."""
+        ``kernels.gelu_gemm.FORWARD``, the GELU in fc1's product's epilogue (``linear_gelu_output``)."""
         if self.recompute and torch.is_grad_enabled():
             return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                             *self._recomputed_from(y))
-        if not torch.is_grad_enabled() and self.k.gelu_gemm.ENABLED:  # (no weight cast for nothing when off)
+        if not torch.is_grad_enabled() and self.k.gelu_gemm.FORWARD:  # (no weight cast for nothing when off)
             w1 = fc1.weight.to(y.y.dtype)
-            if _fused_gelu_gemm(y.y, w1):
+            if _fused_gelu_gemm("FORWARD", y.y, w1):
                 return fc2(self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype)))
         return super().mlp(y, fc1, fc2)
 
@@ -335,12 +335,13 @@ class _GeluLinear(torch.autograd.Function):
         return da, dweight, dout2.sum(0)
 
 
-def _fused_gelu_gemm(*operands: torch.Tensor) -> bool:
-    """Whether the MLP's products take ``kernels.gelu_gemm`` (the GELU in their epilogues) for these operands."""
+def _fused_gelu_gemm(direction: str, *operands: torch.Tensor) -> bool:
+    """Whether the MLP's product in ``direction`` ("FORWARD" or "BACKWARD") takes ``kernels.gelu_gemm`` (the
+    GELU in its epilogue) for these operands."""
     import kernels
 
     fused = kernels.gelu_gemm
-    return fused.ENABLED and fused.supported(*operands, addresses=not torch.compiler.is_compiling())
+    return getattr(fused, direction) and fused.supported(*operands, addresses=not torch.compiler.is_compiling())
 
 
 class _MlpOnRecomputedLN(torch.autograd.Function):
@@ -351,9 +352,9 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     gradient, a's gradient and fc1's bias gradient from one read of a and of its incoming gradient, where the
     unfused backward reads a twice and a's gradient once more).  The biases come in their own (fp32) dtype,
     their gradients summed in fp32 (fc2's by ``kernels.bias_grad``); the weights come in theirs too (cast to y's
-    dtype for the products) and get their gradients in it (``_weight_grad``).  With ``kernels.gelu_gemm.ENABLED``
-    the GELU goes into the epilogues of fc1's product and of the product that gives fc2's input gradient
-    (``kernels.gelu_gemm``), where the operands suit it.
+    dtype for the products) and get their gradients in it (``_weight_grad``).  With ``kernels.gelu_gemm.FORWARD``
+    and ``BACKWARD`` the GELU goes into the epilogues of fc1's product and of the product that gives fc2's input
+    gradient (``kernels.gelu_gemm``), where the operands suit it.
     """
 
     @staticmethod
@@ -361,7 +362,7 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         import kernels
 
         w1c, w2c, b1c = w1.to(y.dtype), w2.to(y.dtype), b1.to(y.dtype)
-        if _fused_gelu_gemm(y, w1c):
+        if _fused_gelu_gemm("FORWARD", y, w1c):
             a, g = kernels.gelu_gemm.linear_gelu(y, w1c, b1c)
         else:
             a = F.linear(y, w1c, b1c)
@@ -378,7 +379,7 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         w1, w2, a, *kept = ctx.saved_tensors
         y = _saved_input(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
-        if _fused_gelu_gemm(dout2, w2, a):
+        if _fused_gelu_gemm("BACKWARD", dout2, w2, a):
             g, da, db1 = kernels.gelu_gemm.gelu_grad_gemm(dout2, w2, a)
         else:
             g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))

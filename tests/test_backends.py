@@ -238,10 +238,11 @@ def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
-    """``kernels.gelu_gemm.ENABLED``: the triton MLP under 16-bit autocast puts the GELU into its products'
-    epilogues (both kernels run, eager and compiled; without autograd the forward's alone, not writing the GELU
-    input) and gives what the unfused MLP gives, to the rounding of the products' summation order; operands the
-    kernels cannot take (fp32, widths off the 16-byte grid) still take the unfused path."""
+    """``kernels.gelu_gemm.FORWARD`` and ``BACKWARD``: the triton MLP under 16-bit autocast puts the GELU into its
+    products' epilogues (both kernels run, eager and compiled, each under its own switch; without autograd the
+    forward's alone, not writing the GELU input) and gives what the unfused MLP gives, to the rounding of the
+    products' summation order; operands the kernels cannot take (fp32, widths off the 16-byte grid) still take
+    the unfused path."""
     import kernels
     from maskdit.backends import get_ops
     from maskdit.masking import token_layout
@@ -258,8 +259,9 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
                         lambda *args, **kw: calls.append((kw["backward"], kw.get("store_a", True)))
                         or launch(*args, **kw))
 
-    def run(mlp, enabled, autocast=True, grad=True):
-        monkeypatch.setattr(kernels.gelu_gemm, "ENABLED", enabled)
+    def run(mlp, forward_fused, backward_fused=None, autocast=True, grad=True):
+        monkeypatch.setattr(kernels.gelu_gemm, "FORWARD", forward_fused)
+        monkeypatch.setattr(kernels.gelu_gemm, "BACKWARD", forward_fused if backward_fused is None else backward_fused)
 
         def forward(x, mod):
             with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
@@ -283,10 +285,16 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(run(mlp, True, grad=False), out_u, **tol)
     assert calls[2:] == [(False, False)]
+    for forward_fused in (True, False):  # one direction fused, the other not
+        out, grads = run(mlp, forward_fused, not forward_fused)
+        torch.testing.assert_close(out, out_u, **tol)
+        for a, b in zip(grads_u, grads):
+            torch.testing.assert_close(b, a, **tol)
+    assert calls[3:] == [(False, True), (True, True)]
     run(mlp, True, autocast=False)  # fp32
     run(randomize(Mlp(72, 100)).to(DEVICE), True)  # 100 fp16/bf16 values a row: 200 bytes
     torch._dynamo.reset()
-    assert len(calls) == 3
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -67,13 +67,13 @@ def test_kernel_constants_hold_for_the_run(tmp_path, monkeypatch):
     seen = []
     model_rows = sampling.model_rows
     monkeypatch.setattr(sampling, "model_rows",
-                        lambda *a, **kw: seen.append(kernels.gelu_gemm.ENABLED) or model_rows(*a, **kw))
+                        lambda *a, **kw: seen.append(kernels.gelu_gemm.FORWARD) or model_rows(*a, **kw))
     args = ["--models", "DiT-T/2", "--batch", "1", "--steps", "2", "--timed-steps", "1", "--impls", "eager",
             "--precisions", "fp32", "--repeats", "1", "--warmup", "0", "--input-size", "8", "--in-channels", "1",
-            "--num-classes", "4", "--kernel-constant", "gelu_gemm.ENABLED=True", "--out", str(tmp_path)]
+            "--num-classes", "4", "--kernel-constant", "gelu_gemm.FORWARD=True", "--out", str(tmp_path)]
     sampling.main(args)
-    assert seen == [True] and kernels.gelu_gemm.ENABLED is False
-    assert "kernels.gelu_gemm.ENABLED = True" in (tmp_path / "sampling.md").read_text()
+    assert seen == [True] and kernels.gelu_gemm.FORWARD is False
+    assert "kernels.gelu_gemm.FORWARD = True" in (tmp_path / "sampling.md").read_text()
     with pytest.raises(SystemExit):
         sampling.main(args[:-4] + ["--kernel-constant", "gelu_gemm.NOPE=1"])
 

@@ -39,7 +39,7 @@ def test_parse_variant_rejects(text, match):
 
 
 def test_command_line_rejects_duplicate_names_and_counts(capsys):
-    defaults = ["base", "gelu_gemm", "keep_norm", "gelu_gemm+keep_norm"]
+    defaults = ["base", "gelu_gemm", "gelu_gemm forward", "gelu_gemm backward", "keep_norm", "gelu_gemm+keep_norm"]
     assert [v["name"] for v in step_variants.parse_args([]).parsed] == defaults
     for argv, match in ((["--variants", "base", "a:base"], None), (["--variants", "base", "base"], "each name once"),
                         (["--rounds", "0"], "must be >= 1"), (["--variants", "base", "x:fast"], "not a setting")):
