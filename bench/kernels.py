@@ -95,13 +95,15 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM)",
         fused=lambda: kernels.gelu_gemm.linear_gelu(mlp_y, w1, b1),
         reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1),
-        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 2 * t_enc * 4 * d) * 2, bwd_bytes=0))
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 2 * t_enc * 4 * d) * 2, bwd_bytes=0,
+        fwd_flops=2 * t_enc * d * 4 * d))
     specs.append(dict(
         name="linear_gelu_output", module=_kernel_module("gelu_gemm"),
         shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM, inference)",
         fused=lambda: kernels.gelu_gemm.linear_gelu_output(mlp_y, w1, b1),
         reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1)[1],
-        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + t_enc * 4 * d) * 2, bwd_bytes=0))
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + t_enc * 4 * d) * 2, bwd_bytes=0,
+        fwd_flops=2 * t_enc * d * 4 * d))
     mlp_dout, w2 = rnd(t_enc, d, dtype=bf), rnd(d, 4 * d, dtype=bf, scale=(4 * d) ** -0.5)
     mlp_a = rnd(t_enc, 4 * d, dtype=bf, scale=2.0)
     specs.append(dict(
@@ -110,7 +112,8 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         fused=lambda: kernels.gelu_gemm.gelu_grad_gemm(mlp_dout, w2, mlp_a),
         reference=lambda: kernels.gelu_gemm.gelu_grad_gemm_reference(mlp_dout, w2, mlp_a),
         baselines={"cuBLAS + gelu_tanh_grad kernel": lambda: kernels.gelu_tanh_grad(mlp_a, mlp_dout @ w2)},
-        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 3 * t_enc * 4 * d) * 2 + 4 * d * 4, bwd_bytes=0))
+        leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 3 * t_enc * 4 * d) * 2 + 4 * d * 4, bwd_bytes=0,
+        fwd_flops=2 * t_enc * d * 4 * d))
 
     dy = rnd(t_enc, d, dtype=bf)
     specs.append(dict(
@@ -261,6 +264,8 @@ def kernel_rows(specs, bandwidth: float, with_fused: bool) -> list[dict]:
                 for part, ms, nbytes in times:
                     gbs = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
                     row.update({f"{part}_ms": ms, f"{part}_gbs": gbs, f"{part}_pct_copy_bw": 100 * gbs / bandwidth})
+                    if "fwd_flops" in spec and part.startswith("fwd") and ms > 0:  # a GEMM's rate
+                        row[f"{part}_tflops"] = spec["fwd_flops"] / (ms * 1e-3) / 1e12
             except Exception as e:  # keep going: one broken row must not hide the others
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -413,6 +418,12 @@ def _mark(row) -> str:
     return " d" if row.get("bwd_timing") == "difference" else ""
 
 
+def _ms(row, part: str) -> str:
+    """A time cell: ms, and a GEMM's TFLOP/s after it."""
+    rate = f" ({row[f'{part}_tflops']:.0f} TFLOP/s)" if f"{part}_tflops" in row else ""
+    return f"{row[f'{part}_ms']:.3f}{rate}"
+
+
 def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
     lines = [f"## Fused kernels: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
@@ -420,7 +431,8 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
              f"{'triton.testing.do_bench (CUDA events)' if 'cpu' not in env['device'] else 'wall clock'}; "
              "bwd timed alone on a retained graph (d: as (fwd+bwd) - fwd, no graph could be kept). "
              "Eager: each call issued from Python (its host time counts when it exceeds the kernels'); graph: the "
-             "op's kernels replayed from a CUDA graph (`bench.common.graph_ms`), the GPU time alone.", "",
+             "op's kernels replayed from a CUDA graph (`bench.common.graph_ms`), the GPU time alone. The GEMMs' "
+             "times carry their rate (TFLOP/s of the product).", "",
              "| op | shape | impl | fwd ms | fwd % copy BW | bwd ms | bwd % copy BW | fwd ms (graph) | "
              "fwd % (graph) | bwd ms (graph) | bwd % (graph) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -428,10 +440,10 @@ def markdown(env, bandwidth, rows, step_rows, config_rows=()) -> str:
         if "error" in r:
             lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | error: {r['error'][:80]} | | | | | | | |")
             continue
-        graph = " | ".join(f"{r[f'{p}_ms']:.3f} | {r[f'{p}_pct_copy_bw']:.0f}%" if f"{p}_ms" in r else "- | -"
+        graph = " | ".join(f"{_ms(r, p)} | {r[f'{p}_pct_copy_bw']:.0f}%" if f"{p}_ms" in r else "- | -"
                            for p in ("fwd_graph", "bwd_graph"))
         bwd = f"{r['bwd_ms']:.3f}{_mark(r)} | {r['bwd_pct_copy_bw']:.0f}%" if "bwd_ms" in r else "- | -"
-        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_pct_copy_bw']:.0f}% | "
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {_ms(r, 'fwd')} | {r['fwd_pct_copy_bw']:.0f}% | "
                      f"{bwd} | {graph} |")
     if step_rows:
         lines += ["", "| model | backend | batch | activation GB | step ms (fwd+bwd, bf16) |",
