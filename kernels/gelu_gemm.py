@@ -91,9 +91,9 @@ def _epilogue_part(acc, off_m, off_n, N, a_desc, g_desc, out_desc, BIAS, PARTIAL
 
 
 @triton.jit
-def _gelu_gemm_kernel(x_desc, w_desc, a_desc, g_desc, out_desc, BIAS, PARTIALS, M, N, K,
+def _gelu_gemm_kernel(x_desc, w_desc, a_desc, g_desc, out_desc, BIAS, PARTIALS, M, N, K, programs,
                       BACKWARD: tl.constexpr, STORE_A: tl.constexpr, W_KN: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       WARP_SPECIALIZE: tl.constexpr, EPILOGUE_PARTS: tl.constexpr):
     """x (M, K) @ w, w given as (N, K) (the forward's nn.Linear weight) or, ``W_KN``, as (K, N) (the backward's
     second weight), then the epilogue (``_epilogue_part``) on each of ``EPILOGUE_PARTS`` column parts of the
@@ -101,7 +101,7 @@ def _gelu_gemm_kernel(x_desc, w_desc, a_desc, g_desc, out_desc, BIAS, PARTIALS, 
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=not WARP_SPECIALIZE,
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=not WARP_SPECIALIZE,
                          warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coordinates(tile, tiles_m, tiles_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -188,9 +188,9 @@ def _launch(x, w, a, g, out, bias, partials, n: int, backward: bool, store_a: bo
         programs = min(tiles, INTERPRETER_PROGRAMS)
     _gelu_gemm_kernel[(programs,)](
         _descriptor(x, BLOCK_M, BLOCK_K), w_desc, _descriptor(a, BLOCK_M, part), _descriptor(g, BLOCK_M, part),
-        _descriptor(out, BLOCK_M, part), bias, partials, m, n, k,
+        _descriptor(out, BLOCK_M, part), bias, partials, m, n, k, programs,
         BACKWARD=backward, STORE_A=store_a, W_KN=w_kn, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        GROUP_M=GROUP_M, PROGRAMS=programs, WARP_SPECIALIZE=WARP_SPECIALIZE, EPILOGUE_PARTS=EPILOGUE_PARTS,
+        GROUP_M=GROUP_M, WARP_SPECIALIZE=WARP_SPECIALIZE, EPILOGUE_PARTS=EPILOGUE_PARTS,
         num_warps=NUM_WARPS, num_stages=STAGES)
 
 
