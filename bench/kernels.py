@@ -90,20 +90,21 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
     # the MLP's products with the GELU in their epilogues (kernels.gelu_gemm) against cuBLAS and the separate
     # elementwise pass (the eager reference forward; the triton backend's gelu_tanh_grad kernel backward)
     mlp_y, w1, b1 = rnd(t_enc, d, dtype=bf), rnd(4 * d, d, dtype=bf, scale=d ** -0.5), rnd(4 * d, dtype=bf)
+    mlp_flops = 2 * t_enc * d * 4 * d  # each of the three products
     specs.append(dict(
         name="linear_gelu", module=_kernel_module("gelu_gemm"),
         shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM)",
         fused=lambda: kernels.gelu_gemm.linear_gelu(mlp_y, w1, b1),
         reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1),
         leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 2 * t_enc * 4 * d) * 2, bwd_bytes=0,
-        fwd_flops=2 * t_enc * d * 4 * d))
+        fwd_flops=mlp_flops))
     specs.append(dict(
         name="linear_gelu_output", module=_kernel_module("gelu_gemm"),
         shape=f"y ({t_enc}, {d}) @ w1^T ({d}, {4 * d}) bf16 (a GEMM, inference)",
         fused=lambda: kernels.gelu_gemm.linear_gelu_output(mlp_y, w1, b1),
         reference=lambda: kernels.gelu_gemm.linear_gelu_reference(mlp_y, w1, b1)[1],
         leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + t_enc * 4 * d) * 2, bwd_bytes=0,
-        fwd_flops=2 * t_enc * d * 4 * d))
+        fwd_flops=mlp_flops))
     mlp_dout, w2 = rnd(t_enc, d, dtype=bf), rnd(d, 4 * d, dtype=bf, scale=(4 * d) ** -0.5)
     mlp_a = rnd(t_enc, 4 * d, dtype=bf, scale=2.0)
     specs.append(dict(
@@ -113,7 +114,7 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         reference=lambda: kernels.gelu_gemm.gelu_grad_gemm_reference(mlp_dout, w2, mlp_a),
         baselines={"cuBLAS + gelu_tanh_grad kernel": lambda: kernels.gelu_tanh_grad(mlp_a, mlp_dout @ w2)},
         leaves=[], fwd_bytes=(t_enc * d + 4 * d * d + 3 * t_enc * 4 * d) * 2 + 4 * d * 4, bwd_bytes=0,
-        fwd_flops=2 * t_enc * d * 4 * d))
+        fwd_flops=mlp_flops))
 
     dy = rnd(t_enc, d, dtype=bf)
     specs.append(dict(

@@ -126,13 +126,18 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of CUDA ``device`` (the current device when it has no index)."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def rows_per_program(num_rows: int, device: torch.device, most: int) -> int:
     """Rows a program walks in a kernel that sums over rows in registers: ``most``, halved (not below 8)
     while that leaves fewer than four programs per multiprocessor (small batches on a large GPU; at D 1152
     two backward programs fit an SM at once).  The CPU interpreter always takes ``most``."""
     if device.type != "cuda":
         return most
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = multiprocessors(device)
     rows = most
     while rows > 8 and cdiv(num_rows, rows) < 4 * sms:
         rows //= 2

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import _multiprocessors, cdiv, check_tensor, new_output
+from ._common import cdiv, check_tensor, multiprocessors, new_output
 from .gelu import gelu_tanh_and_derivative, gelu_tanh_grad
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -165,6 +165,10 @@ def _validate(name_x: str, x: torch.Tensor, name_w: str, w: torch.Tensor, w_shap
         check_tensor(name, t, shape=shape, dtypes=(x.dtype,), device=x.device, last_stride_one=True)
 
 
+def _validate_forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    _validate("y", y, "weight", weight, (None, y.shape[1]), {"bias": (bias, (weight.shape[0],))})
+
+
 def _check_aligned(**operands: torch.Tensor):
     """(In the launcher: addresses are known at run time only, not while ``torch.compile`` traces.)"""
     if not supported(*operands.values()):
@@ -181,11 +185,7 @@ def _launch(x, w, a, g, out, bias, partials, n: int, backward: bool, store_a: bo
     w_kn = backward
     w_desc = _descriptor(w, BLOCK_K, BLOCK_N) if w_kn else _descriptor(w, BLOCK_N, BLOCK_K)
     tiles = cdiv(m, BLOCK_M) * cdiv(n, BLOCK_N)
-    if x.is_cuda:
-        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        programs = min(tiles, _multiprocessors(device))
-    else:
-        programs = min(tiles, INTERPRETER_PROGRAMS)
+    programs = min(tiles, multiprocessors(x.device) if x.is_cuda else INTERPRETER_PROGRAMS)
     _gelu_gemm_kernel[(programs,)](
         _descriptor(x, BLOCK_M, BLOCK_K), w_desc, _descriptor(a, BLOCK_M, part), _descriptor(g, BLOCK_M, part),
         _descriptor(out, BLOCK_M, part), bias, partials, m, n, k, programs,
@@ -194,25 +194,24 @@ def _launch(x, w, a, g, out, bias, partials, n: int, backward: bool, store_a: bo
         num_warps=NUM_WARPS, num_stages=STAGES)
 
 
-def _linear_gelu_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, store_a: bool):
+    """(a, g) of the forward; without ``store_a``, a is not written (g stands in its place)."""
     if not fused_on(y.device):
-        a, g = linear_gelu_reference(y, weight, bias)
-        return a, g
+        return linear_gelu_reference(y, weight, bias)
     _check_aligned(y=y, weight=weight)
     t, h = y.shape[0], weight.shape[0]
-    a = new_output((t, h), y.dtype, y.device)
     g = new_output((t, h), y.dtype, y.device)
-    _launch(y, weight, a, g, a, bias, bias, h, backward=False)
+    a = new_output((t, h), y.dtype, y.device) if store_a else g
+    _launch(y, weight, a, g, a, bias, bias, h, backward=False, store_a=store_a)
     return a, g
 
 
+def _linear_gelu_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(y, weight, bias, store_a=True)
+
+
 def _linear_gelu_output_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    if not fused_on(y.device):
-        return linear_gelu_reference(y, weight, bias)[1]
-    _check_aligned(y=y, weight=weight)
-    g = new_output((y.shape[0], weight.shape[0]), y.dtype, y.device)
-    _launch(y, weight, g, g, g, bias, bias, weight.shape[0], backward=False, store_a=False)
-    return g
+    return _forward(y, weight, bias, store_a=False)[1]
 
 
 def _gelu_grad_gemm_impl(dout: torch.Tensor, weight: torch.Tensor,
@@ -256,13 +255,13 @@ def _(dout, weight, a):
 def linear_gelu(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, gelu_tanh(a)) with a = y @ weight^T + bias, for (T, D) ``y``, (H, D) ``weight`` and (H,) ``bias``, all
     of one fp16/bf16 dtype (``supported``)."""
-    _validate("y", y, "weight", weight, (None, y.shape[1]), {"bias": (bias, (weight.shape[0],))})
+    _validate_forward(y, weight, bias)
     return _linear_gelu_op(y, weight, bias) if torch.compiler.is_compiling() else _linear_gelu_impl(y, weight, bias)
 
 
 def linear_gelu_output(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``linear_gelu``'s g alone, a not written (inference: nothing is kept for a backward)."""
-    _validate("y", y, "weight", weight, (None, y.shape[1]), {"bias": (bias, (weight.shape[0],))})
+    _validate_forward(y, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_gelu_output_op(y, weight, bias)
     return _linear_gelu_output_impl(y, weight, bias)
