@@ -14,8 +14,8 @@
 # $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into $RESULTS_DIR/keep),
 # "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into $RESULTS_DIR/split),
 # "variants" (tattn, keep and split against the defaults in one run, interleaved: step_variants.*), "res512"
-# (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512), "compile" (into $RESULTS_DIR/compile-triton and
-# compile-torch) and "gemm" (the MLP's GELU in its products' epilogues, kernels.gelu_gemm: its CUDA tests, its
+# (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512), "compile" (whole-network compiled steps, into
+# $RESULTS_DIR/compile-<model>-<backend>) and "gemm" (the MLP's GELU in its products' epilogues, kernels.gelu_gemm: its CUDA tests, its
 # kernel rows with their launch settings, the step and eager sampling with and without it, into
 # $RESULTS_DIR/gemm).
 # pytest, if the machine lacks it, is taken from .gpu-deps (`make gpu-deps`).
@@ -112,12 +112,15 @@ if [[ $PARTS == *" res512 "* ]]; then
   timeout 200 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls torch torch+regional triton \
     triton+regional --batches 64 --input-size 64 --warmup 3 --steps 10 --out "$RESULTS_DIR/res512" || status=1; pack
 fi
-# whole-network torch.compile of MaskDiT-XL/2 at batch 256, both backends (the first step compiles for minutes)
-# (each backend in its own run and time limit: a compile that overruns leaves the other its rows)
+# whole-network torch.compile at batch 256, both backends, of each model of GPU_CHECK_COMPILE_MODELS (default
+# MaskDiT-XL/2; "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows: about 2.5 minutes a row, the first step compiling)
+# (each model and backend in its own run and time limit: a compile that overruns leaves the others their rows)
 if [[ $PARTS == *" compile "* ]]; then
-  for impl in triton torch; do
-    timeout 280 $PY bench/train_step.py --models MaskDiT-XL/2 --impls $impl+compile --batches 256 \
-      --warmup 2 --steps 10 --out "$RESULTS_DIR/compile-$impl" || status=1; pack
+  for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
+    for impl in triton torch; do
+      timeout 280 $PY bench/train_step.py --models "$model" --impls $impl+compile --batches 256 \
+        --warmup 2 --steps 10 --out "$RESULTS_DIR/compile-$(echo "$model" | tr 'A-Z/' 'a-z-')-$impl" || status=1; pack
+    done
   done
 fi
 # kernels.gelu_gemm (off by default): its tests on CUDA (bf16 included), its kernel rows against cuBLAS and the
