@@ -27,6 +27,7 @@ from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_preci
 from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
+from maskdit.training import compile_network
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +61,7 @@ def main(argv=None) -> tuple[str, str]:
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = EDMPrecond(model)
+    net = compile_network(EDMPrecond(model), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
 
     if args.labels is not None:

@@ -44,7 +44,7 @@ from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import CHECKPOINTING, DiT
 from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
-from maskdit.training import COMPILE_MODES, EMA, compile_blocks, ema_decay_at, make_optimizer, stop_signals
+from maskdit.training import COMPILE_MODES, EMA, compile_network, ema_decay_at, make_optimizer, stop_signals
 
 DEFAULTS = dict(
     model="MaskDiT-T/2", dataset="digits", image_size=16, batch_size=64, grad_accum=1, steps=1000,
@@ -346,10 +346,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model))
     else:  # every process holds the same all-reduced weights and updates the same EMA
         ema = EMA(model, ema_model)
-    if cfg["compile"] == "full":
-        train_module = torch.compile(train_module)
-    elif cfg["compile"] == "regional":
-        compile_blocks(model)
+    train_module = compile_network(train_module, cfg["compile"])
     optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"], capturable=cfg["cuda_graph"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
     scaler = torch.amp.GradScaler(device.type) if cfg["precision"] == "fp16" else None

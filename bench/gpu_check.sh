@@ -73,7 +73,10 @@ if [[ $PARTS == *" profile "* ]]; then
   timeout 120 $PY bench/profile_step.py --backends triton --batch 256 --out "$RESULTS_DIR/profile-256" || status=1; pack
 fi
 # (rows saved as they come: a compilation cut short by the limit leaves the rows before it)
-if [[ $PARTS == *" sampling "* ]]; then timeout 240 $PY bench/sampling.py --out "$RESULTS_DIR" || status=1; pack; fi
+if [[ $PARTS == *" sampling "* ]]; then  # eager and blocks compiled, then (minutes of compiling) whole networks compiled
+  timeout 150 $PY bench/sampling.py --impls eager regional --out "$RESULTS_DIR" || status=1; pack
+  timeout 240 $PY bench/sampling.py --impls compile --out "$RESULTS_DIR/sampling-compile" || status=1; pack
+fi
 # the training step at batch 256 with each SDPA kernel forced, FlexAttention, and the project's Triton kernel
 # (the quick run above has PyTorch's choice)
 if [[ $PARTS == *" sdpa "* ]]; then

@@ -2,7 +2,7 @@
 and MaskDiT-XL/2, eager and ``torch.compile``d, on CUDA in bf16 autocast (and fp32).
 
     python bench/sampling.py [--models DiT-XL/2 MaskDiT-XL/2] [--batch 64] [--steps 40] [--timed-steps 5]
-                             [--impls eager compile] [--precisions bf16 fp32] [--compile-precisions bf16]
+                             [--impls eager regional compile] [--precisions bf16 fp32] [--compile-precisions bf16]
                              [--check-full] [--out DIR]
 
 What is timed.  ``edm_sample(net, noise, labels, num_steps=S, cfg_scale=1.5)`` with ``net`` the EDM
@@ -10,9 +10,12 @@ denoiser (``EDMPrecond``) around a randomly initialised network (32x32x4 latents
 throughput does not depend on the weights), ``backend="triton"`` on CUDA.  S Heun steps make 2S-1 network
 evaluations (the last step is an Euler step), so the 40-step sampler makes 79.  Classifier-free guidance
 batches the conditional and unconditional halves: every evaluation runs the network on 2 x batch images.
-``compile`` wraps the denoiser in ``torch.compile``; compilation happens in the warm-up calls, never in the
-timed ones.  On CUDA only the bf16 rows are compiled by default (each XL/2 compilation costs a long
-warm-up; fp32 is reported eager); ``--compile-precisions bf16 fp32`` compiles both.  bf16 runs the sampler
+``compile`` wraps the denoiser in ``torch.compile``, ``regional`` compiles its transformer blocks
+(``maskdit.training.compile_network``: sample.py's and ``maskdit.evaluate``'s ``--compile full`` and
+``--compile regional``); compilation happens in the warm-up calls, never in the timed ones.  On CUDA only
+the bf16 rows are compiled by default (each whole XL/2 compilation costs a long warm-up; fp32 is reported
+eager); ``--compile-precisions bf16 fp32`` compiles both.  A network's regional rows run after its other
+rows (its blocks stay compiled).  bf16 runs the sampler
 under ``torch.autocast(dtype=torch.bfloat16)`` (the denoiser's preconditioning and the Heun updates stay
 fp32/fp64, as in ``edm_sample``); fp32 runs without autocast at PyTorch's default float32 matmul precision
 (recorded in the JSON).
@@ -53,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import kernel_constants  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
+from maskdit.training import compile_network  # noqa: E402
 
 CFG_SCALE = 1.5
 GPU_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], batch=64, input_size=32, in_channels=4, num_classes=1000,
@@ -60,6 +64,7 @@ GPU_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], batch=64, input_size=32
 CPU_DEFAULTS = dict(models=["DiT-T/2", "MaskDiT-T/2"], batch=8, input_size=16, in_channels=1, num_classes=10,
                     precisions=["fp32"], compile_precisions=["fp32"], repeats=3, warmup=1)
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODE = {"eager": "none", "regional": "regional", "compile": "full"}  # impl -> compile_network's mode
 
 
 def heun_evals(steps: int) -> int:
@@ -126,8 +131,8 @@ def measure(denoiser: EDMPrecond, name: str, impl: str, precision: str, args, de
                evals=heun_evals(args.steps), timed_steps=args.timed_steps, timed_evals=heun_evals(args.timed_steps),
                network_batch=2 * args.batch, cfg_scale=CFG_SCALE, backend=denoiser.model.backend)
     torch._dynamo.reset()
-    net = torch.compile(denoiser, backend=args.compile_backend) if impl == "compile" else denoiser
-    if impl == "compile":
+    net = compile_network(denoiser, COMPILE_MODE[impl], backend=args.compile_backend)
+    if impl != "eager":
         row["compile_backend"] = args.compile_backend
     sample = make_sampler(net, sampler_inputs(args.batch, args, device), precision, device, args.num_classes)
 
@@ -159,18 +164,19 @@ def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=l
         rows.append(dict(model=name, impl="-", precision="-", batch=args.batch, error=f"{type(e).__name__}: {e}"))
         on_row()
         return rows
-    for precision in args.precisions:
-        for impl in args.impls:
-            if impl == "compile" and precision not in args.compile_precisions:
-                continue
-            try:
-                rows.append(measure(denoiser, name, impl, precision, args, device))
-            except Exception as e:  # keep going: one broken row must not hide the others
-                traceback.print_exc()
-                rows.append(dict(model=name, impl=impl, precision=precision, batch=args.batch,
-                                 error=f"{type(e).__name__}: {e}"))
-            print(format_row(rows[-1], args.check_full), file=sys.stderr, flush=True)
-            on_row()
+    # (regional compilation changes the network in place: its rows come last)
+    rows_to_run = [(impl, precision) for precision in args.precisions for impl in args.impls]
+    for impl, precision in sorted(rows_to_run, key=lambda row: row[0] == "regional"):
+        if impl != "eager" and precision not in args.compile_precisions:
+            continue
+        try:
+            rows.append(measure(denoiser, name, impl, precision, args, device))
+        except Exception as e:  # keep going: one broken row must not hide the others
+            traceback.print_exc()
+            rows.append(dict(model=name, impl=impl, precision=precision, batch=args.batch,
+                             error=f"{type(e).__name__}: {e}"))
+        print(format_row(rows[-1], args.check_full), file=sys.stderr, flush=True)
+        on_row()
     del denoiser
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -231,7 +237,8 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=defaults["batch"], help="images per sampler call")
     p.add_argument("--steps", type=int, default=40, help="sampler steps of the reported figure")
     p.add_argument("--timed-steps", type=int, default=5, help="sampler steps actually timed (<= --steps)")
-    p.add_argument("--impls", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
+    p.add_argument("--impls", nargs="+", choices=tuple(COMPILE_MODE), default=["eager", "regional", "compile"],
+                   help="eager, regional (blocks compiled) and compile (the whole denoiser compiled)")
     p.add_argument("--precisions", nargs="+", choices=tuple(AMP_DTYPES), default=defaults["precisions"])
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="network ops: auto = triton (fused kernels) on CUDA, torch elsewhere")

@@ -11,6 +11,7 @@ from . import ops
 from .backends import get_ops
 from .images import to_uint8
 from .masking import mask_from_ids_keep, token_layout
+from .training import COMPILE_MODES
 
 
 class EDMPrecond(nn.Module):
@@ -216,11 +217,18 @@ def check_sampling_precision(name: str, device: torch.device) -> None:
 
 
 def add_sampling_arguments(parser) -> None:
-    """``--precision`` (``sampling_precision``) and the stochastic sampler's options for a command line."""
+    """``--precision`` (``sampling_precision``), ``--compile`` (``maskdit.training.compile_network`` of the
+    denoiser) and the stochastic sampler's options for a command line."""
     parser.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
                         help="the network's precision: fp32 (default, as the official sampler), tf32 (CUDA: TF32 "
                              "matrix products) or bf16 (autocast; several times faster on a GPU); the sampler's "
                              "updates stay fp64 in all")
+    parser.add_argument("--compile", nargs="?", const="full", choices=COMPILE_MODES, default="none",
+                        help="torch.compile the denoiser: 'full' (the whole network; the default when the flag has "
+                             "no value) or 'regional' (each transformer block, the blocks of a stack sharing their "
+                             "compiled graphs: much shorter compile time); the first batch compiles, and a last "
+                             "batch shorter than --batch-size is filled up with extra draws that are dropped, so "
+                             "nothing compiles again")
     add_stochastic_arguments(parser)
 
 
@@ -229,14 +237,21 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
     """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(
     args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` with ``args.steps``,
     ``args.cfg_scale``, the stochastic options and ``sampling_precision(args.precision)``; the samples decoded
-    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``."""
+    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``.  With a compiled
+    ``net`` (``args.compile``) fewer than ``args.batch_size`` images are drawn as a full batch (the images after
+    ``index[-1]``, dropped), so that a compiled network always sees the same shapes; image i's draw does not
+    depend on the others."""
     model = net.model
+    n = len(index)
+    if args.compile != "none" and n < args.batch_size:
+        index = torch.cat([index, index[-1] + torch.arange(1, args.batch_size - n + 1)])
+        labels = None if labels is None else torch.cat([labels, labels[-1:].expand(args.batch_size - n)])
     draws = ImageNoise(args.seed, index)
     noise = draws.randn((model.in_channels, model.input_size, model.input_size)).to(device)
     y = labels.to(device) if labels is not None else None
     with sampling_precision(args.precision, device):
         out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale, **stochastic_options(args),
-                         randn_like=draws.randn_like)
+                         randn_like=draws.randn_like)[:n]
     return to_uint8(decode(out) if decode is not None else out)
 
 

@@ -48,6 +48,7 @@ from maskdit.fid import (
 )
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
+from maskdit.training import compile_network
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,7 +235,7 @@ def evaluate(args) -> dict | None:
     model = DiT(model_cfg)
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = EDMPrecond(model)
+    net = compile_network(EDMPrecond(model), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
     if decode is None and model.in_channels not in (1, 3):
         raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "

@@ -95,7 +95,8 @@ COMPILE_MODES = ("none", "full", "regional")
 
 
 def compile_blocks(model: nn.Module, **compile_options) -> int:
-    """Regional compilation: ``torch.compile`` every transformer block of ``model`` in place; returns how many.
+    """Regional compilation: ``torch.compile`` every transformer block (``DiTBlock``) in ``model`` (a network, or
+    a module holding one: the EDM denoiser, a loss module) in place; returns how many.
 
     The blocks of a stack run the same code on same-shaped parameters, so Dynamo traces and Inductor
     compiles a graph for a stack's body (and one for its last block, whose arguments differ) that every
@@ -104,10 +105,25 @@ def compile_blocks(model: nn.Module, **compile_options) -> int:
     eager.  ``full`` compilation (``torch.compile`` of the whole loss function) is the alternative.
     ``compile_options`` go to ``torch.compile`` (``backend``, ``mode``, ...).
     """
-    blocks = [b for name in ("blocks", "decoder_blocks") for b in getattr(model, name, ())]
+    from .models import DiTBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
     for block in blocks:
         block.compile(**compile_options)
     return len(blocks)
+
+
+def compile_network(net: nn.Module, mode: str, **compile_options) -> nn.Module:
+    """``net`` compiled as ``mode`` (one of ``COMPILE_MODES``) says: "none" returns it as it is, "full" returns
+    ``torch.compile(net)`` (a module sharing net's parameters), "regional" compiles net's transformer blocks in
+    place (``compile_blocks``) and returns net.  ``compile_options`` go to ``torch.compile``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "full":
+        return torch.compile(net, **compile_options)
+    if mode == "regional":
+        compile_blocks(net, **compile_options)
+    return net
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import pytest
 from bench import sampling
 
 TINY = ["--models", "DiT-T/2", "MaskDiT-T/2", "--batch", "2", "--steps", "3", "--timed-steps", "2",
-        "--impls", "eager", "compile", "--compile-backend", "eager", "--precisions", "fp32",
+        "--impls", "regional", "eager", "compile", "--compile-backend", "eager", "--precisions", "fp32",
         "--compile-precisions", "fp32",
         "--repeats", "1", "--warmup", "1", "--input-size", "8", "--in-channels", "1", "--num-classes", "4"]
 
@@ -33,8 +33,9 @@ def test_sampling_bench_tiny(tmp_path, capsys):
     assert "bench/sampling.py" in saved["command"]
 
     rows = saved["rows"]
-    assert [(r["model"], r["impl"]) for r in rows] == [
-        ("DiT-T/2", "eager"), ("DiT-T/2", "compile"), ("MaskDiT-T/2", "eager"), ("MaskDiT-T/2", "compile")]
+    assert [(r["model"], r["impl"]) for r in rows] == [  # regional rows last: they compile the blocks in place
+        ("DiT-T/2", "eager"), ("DiT-T/2", "compile"), ("DiT-T/2", "regional"),
+        ("MaskDiT-T/2", "eager"), ("MaskDiT-T/2", "compile"), ("MaskDiT-T/2", "regional")]
     for r in rows:
         assert "error" not in r, r
         assert r["precision"] == "fp32" and r["batch"] == 2 and r["network_batch"] == 4

@@ -461,6 +461,20 @@ def test_digits_metric_in_training_and_time_budget(tmp_path, monkeypatch):
         run(tmp_path / "c", "--dataset", str(tmp_path), "--eval-every", "2")
 
 
+def test_compile_network_modes():
+    from maskdit import EDMPrecond
+    from maskdit.training import compile_network
+
+    net = EDMPrecond(create_model("MaskDiT-T/2", input_size=8, in_channels=4, num_classes=10))
+    assert compile_network(net, "none") is net
+    assert type(compile_network(net, "full")).__name__ == "OptimizedModule"
+    assert compile_network(net, "regional", backend="eager") is net  # its blocks, found inside the denoiser
+    blocks = [m for m in net.modules() if type(m).__name__ == "DiTBlock"]
+    assert len(blocks) == 6 + 2 and all(b._compiled_call_impl is not None for b in blocks)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compile_network(net, "blocks")
+
+
 def test_regional_compilation_matches_eager_and_graphs_do_not_grow_with_depth_or_k():
     from torch._dynamo.utils import counters
 
