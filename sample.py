@@ -23,7 +23,7 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images
+from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images, sampling_fill
 from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
@@ -80,7 +80,8 @@ def main(argv=None) -> tuple[str, str]:
     images = []
     for start in range(0, len(labels), args.batch_size):
         idx = torch.arange(start, min(start + args.batch_size, len(labels)))
-        images.append(draw_images(net, idx, labels[idx] if model.num_classes else None, args, device, decode))
+        images.append(draw_images(net, idx, labels[idx] if model.num_classes else None, args, device, decode,
+                                  fill_to=sampling_fill(args, len(labels))))
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
 

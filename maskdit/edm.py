@@ -233,19 +233,18 @@ def add_sampling_arguments(parser) -> None:
 
 
 def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None, args, device: torch.device,
-                decode=None):
+                decode=None, fill_to: int = 0):
     """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(
     args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` with ``args.steps``,
     ``args.cfg_scale``, the stochastic options and ``sampling_precision(args.precision)``; the samples decoded
-    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``.  With a compiled
-    ``net`` (``args.compile``) fewer than ``args.batch_size`` images are drawn as a full batch (the images after
-    ``index[-1]``, dropped), so that a compiled network always sees the same shapes; image i's draw does not
-    depend on the others."""
+    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``.  Fewer images than
+    ``fill_to`` are drawn as ``fill_to`` (the images after ``index[-1]`` too, then dropped; image i's draw does not
+    depend on the others), so that a compiled ``net`` sees the same shapes in every batch (``sampling_fill``)."""
     model = net.model
     n = len(index)
-    if args.compile != "none" and n < args.batch_size:
-        index = torch.cat([index, index[-1] + torch.arange(1, args.batch_size - n + 1)])
-        labels = None if labels is None else torch.cat([labels, labels[-1:].expand(args.batch_size - n)])
+    if n < fill_to:
+        index = torch.cat([index, index[-1] + torch.arange(1, fill_to - n + 1)])
+        labels = None if labels is None else torch.cat([labels, labels[-1:].expand(fill_to - n)])
     draws = ImageNoise(args.seed, index)
     noise = draws.randn((model.in_channels, model.input_size, model.input_size)).to(device)
     y = labels.to(device) if labels is not None else None
@@ -253,6 +252,13 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
         out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale, **stochastic_options(args),
                          randn_like=draws.randn_like)[:n]
     return to_uint8(decode(out) if decode is not None else out)
+
+
+def sampling_fill(args, num_images: int) -> int:
+    """``draw_images``' ``fill_to`` for ``num_images`` images in batches of ``args.batch_size``: with ``args.compile``
+    the batch size (at most ``num_images``), so that a short last batch does not compile the network again;
+    eager, 0 (no filling)."""
+    return min(args.batch_size, num_images) if args.compile != "none" else 0
 
 
 def add_stochastic_arguments(parser) -> None:

@@ -37,7 +37,14 @@ import torch.distributed as dist
 from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
-from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images, stochastic_options
+from maskdit.edm import (
+    EDMPrecond,
+    add_sampling_arguments,
+    check_sampling_precision,
+    draw_images,
+    sampling_fill,
+    stochastic_options,
+)
 from maskdit.fid import (
     InceptionFeatures,
     InceptionUnavailableError,
@@ -262,7 +269,8 @@ def evaluate(args) -> dict | None:
     t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
     for batch in indices.split(args.batch_size) if len(indices) else ():  # (an empty tensor splits into itself)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
-        images = draw_images(net, batch, labels if model.num_classes else None, args, device, decode)
+        images = draw_images(net, batch, labels if model.num_classes else None, args, device, decode,
+                             fill_to=sampling_fill(args, len(indices)))
         if acc is not None:
             acc.update(extractor(images))
         if args.outdir is not None:

@@ -284,6 +284,11 @@ def test_compiled_sampling_gives_the_eager_images_and_compiles_once(ckpt, tmp_pa
     np.testing.assert_array_equal(labels, eager_labels)
     assert images.shape == eager_images.shape == (7, 8, 8, 1)
     assert np.abs(images.astype(int) - eager_images).max() <= 4
+    # a run of fewer images than --batch-size is drawn as one batch of them, eager runs are never filled up
+    from maskdit.edm import sampling_fill
+    fill = [sampling_fill(sample.parse_args(["--ckpt", ckpt, "--batch-size", "3", *flags]), n)
+            for flags, n in (([], 7), (["--compile", mode], 7), (["--compile", mode], 2))]
+    assert fill == [0, 3, 2]
     # sample.py takes the same flag; "--compile" alone means full
     assert sample.parse_args(["--ckpt", ckpt, "--compile"]).compile == "full"
     with pytest.raises(SystemExit):
