@@ -115,12 +115,13 @@ if [[ $PARTS == *" res512 "* ]]; then
   timeout 200 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls torch torch+regional triton \
     triton+regional --batches 64 --input-size 64 --warmup 3 --steps 10 --out "$RESULTS_DIR/res512" || status=1; pack
 fi
-# whole-network torch.compile at batch 256, both backends, of each model of GPU_CHECK_COMPILE_MODELS (default
-# MaskDiT-XL/2; "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows: about 2.5 minutes a row, the first step compiling)
+# whole-network torch.compile at batch 256 of each model of GPU_CHECK_COMPILE_MODELS (default MaskDiT-XL/2;
+# "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows) with each backend of GPU_CHECK_COMPILE_BACKENDS (default "triton
+# torch"): about 2.5 minutes a row, the first step compiling
 # (each model and backend in its own run and time limit: a compile that overruns leaves the others their rows)
 if [[ $PARTS == *" compile "* ]]; then
   for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
-    for impl in triton torch; do
+    for impl in ${GPU_CHECK_COMPILE_BACKENDS:-triton torch}; do
       timeout 280 $PY bench/train_step.py --models "$model" --impls $impl+compile --batches 256 \
         --warmup 2 --steps 10 --out "$RESULTS_DIR/compile-$(echo "$model" | tr 'A-Z/' 'a-z-')-$impl" || status=1; pack
     done
