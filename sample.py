@@ -77,11 +77,11 @@ def main(argv=None) -> tuple[str, str]:
         if args.max_classes is not None:
             classes = min(args.max_classes, classes)
         labels = torch.arange(classes).repeat_interleave(per)
-    images = []
+    images, fill_to = [], sampling_fill(args, len(labels))
     for start in range(0, len(labels), args.batch_size):
         idx = torch.arange(start, min(start + args.batch_size, len(labels)))
         images.append(draw_images(net, idx, labels[idx] if model.num_classes else None, args, device, decode,
-                                  fill_to=sampling_fill(args, len(labels))))
+                                  fill_to=fill_to))
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
 

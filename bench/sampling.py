@@ -154,7 +154,7 @@ def measure(denoiser: EDMPrecond, name: str, impl: str, precision: str, args, de
     return row
 
 
-def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=lambda: None) -> list[dict]:
+def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=lambda: None) -> None:
     """Every (precision, impl) row of one network, appended to ``rows`` (``on_row()`` after each); a failing row
     records its error and the others go on."""
     try:
@@ -163,7 +163,7 @@ def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=l
         traceback.print_exc()
         rows.append(dict(model=name, impl="-", precision="-", batch=args.batch, error=f"{type(e).__name__}: {e}"))
         on_row()
-        return rows
+        return
     # (regional compilation changes the network in place: its rows come last)
     rows_to_run = [(impl, precision) for precision in args.precisions for impl in args.impls]
     for impl, precision in sorted(rows_to_run, key=lambda row: row[0] == "regional"):
@@ -181,7 +181,6 @@ def model_rows(name: str, args, device: torch.device, rows: list[dict], on_row=l
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def method_text(args, env: dict, device: torch.device) -> str:

@@ -222,9 +222,7 @@ def _gelu_grad_gemm_impl(dout: torch.Tensor, weight: torch.Tensor,
     t, h = a.shape
     g = new_output((t, h), a.dtype, a.device)
     da = new_output((t, h), a.dtype, a.device)
-    partials = new_output((cdiv(t, BLOCK_M), h), torch.float32, a.device)
-    if not t:
-        partials = torch.zeros((1, h), dtype=torch.float32, device=a.device)
+    partials = new_output((cdiv(t, BLOCK_M), h), torch.float32, a.device)  # (no rows: sums to zeros)
     _launch(dout, weight, a, g, da, partials, partials, h, backward=True)
     return g, da, partials.sum(0)
 

@@ -267,10 +267,11 @@ def evaluate(args) -> dict | None:
     log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
               f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.precision}, device {device}")
     t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
+    fill_to = sampling_fill(args, len(indices))
     for batch in indices.split(args.batch_size) if len(indices) else ():  # (an empty tensor splits into itself)
         labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
         images = draw_images(net, batch, labels if model.num_classes else None, args, device, decode,
-                             fill_to=sampling_fill(args, len(indices)))
+                             fill_to=fill_to)
         if acc is not None:
             acc.update(extractor(images))
         if args.outdir is not None:
