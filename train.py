@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="data loader processes for image folders (default 2)")
     p.add_argument("--device", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--backend", choices=BACKENDS,
-                   help="'triton' fused kernels, 'torch' plain PyTorch, 'auto' (default): triton on CUDA")
+                   help="'triton' fused kernels (the EMA too), 'torch' plain PyTorch, 'auto' (default): triton on CUDA")
     p.add_argument("--compile", nargs="?", const="full", choices=COMPILE_MODES,
                    help="torch.compile the training forward: 'full' (the whole loss function; the default when "
                         "the flag has no value) or 'regional' (each transformer block, the blocks of a stack "
@@ -341,11 +341,12 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     loss_fn = EDMLoss(mae_coef=cfg["mae_coef"])
     # The module whose forward gives the per-sample loss: itself, DDP around it, or FSDP2 (blocks + root).
     train_module = distributed.wrap(distributed.LossModule(net, loss_fn), env, fsdp=fsdp)
+    fused_ema = False if cfg["backend"] == "torch" else None  # the torch backend stays plain PyTorch
     if fsdp:  # the EMA is sharded like the model and averaged shard by shard
         distributed.shard(ema_model, ema_model)
-        ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model))
+        ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model), fused=fused_ema)
     else:  # every process holds the same all-reduced weights and updates the same EMA
-        ema = EMA(model, ema_model)
+        ema = EMA(model, ema_model, fused=fused_ema)
     train_module = compile_network(train_module, cfg["compile"])
     optimizer = make_optimizer(model, cfg["lr"], cfg["betas"], cfg["weight_decay"], capturable=cfg["cuda_graph"])
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]

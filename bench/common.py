@@ -107,6 +107,14 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def l2_cache_bytes() -> int:
+    """The CUDA device's L2 cache size in bytes (0 without CUDA): an op moving fewer bytes than this can be
+    served from L2 when it repeats with no flush between calls (``graph_ms``)."""
+    if not torch.cuda.is_available():
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0))
+
+
 def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:
     """Write ``name``.json and ``name``.md into ``folder``; returns their paths."""
     os.makedirs(folder, exist_ok=True)

@@ -6,7 +6,8 @@
 GMACs are multiply-accumulates of one forward pass at batch 1 (the DiT paper's "Gflops"), counted by
 ``torch.utils.flop_counter`` (matrix products and attention).  MaskDiT's training forward sees
 int(L * (1 - 0.5)) tokens in its encoder; inference sees all of them.  Training GFLOPs per image count
-the forward and the backward (2 FLOPs per multiply-accumulate).
+the forward and the backward (2 FLOPs per multiply-accumulate).  The DiT columns are the DiT paper's models
+(``learn_sigma=True``: 2C output channels, as its Table 4 counted them; this project's DiT defaults to C).
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ def rows(sizes=("S", "B", "L", "XL"), patches=PATCH_SIZES, input_size=32, in_cha
         for p in patches:
             shape = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
             dit, mdit = f"DiT-{size}/{p}", f"MaskDiT-{size}/{p}"
-            dit_g = forward_gmacs(dit, **shape)
+            dit_shape = dict(shape, learn_sigma=True)  # the DiT paper's models
+            dit_g = forward_gmacs(dit, **dit_shape)
             train_g = forward_gmacs(mdit, mask_ratio=0.5, **shape)
             out.append(dict(
-                size=f"{size}/{p}", dit_params=count_parameters(dit, **shape),
+                size=f"{size}/{p}", dit_params=count_parameters(dit, **dit_shape),
                 maskdit_params=count_parameters(mdit, **shape), dit_gmacs=dit_g,
                 paper_gmacs=DIT_PAPER_GMACS.get((dit, input_size)),
                 maskdit_train_gmacs=train_g, maskdit_infer_gmacs=forward_gmacs(mdit, **shape),
                 train_ratio=train_g / dit_g,
-                dit_train_gflops=train_gflops(dit, **shape),
+                dit_train_gflops=train_gflops(dit, **dit_shape),
                 maskdit_train_gflops=train_gflops(mdit, mask_ratio=0.5, **shape),
             ))
     return out
@@ -75,7 +77,8 @@ def main():
     print(md)
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     write_results(out, "compute", {"gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's "
-                                   "'Gflops')", "tables": tables}, md)
+                                   "'Gflops')", "dit": "learn_sigma=True (the DiT paper's models)",
+                                   "tables": tables}, md)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ fi
 if [[ $PARTS == *" attention "* ]]; then timeout 150 $PY bench/attention.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" varlen "* ]]; then timeout 50 $PY bench/varlen.py --out "$RESULTS_DIR" || status=1; pack; fi
 if [[ $PARTS == *" train_step "* ]]; then
-  timeout 180 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
+  timeout 240 $PY bench/train_step.py --quick --out "$RESULTS_DIR" || status=1; pack
 fi
 # optional parts (not in the default list): where a step's time goes (batch 32, both backends; batch 256,
 # triton: GPU time by kind of kernel), and sampling throughput
@@ -112,8 +112,8 @@ if [[ $PARTS == *" variants "* ]]; then
 fi
 # XL/2 at 512x512 (64x64x4 latents, 1024 tokens), batch 64
 if [[ $PARTS == *" res512 "* ]]; then
-  timeout 200 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls torch torch+regional triton \
-    triton+regional --batches 64 --input-size 64 --warmup 3 --steps 10 --out "$RESULTS_DIR/res512" || status=1; pack
+  timeout 240 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls torch torch+regional triton \
+    triton+regional --batches 64 --input-size 64 --warmup 3 --steps 20 --out "$RESULTS_DIR/res512" || status=1; pack
 fi
 # whole-network torch.compile at batch 256 of each model of GPU_CHECK_COMPILE_MODELS (default MaskDiT-XL/2;
 # "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows) with each backend of GPU_CHECK_COMPILE_BACKENDS (default "triton
@@ -123,7 +123,7 @@ if [[ $PARTS == *" compile "* ]]; then
   for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
     for impl in ${GPU_CHECK_COMPILE_BACKENDS:-triton torch}; do
       timeout 280 $PY bench/train_step.py --models "$model" --impls $impl+compile --batches 256 \
-        --warmup 2 --steps 10 --out "$RESULTS_DIR/compile-$(echo "$model" | tr 'A-Z/' 'a-z-')-$impl" || status=1; pack
+        --warmup 2 --steps 20 --out "$RESULTS_DIR/compile-$(echo "$model" | tr 'A-Z/' 'a-z-')-$impl" || status=1; pack
     done
   done
 fi

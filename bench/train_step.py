@@ -10,13 +10,13 @@ function), the mean EDM loss of ``EDMPrecond(model)`` under bf16 autocast (the f
 compiles with ``--compile``), ``zero_grad(set_to_none=True)``, backward, the fused AdamW step (with
 ``train.py``'s no-sync non-finite guard) and the EMA update (``--no-ema`` leaves it out).  DiT rows mask nothing.
 
-Implementations: ``torch`` (plain PyTorch ops, eager), ``torch+compile``, ``triton`` (fused kernels, eager),
-``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile`` (default mode).  Optional:
-``torch+regional``, ``triton+regional`` (``maskdit.training.compile_blocks``: each transformer block compiled,
-the blocks of a stack sharing their graphs; compile time of a couple of blocks, no fusion across blocks),
-``torch+graph``, ``triton+graph`` (``maskdit.cuda_graphs.GraphedStep``: the whole step, draws included,
-captured into one CUDA graph after two eager steps and replayed, so no host work remains; AdamW built
-with ``capturable=True``, autocast without its cast cache).
+Implementations: ``torch`` (plain PyTorch ops, eager; the EMA as ``torch._foreach`` ops), ``torch+compile``,
+``triton`` (fused kernels, eager), ``triton+compile``; ``+compile`` wraps the loss function in ``torch.compile``
+(default mode). Optional: ``torch+regional``, ``triton+regional`` (``maskdit.training.compile_blocks``: each
+transformer block compiled, the blocks of a stack sharing their graphs; compile time of a couple of blocks, no
+fusion across blocks), ``torch+graph``, ``triton+graph`` (``maskdit.cuda_graphs.GraphedStep``: the whole step,
+draws included, captured into one CUDA graph after two eager steps and replayed, so no host work remains; AdamW
+built with ``capturable=True``, autocast without its cast cache).
 
 Method (CUDA): build the model on the GPU, run ``--warmup`` steps (compilation and autotuning happen
 here), then time ``--steps`` steps one by one with CUDA events and report the median.  Peak memory is
@@ -30,11 +30,11 @@ An out-of-memory batch is recorded as such (larger batches of the same model and
 then skipped and marked out of memory too), the memory is freed and the sweep goes on.  Models are freed
 between configurations (and ``torch._dynamo`` reset, so no configuration reuses another's graphs).
 
-``--quick`` (``make gpu-check``, about 2.5 minutes on an H200): MaskDiT-XL/2 then DiT-XL/2, ``torch`` and
+``--quick`` (``make gpu-check``, about 3 minutes on an H200): MaskDiT-XL/2 then DiT-XL/2, ``torch`` and
 ``triton`` eager and compiled per block (``+regional``: compiles in about 15-20 s where whole-graph
 ``+compile`` took over two minutes), and ``triton+graph``, batch 256 (the targets' batch; DiT-XL/2 at 256
 peaks at 75 GB with the triton backend and 102 GB with torch on an H200: on an 80 GB card expect
-out-of-memory rows, which are recorded as such), 10 timed steps.
+out-of-memory rows, which are recorded as such), 20 timed steps after 3 warm-up steps.
 
 Without CUDA the GPU tables cannot be measured: the script then runs DiT-S/2 against MaskDiT-S/2 at 16x16x4
 latents, ``torch`` backend, eager, fp32 (no autocast), batch 8, timed with ``time.perf_counter``; MFU is
@@ -85,7 +85,7 @@ CUDA_DEFAULTS = dict(models=["DiT-XL/2", "MaskDiT-XL/2"], impls=list(IMPLS[:4]),
                      steps=20, warmup=5, input_size=32)
 QUICK_DEFAULTS = dict(CUDA_DEFAULTS, models=["MaskDiT-XL/2", "DiT-XL/2"],
                       impls=["torch", "triton", "torch+regional", "triton+regional", "triton+graph"], batches=[256],
-                      steps=10, warmup=3)
+                      steps=20, warmup=3)
 CPU_DEFAULTS = dict(models=["DiT-S/2", "MaskDiT-S/2"], impls=["torch"], batches=[8], steps=5, warmup=2,
                     input_size=16)
 CPU_QUICK_DEFAULTS = dict(CPU_DEFAULTS, steps=3, warmup=1)
@@ -182,7 +182,9 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     graphed = compile_mode == "graph"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
                                   fused=True, capturable=graphed)
-    averager = EMA(model, copy.deepcopy(model).eval()) if ema else None
+    # the torch rows are plain PyTorch throughout: the EMA as foreach ops, not kernels.ema's one launch
+    fused_ema = False if model.backend == "torch" else None
+    averager = EMA(model, copy.deepcopy(model).eval(), fused=fused_ema) if ema else None
     images = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
     # the cast cache must not outlive a capture (PyTorch's CUDA-graph rules); eager steps keep it

@@ -60,3 +60,13 @@ def test_launch_choices_never_repeat_the_defaults(name):
     assert len(set(labels)) == len(labels)
     for label, forced in choices[1:]:
         assert any(callable(v) or getattr(module, k) != v for k, v in forced.items()), label
+
+
+def test_graph_cells_of_ops_that_fit_in_l2_are_marked():
+    """A graph replay of an op smaller than the L2 cache reads from L2: its copy-bandwidth share says so."""
+    env = dict(device="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6", cuda="13.0", date="2026-11-27")
+    row = dict(op="edm_loss", shape="s", impl="triton (fused)", fwd_ms=0.01, fwd_pct_copy_bw=50.0,
+               fwd_graph_ms=0.008, fwd_graph_pct_copy_bw=120.0, fwd_graph_fits_l2=True,
+               bwd_graph_ms=0.2, bwd_graph_pct_copy_bw=80.0, bwd_graph_fits_l2=False)
+    line = [ln for ln in bench_kernels.markdown(env, 3000.0, [row], []).splitlines() if ln.startswith("| edm_loss")][0]
+    assert "| 120% L2 |" in line and "| 80% |" in line

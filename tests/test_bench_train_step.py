@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import train_step
+from maskdit import create_model
 
 FIELDS = ("model", "impl", "batch", "resolution", "step_ms", "imgs_per_s", "peak_mem_gb", "tflops", "mfu",
           "speedup_vs_dit", "speedup_vs_torch_eager", "oom", "error")
@@ -169,3 +170,19 @@ def test_plots_lines_over_batches_or_bars_for_one(tmp_path, batches):
     paths = train_step.plots(rows, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["train_step_throughput.png", "train_step_memory.png"]
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+@pytest.mark.parametrize("backend, fused", [("torch", False), ("triton", None)])
+def test_torch_rows_keep_the_ema_plain(monkeypatch, backend, fused):
+    """The torch rows are the plain-PyTorch baseline: their EMA is foreach ops, never kernels.ema's launch."""
+    seen = []
+
+    class SpyEMA(train_step.EMA):
+        def __init__(self, model, ema_model, fused=None):
+            seen.append(fused)
+            super().__init__(model, ema_model, fused=fused)
+
+    monkeypatch.setattr(train_step, "EMA", SpyEMA)
+    model = create_model("MaskDiT-T/2", 8, 4, 10, backend=backend)
+    train_step.make_step(model, 2, torch.device("cpu"), "none", ema=True)
+    assert seen == [fused]

@@ -281,6 +281,22 @@ def test_sdpa_backend_flag_selects_the_attention_kernel(tmp_path, monkeypatch):
     assert seen and set(seen) == {None}
 
 
+@pytest.mark.parametrize("backend, fused", [("torch", False), ("auto", None)])
+def test_the_torch_backend_keeps_the_ema_plain(tmp_path, monkeypatch, backend, fused):
+    """--backend torch is plain PyTorch throughout: its EMA never takes kernels.ema's launch (fused=False);
+    the other backends leave the choice to the EMA (its Triton kernel for CUDA parameters)."""
+    seen = []
+
+    class SpyEMA(EMA):
+        def __init__(self, model, ema_model, fused=None):
+            seen.append(fused)
+            super().__init__(model, ema_model, fused=fused)
+
+    monkeypatch.setattr(train, "EMA", SpyEMA)
+    run(tmp_path, "--steps", "1", "--backend", backend)
+    assert seen == [fused]
+
+
 def test_nonfinite_losses_are_skipped_then_training_stops(tmp_path, monkeypatch):
     real_call = EDMLoss.__call__
     calls = {"n": 0}
