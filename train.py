@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, help="EMA decay per step (default 0.9999, the official recipe; 0.999 "
                                                    "for the CPU-sized T models, whose runs are a few thousand steps)")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
-                   help="cap the EMA decay at (1+step)/(10+step) early on (default on)")
+                   help="cap the EMA decay at (1+step)/(10+step) early on (default on; off with --init-from, whose "
+                        "EMA goes on from the checkpoint's)")
     p.add_argument("--mask-ratio", type=float, help="fraction of tokens masked per sample, in [0, 1) (default 0.5); "
                                                     "the scale of --mask-schedule")
     p.add_argument("--mask-schedule", help=f"mask ratio over the run: {', '.join(SCHEDULES)} (default constant); "
@@ -160,7 +161,9 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
         net = init["config"]["model"]
         if "model" in given and given["model"] != net["name"]:
             raise ValueError(f"--model {given['model']!r} differs from the network of --init-from ({net['name']!r})")
-        cfg.update(model=net["name"], image_size=net["input_size"])
+        # the EMA goes on from the checkpoint's averaged weights at the full decay, as the official tuning does
+        # (a warm-up would all but reset it: its first decays are 0.1, 0.18, 0.25, ...)
+        cfg.update(model=net["name"], image_size=net["input_size"], ema_warmup=False)
     if ckpt is not None:
         saved = ckpt["config"]["train"]
         for key in FIXED_ON_RESUME:

@@ -9,7 +9,10 @@ which ``sample.py`` and ``maskdit.checkpoint.load_checkpoint`` read.
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import re
+import sys
 
 import torch
 
@@ -134,11 +137,33 @@ def infer_config(state_dict: dict, source: str) -> ModelConfig:
                         num_classes=num_classes, **overrides)
 
 
+def load_official_file(path: str) -> dict:
+    """An official checkpoint file, loaded without running pickled code (``weights_only``).  The official
+    training scripts (Anima-Lab/MaskDiT's and facebookresearch/DiT's ``train.py``) also store their
+    ``argparse.Namespace`` of arguments under ``"args"``: that one class is allowed."""
+    if not os.path.isfile(path):
+        raise ValueError(f"official checkpoint {path!r} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint") from None
+        raise ValueError(f"{path!r} holds pickled objects other than tensors and argparse arguments ({found[1]}), "
+                         "which are not loaded: unpickling them could run code") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a dict of weights")
+    return obj
+
+
 def convert_file(src: str, dst: str, source: str, key: str | None = None) -> ModelConfig:
     """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads."""
     from .checkpoint import atomic_save
 
-    obj = torch.load(src, map_location="cpu", weights_only=True)
+    obj = load_official_file(src)
     official = select_state_dict(obj, key)
     state = convert_official_state_dict(official, source)
     config = infer_config(official, source)
@@ -160,4 +185,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a missing, unreadable or unrecognised file: one line, no stack trace
+        sys.exit(f"error: {e}")

@@ -130,12 +130,14 @@ def guided_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_l
                    cfg_scale: float | None, null_label: int) -> torch.Tensor:
     """D(x; sigma, class) with classifier-free guidance on all channels: D_u + s (D_c - D_u).
 
-    The conditional and unconditional evaluations run as one batch.  Scale None (or 1, or no labels):
-    the conditional denoiser alone.
+    ``sigma``: a scalar or one per sample.  The conditional and unconditional evaluations run as one batch.
+    Scale None (or 1, or no labels): the conditional denoiser alone.
     """
     if class_labels is None or cfg_scale is None or cfg_scale == 1:
         return net(x, sigma, class_labels)
     null = torch.full_like(class_labels, null_label)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    sigma = sigma.expand(x.shape[0]).repeat(2)  # a scalar or one per sample, for both halves
     both = net(torch.cat([x, x]), sigma, torch.cat([class_labels, null]))
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)

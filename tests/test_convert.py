@@ -7,6 +7,7 @@ embedding, one-hot label Linear, repeat+cat+gather unmasking, einsum unpatchify)
 every layout change the conversion makes.
 """
 
+import argparse
 import math
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdit import convert_official_state_dict, create_model, random_mask
-from maskdit.convert import infer_config
+from maskdit.convert import infer_config, load_official_file
 
 D, DEPTH, HEADS = 192, 6, 3  # the "T" size, so the converted model is a named one
 DEC_D, DEC_DEPTH, DEC_HEADS = 512, 2, 16
@@ -225,7 +226,8 @@ def test_bad_inputs():
 def test_cli_converts_a_training_checkpoint_file(tmp_path):
     sd = official_state_dict("maskdit")
     src = tmp_path / "official.pt"
-    torch.save({"model": sd, "ema": sd, "opt": {}}, src)
+    # as the official train.py saves it: its argparse arguments beside the weights
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(config="a.yaml", lr=1e-4)}, src)
     dst = tmp_path / "converted.pt"
     res = subprocess.run([sys.executable, "-m", "maskdit.convert", str(src), str(dst), "--source", "maskdit"],
                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
@@ -236,3 +238,26 @@ def test_cli_converts_a_training_checkpoint_file(tmp_path):
     from maskdit.config import ModelConfig
     from maskdit.models import DiT
     DiT(ModelConfig.from_dict(ckpt["config"]["model"])).load_state_dict(ckpt["ema"], strict=True)
+
+
+class _Pickled:  # an arbitrary class: a weights-only load must refuse it
+    pass
+
+
+def test_files_that_cannot_be_converted_say_why(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_official_file(str(tmp_path / "missing.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .* as a PyTorch checkpoint"):
+        load_official_file(str(tmp_path / "text.pt"))
+    torch.save({"ema": official_state_dict("dit"), "extra": _Pickled()}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match=r"pickled objects other than tensors and argparse arguments \(.*_Pickled\)"):
+        load_official_file(str(tmp_path / "code.pt"))
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        load_official_file(str(tmp_path / "list.pt"))
+    res = subprocess.run([sys.executable, "-m", "maskdit.convert", str(tmp_path / "missing.pt"), str(tmp_path / "o.pt"),
+                          "--source", "dit"], capture_output=True, text=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: official checkpoint"), res.stderr

@@ -265,6 +265,12 @@ def test_cfg():
         torch.testing.assert_close(guided_denoise(net, x, sigma, y, 2.5, 3), uncond + 2.5 * (cond - uncond),
                                    rtol=1e-5, atol=1e-5)
         assert not torch.allclose(cond, uncond)
+        # a sigma per sample: each sample guided at its own noise level
+        sigmas = torch.tensor([0.3, 1.3, 7.0])
+        guided = guided_denoise(net, x, sigmas, y, 2.5, 3)
+        for i in range(3):
+            one = guided_denoise(net, x[i:i + 1], sigmas[i], y[i:i + 1], 2.5, 3)
+            torch.testing.assert_close(guided[i:i + 1], one, rtol=1e-5, atol=1e-5)
     noise = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(edm_sample(net, noise, y, num_steps=3, cfg_scale=1.0),
                                edm_sample(net, noise, y, num_steps=3, cfg_scale=None))

@@ -200,6 +200,11 @@ def test_init_from_starts_a_new_run_from_the_weights_of_a_checkpoint(tmp_path):
     c = load_checkpoint(str(tmp_path / "c"))
     assert c["step"] == 2 and c["config"]["train"]["lr"] == 5e-5
     assert not all(torch.equal(c["model"][k], a["ema"][k]) for k in a["ema"])  # it trained
+    # the EMA goes on from the checkpoint's at the full decay (no warm-up, which would all but reset it)
+    assert c["config"]["train"]["ema_warmup"] is False
+    moved = {key: max((c[key][k].float() - a["ema"][k].float()).abs().max().item() for k in a["ema"])
+             for key in ("model", "ema")}
+    assert 0 < moved["ema"] < 0.01 * moved["model"], moved
 
 
 def test_init_from_an_unconverted_file_points_to_the_converter(tmp_path):
