@@ -4,16 +4,17 @@
     torchrun --nproc-per-node 8 -m maskdit.evaluate --ckpt model.pt --ref REF.npz --cfg-scale 1.5 --outdir fid/
     python -m maskdit.evaluate --write-stats DIR_OF_IMAGES --out STATS.npz --resolution 256
 
-Samples with the EDM Heun sampler and classifier-free guidance.  Sample i has class i % num_classes and the noise of
-``maskdit.edm.ImageNoise`` (seed, i), as in sample.py, so the samples do not depend on --batch-size or on the number
-of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...  Inception-v3 pool3 features (torch-fidelity, an
-optional dependency) are reduced to their mean and covariance; the per-process sums are added up with
-torch.distributed and rank 0 prints the FID and writes it as JSON.  --outdir also keeps the samples, one uint8 npz
-per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in sample order), and their
-statistics (stats.npz).  Without --ref only the samples are written.  With --outdir an interrupted run can be
-continued: each process writes its samples as they come, in part files of about ``PART_IMAGES``, and the same
-command run again keeps them and draws only the rest (sampling.json records the settings the samples depend
-on; other settings are refused).
+Samples with the EDM Heun sampler and classifier-free guidance. Sample i has the noise of ``maskdit.edm.ImageNoise``
+(seed, i), as in sample.py, and a class drawn uniformly at random from the seed, as the official sampling scripts
+draw them (``--class-labels balanced``: class i % num_classes, the same count for every class), so the samples do
+not depend on --batch-size or on the number of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...
+Inception-v3 pool3 features (torch-fidelity, an optional dependency) are reduced to their mean and covariance; the
+per-process sums are added up with torch.distributed and rank 0 prints the FID and writes it as JSON. --outdir also
+keeps the samples, one uint8 npz per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in
+sample order), and their statistics (stats.npz). Without --ref only the samples are written. With --outdir an
+interrupted run can be continued: each process writes its samples as they come, in part files of about
+``PART_IMAGES``, and the same command run again keeps them and draws only the rest (sampling.json records the
+settings the samples depend on; other settings are refused).
 
 --write-stats computes reference statistics from a folder of images (searched recursively; center-cropped and
 resized like training data, ``maskdit.data.center_crop_resize``) or from an npz of uint8 images (``arr_0`` or
@@ -57,6 +58,20 @@ from maskdit.latents import latent_decoder
 from maskdit.models import DiT
 from maskdit.training import compile_network
 
+LABEL_MODES = ("random", "balanced")
+LABEL_STREAM = 0x1ABE1  # the class draws' stream of a seed, apart from the images' noise streams
+
+
+def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "random") -> torch.Tensor:
+    """The class of every sample (int64, ``num_samples``): "random", uniform draws from a stream of ``seed`` (apart
+    from the images' noise streams), or "balanced", sample i of class i % num_classes."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"class-label mode must be one of {LABEL_MODES}, got {mode!r}")
+    if mode == "balanced":
+        return torch.arange(num_samples) % num_classes
+    rng = np.random.default_rng(np.random.SeedSequence([seed, LABEL_STREAM]))
+    return torch.from_numpy(rng.integers(0, num_classes, num_samples))
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="Heun steps (default 40: 79 network evaluations)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch and process (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-labels", choices=LABEL_MODES, default="random",
+                   help="the samples' classes: 'random' (default; uniform, drawn from --seed, as the official "
+                        "MaskDiT and DiT sampling scripts) or 'balanced' (sample i: class i %% classes)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to use (default ema)")
     p.add_argument("--vae", default=None, help="decode latents with this VAE (local folder or hub name); default: the "
                                                "VAE of the latent folder the model was trained on (see sample.py)")
@@ -165,6 +183,7 @@ def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
     """What a process's samples depend on: a rerun with other settings must not continue them."""
     return {"ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"), "weights": args.weights,
             "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "steps": args.steps, "seed": args.seed,
+            "class_labels": args.class_labels,
             "precision": args.precision, "vae": args.vae, "world_size": world,
             **stochastic_json(args)}
 
@@ -265,11 +284,14 @@ def evaluate(args) -> dict | None:
         if processed:
             log(rank, f"continuing in {args.outdir}: {processed} samples of this process were drawn earlier")
     log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
-              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.precision}, device {device}")
+              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.class_labels} classes, "
+              f"{args.precision}, device {device}")
     t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
     fill_to = sampling_fill(args, len(indices))
+    classes = sample_labels(args.num_samples, model.num_classes, args.seed, args.class_labels) \
+        if model.num_classes else torch.zeros(args.num_samples, dtype=torch.int64)
     for batch in indices.split(args.batch_size) if len(indices) else ():  # (an empty tensor splits into itself)
-        labels = batch % model.num_classes if model.num_classes else torch.zeros_like(batch)
+        labels = classes[batch]
         images = draw_images(net, batch, labels if model.num_classes else None, args, device, decode,
                              fill_to=fill_to)
         if acc is not None:
@@ -306,7 +328,7 @@ def evaluate(args) -> dict | None:
         "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
         "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
         "precision": args.precision,
-        "seed": args.seed, "ref": os.path.abspath(args.ref), "world_size": world,
+        "seed": args.seed, "class_labels": args.class_labels, "ref": os.path.abspath(args.ref), "world_size": world,
         **stochastic_json(args),
         "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -246,7 +246,8 @@ def test_samples_do_not_depend_on_batch_size(ckpt, tmp_path):
     images5, labels5 = evaluate.load_samples(str(tmp_path / "bs5"))
     assert images.shape == (7, 8, 8, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, images5)
-    np.testing.assert_array_equal(labels, np.arange(7) % 10)  # balanced classes: sample i has class i % 10
+    # uniform random classes drawn from the seed (the official protocol), whatever the batches
+    np.testing.assert_array_equal(labels, evaluate.sample_labels(7, 10, 3).numpy())  # (SAMPLE: seed 3)
     np.testing.assert_array_equal(labels5, labels)
     assert len(np.unique(images.reshape(7, -1), axis=0)) == 7
     # the same images as sample.py with those labels and the same seed
@@ -435,3 +436,20 @@ def test_latent_checkpoint_without_vae_is_a_clear_error(tmp_path):
                  "step": 0}, path)
     with pytest.raises(SystemExit, match="4-channel samples .* --vae"):
         evaluate.cli(["--ckpt", path, "--outdir", str(tmp_path / "out"), *SAMPLE])
+
+
+def test_class_labels_random_from_the_seed_or_balanced(ckpt, tmp_path):
+    """Random classes (the default) are uniform, fixed by the seed and apart from the noise; balanced ones give
+    sample i class i % classes.  An --outdir of one mode is not continued in the other."""
+    a, b = evaluate.sample_labels(50000, 1000, 0), evaluate.sample_labels(50000, 1000, 1)
+    assert a.dtype == torch.int64 and torch.equal(a, evaluate.sample_labels(50000, 1000, 0)) and not torch.equal(a, b)
+    counts = torch.bincount(a, minlength=1000)
+    assert counts.min() > 20 and counts.max() < 85 and len(counts) == 1000  # 50 +- 5 standard deviations
+    assert torch.equal(evaluate.sample_labels(12, 10, 3, "balanced"), torch.arange(12) % 10)
+    with pytest.raises(ValueError, match="class-label mode"):
+        evaluate.sample_labels(3, 10, 0, "sorted")
+    out = str(tmp_path / "balanced")
+    evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, "--class-labels", "balanced", *SAMPLE])
+    np.testing.assert_array_equal(evaluate.load_samples(out)[1], [0, 1, 2])
+    with pytest.raises(ValueError, match="class_labels"):
+        evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, *SAMPLE])
