@@ -10,6 +10,8 @@ results do not depend on --batch-size.
 A model trained on VAE latents (--dataset latents:DIR) samples latents; they are decoded to images with the
 VAE recorded in DIR/meta.json, or the one given by --vae (a local folder or a hub name; needs diffusers).
 --vae also decodes the samples of a checkpoint without a training config (e.g. converted official weights).
+The converted weights of facebookresearch/DiT (a DDPM noise predictor) sample through ``maskdit.edm.DDPMPrecond``
+(their checkpoint says so: ``parameterization``), on the same Heun steps rounded to DiT's 1000 noise levels.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
-from maskdit.edm import EDMPrecond, add_sampling_arguments, check_sampling_precision, draw_images, sampling_fill
+from maskdit.edm import add_sampling_arguments, check_sampling_precision, draw_images, make_denoiser, sampling_fill
 from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
@@ -61,7 +63,7 @@ def main(argv=None) -> tuple[str, str]:
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = compile_network(EDMPrecond(model), args.compile)
+    net = compile_network(make_denoiser(model, ckpt.get("parameterization", "edm")), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
 
     if args.labels is not None:

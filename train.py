@@ -389,6 +389,9 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     say(f"run folder: {run_dir}")
     if init is not None:
         say(f"initialised from {cfg['init_from']} (its step {init.get('step')}): model and EMA weights")
+        if init.get("parameterization", "edm") != "edm":
+            say(f"note: those weights were trained as {init['parameterization']!r} (facebookresearch/DiT's DDPM noise "
+                "predictor); this run trains them with the EDM loss, which changes what the network predicts")
     say(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
         f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
     if env.distributed or accum > 1:

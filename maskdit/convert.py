@@ -160,15 +160,18 @@ def load_official_file(path: str) -> dict:
 
 
 def convert_file(src: str, dst: str, source: str, key: str | None = None) -> ModelConfig:
-    """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads."""
+    """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads (with its
+    ``parameterization``: "edm" for MaskDiT's, "ddpm-eps" for DiT's)."""
     from .checkpoint import atomic_save
 
     obj = load_official_file(src)
     official = select_state_dict(obj, key)
     state = convert_official_state_dict(official, source)
     config = infer_config(official, source)
+    # what the network predicts: DiT's weights are a DDPM noise predictor (sampled through edm.DDPMPrecond)
+    parameterization = "ddpm-eps" if source == "dit" else "edm"
     atomic_save({"model": state, "ema": state, "config": {"model": config.to_dict()}, "step": 0,
-                 "source": {"file": src, "format": source}}, dst)
+                 "parameterization": parameterization, "source": {"file": src, "format": source}}, dst)
     return config
 
 

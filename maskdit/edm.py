@@ -44,6 +44,63 @@ class EDMPrecond(nn.Module):
         f = self.model(c_in * x, c_noise.flatten(), class_labels, ids_keep)
         return c_skip * x + c_out * f[:, :x.shape[1]].float()
 
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise levels the denoiser takes: any (continuous time)."""
+        return sigma
+
+
+class DDPMPrecond(nn.Module):
+    """A discrete-time DDPM network that predicts the noise (facebookresearch/DiT's: ``num_steps`` 1000, betas
+    linear from ``beta_start`` 1e-4 to ``beta_end`` 0.02, timestep t as its noise label) as an EDM denoiser.
+
+    Step t has sigma_t = sqrt((1 - abar_t) / abar_t) and takes x_t = x / sqrt(1 + sigma_t^2) for x = y + sigma_t n
+    (EDM's variance-exploding x): D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), t(sigma) the step
+    whose sigma_t is nearest (EDM's iDDPMPrecond, on DiT's schedule).  ``round_sigma`` gives those sigma_t, which
+    ``edm_sample`` steps through; ``sigma_min``/``sigma_max`` bound them.  With ``learn_sigma`` networks the first
+    C output channels are the noise.  Computed in fp32 (the schedule in fp64, as DiT's).
+    """
+
+    def __init__(self, model: nn.Module, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        if num_steps < 1 or not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need num_steps >= 1 and 0 < beta_start <= beta_end < 1, got {num_steps}, "
+                             f"{beta_start}, {beta_end}")
+        self.model = model
+        abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), 0)
+        self.register_buffer("sigmas", ((1 - abar) / abar).sqrt().float(), persistent=False)  # increasing in t
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The step t (int64, shaped like ``sigma``) whose sigma_t is nearest to ``sigma``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.sigmas.device)
+        return (sigma.reshape(-1, 1) - self.sigmas).abs().argmin(dim=1).reshape(sigma.shape)
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The sigma_t nearest to ``sigma`` (its dtype and device)."""
+        sigma = torch.as_tensor(sigma)
+        return self.sigmas[self.timestep(sigma)].to(device=sigma.device, dtype=sigma.dtype)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        t = self.timestep(sigma.flatten()).float()
+        eps = self.model(x / (1 + sigma ** 2).sqrt(), t, class_labels, ids_keep)
+        return x - sigma * eps[:, :x.shape[1]].float()
+
+
+PARAMETERIZATIONS = {"edm": EDMPrecond, "ddpm-eps": DDPMPrecond}
+
+
+def make_denoiser(model: nn.Module, parameterization: str = "edm") -> nn.Module:
+    """The denoiser D(x; sigma) of a network trained as ``parameterization``: "edm" (``EDMPrecond``: this project's
+    and MaskDiT's training) or "ddpm-eps" (``DDPMPrecond``: facebookresearch/DiT's weights, as ``maskdit.convert``
+    marks them in the checkpoint's ``parameterization``)."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {sorted(PARAMETERIZATIONS)}, got {parameterization!r}")
+    return PARAMETERIZATIONS[parameterization](model)
+
 
 class EDMLoss:
     """MaskDiT's EDM loss: lambda-weighted DSM on visible tokens + ``mae_coef`` x MAE on masked tokens.
@@ -151,12 +208,13 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
                randn_like=torch.randn_like) -> torch.Tensor:
     """EDM Heun sampler (2nd order, 2*num_steps-1 evaluations) from unit-variance ``noise``.
 
-    ``net`` is a denoiser (``EDMPrecond``); ``class_labels`` (N,) int64; ``null_label`` defaults to
-    ``net.model.num_classes``.  Deterministic by default (``s_churn`` 0, as for the paper's FIDs): the same
-    noise gives the same samples, so draw it with a seeded generator.  ``s_churn`` > 0 is EDM's stochastic
-    sampler (its Algorithm 2, the official ``edm_sampler``'s S_churn, S_min, S_max, S_noise): at each step
-    with s_min <= sigma <= s_max the noise level first rises by gamma = min(s_churn / num_steps, sqrt(2) - 1)
-    of itself, with fresh noise from ``randn_like`` (e.g. ``ImageNoise.randn_like``) times ``s_noise``.
+    ``net`` is a denoiser (``EDMPrecond``, ``DDPMPrecond``: its ``round_sigma``, if any, gives the noise levels
+    stepped through, within its ``sigma_min``/``sigma_max`` when it has them); ``class_labels`` (N,) int64;
+    ``null_label`` defaults to ``net.model.num_classes``. Deterministic by default (``s_churn`` 0, as for the
+    paper's FIDs): the same noise gives the same samples, so draw it with a seeded generator. ``s_churn`` > 0 is
+    EDM's stochastic sampler (its Algorithm 2, the official ``edm_sampler``'s S_churn, S_min, S_max, S_noise): at
+    each step with s_min <= sigma <= s_max the noise level first rises by gamma = min(s_churn / num_steps, sqrt(2)
+    - 1) of itself, with fresh noise from ``randn_like`` (e.g. ``ImageNoise.randn_like``) times ``s_noise``.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -165,7 +223,12 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
                          f"s_noise={s_noise}, s_min={s_min}, s_max={s_max}")
     if null_label is None and class_labels is not None:
         null_label = net.model.num_classes
+    # the noise levels the denoiser takes (a discrete-time one: its own, EDM's iDDPM sampling)
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, noise.device)
+    t_steps = torch.cat([round_sigma(t_steps[:-1]), t_steps[-1:]])
     gamma_max = min(s_churn / num_steps, 2 ** 0.5 - 1)
 
     def denoise(x, t):
@@ -176,7 +239,7 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
         x_cur = x_next
         if gamma_max > 0:  # raise the noise level to t_hat, adding fresh noise (drawn at every step, as the
             # official sampler does, also where gamma is 0 outside [s_min, s_max])
-            t_hat = t_cur * (1 + (gamma_max if s_min <= t_cur <= s_max else 0.0))
+            t_hat = round_sigma(t_cur * (1 + (gamma_max if s_min <= t_cur <= s_max else 0.0)))
             x_cur = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * s_noise * randn_like(x_cur)
             t_cur = t_hat
         d_cur = (x_cur - denoise(x_cur, t_cur)) / t_cur

@@ -39,10 +39,10 @@ from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.edm import (
-    EDMPrecond,
     add_sampling_arguments,
     check_sampling_precision,
     draw_images,
+    make_denoiser,
     sampling_fill,
     stochastic_options,
 )
@@ -261,7 +261,7 @@ def evaluate(args) -> dict | None:
     model = DiT(model_cfg)
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = compile_network(EDMPrecond(model), args.compile)
+    net = compile_network(make_denoiser(model, ckpt.get("parameterization", "edm")), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
     if decode is None and model.in_channels not in (1, 3):
         raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "

@@ -235,6 +235,7 @@ def test_cli_converts_a_training_checkpoint_file(tmp_path):
     assert "MaskDiT-T/2" in res.stdout
     assert "Warning" not in res.stderr, res.stderr  # e.g. runpy's, had `import maskdit` imported the module first
     ckpt = torch.load(dst, weights_only=False)
+    assert ckpt["parameterization"] == "edm"
     from maskdit.config import ModelConfig
     from maskdit.models import DiT
     DiT(ModelConfig.from_dict(ckpt["config"]["model"])).load_state_dict(ckpt["ema"], strict=True)
@@ -261,3 +262,25 @@ def test_files_that_cannot_be_converted_say_why(tmp_path):
                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error: official checkpoint"), res.stderr
+
+
+def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkeypatch):
+    """facebookresearch/DiT's weights predict DDPM noise at 1000 discrete steps: the converted checkpoint says so,
+    and sample.py samples it through DDPMPrecond (EDM's preconditioning would feed it ln(sigma)/4 as its step)."""
+    import sample
+    from maskdit.convert import convert_file
+    from maskdit.edm import DDPMPrecond, make_denoiser
+
+    src, dst = tmp_path / "dit.pt", tmp_path / "dit-converted.pt"
+    torch.save(official_state_dict("dit", learn_sigma=True), src)
+    convert_file(str(src), str(dst), "dit")
+    assert torch.load(dst, weights_only=False)["parameterization"] == "ddpm-eps"
+    made = []
+
+    def spy(model, parameterization="edm"):
+        made.append(make_denoiser(model, parameterization))
+        return made[-1]
+
+    monkeypatch.setattr(sample, "make_denoiser", spy)
+    sample.main(["--ckpt", str(dst), "--labels", "1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "s")])
+    assert len(made) == 1 and isinstance(made[0], DDPMPrecond)

@@ -1,10 +1,18 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from maskdit import EDMLoss, EDMPrecond, create_model, edm_sample, random_mask
-from maskdit.edm import ImageNoise, edm_sigma_steps, guided_denoise, sampling_precision
+from maskdit.edm import (
+    DDPMPrecond,
+    ImageNoise,
+    edm_sigma_steps,
+    guided_denoise,
+    make_denoiser,
+    sampling_precision,
+)
 from maskdit.ops import patchify
 from tests.conftest import randomize
 
@@ -313,3 +321,54 @@ def test_sampling_precisions():
         pass
     with pytest.raises(ValueError, match="--precision must be one of"), sampling_precision("fp16", cpu):
         pass
+
+
+def test_ddpm_preconditioning_is_dits_schedule_and_noise_prediction():
+    """DiT's 1000 linear-beta steps as noise levels sigma_t = sqrt((1 - abar_t)/abar_t); the network sees the DDPM
+    input x_t = x / sqrt(1 + sigma_t^2) and its step t; D = x - sigma eps (first C of a learn_sigma output)."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    eps = torch.randn(3, 4, 4, 4)  # (learn_sigma: 2C = 4 channels for C = 2)
+    net = DDPMPrecond(Recorder(eps))
+    np.testing.assert_allclose(net.sigmas.numpy(), np.sqrt((1 - abar) / abar), rtol=1e-6)
+    steps = torch.tensor([0, 1, 17, 500, 998, 999])
+    assert torch.equal(net.timestep(net.sigmas[steps]), steps)
+    between = (net.sigmas[:-1] * 0.3 + net.sigmas[1:] * 0.7)  # nearer the upper step
+    assert torch.equal(net.timestep(between), torch.arange(1, 1000))
+    assert net.round_sigma(torch.tensor(1e-5)) == net.sigmas[0] and net.round_sigma(torch.tensor(1e4)) == net.sigmas[-1]
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([3, 250, 990])
+    sigma = net.sigmas[t]
+    d = net(x, sigma, torch.tensor([1, 2, 3]))
+    seen_x, seen_t, seen_y, _ = net.model.seen
+    a = torch.from_numpy(abar[t.numpy()]).float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(seen_x, a.sqrt() * x, rtol=1e-5, atol=1e-6)
+    assert torch.equal(seen_t, t.float()) and torch.equal(seen_y, torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(d, x - sigma.reshape(-1, 1, 1, 1) * eps[:, :2], rtol=1e-6, atol=1e-6)
+    assert isinstance(make_denoiser(Recorder(eps), "ddpm-eps"), DDPMPrecond)
+    assert isinstance(make_denoiser(Recorder(eps)), EDMPrecond)
+    with pytest.raises(ValueError, match="parameterization must be one of"):
+        make_denoiser(Recorder(eps), "v-prediction")
+
+
+class GaussianNoisePredictor(torch.nn.Module):
+    """The exact DDPM noise predictor for data N(0, s^2): E[eps | x_t] = sqrt(1 - abar) x_t / (abar s^2 + 1 - abar)."""
+
+    num_classes = 0
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+        self.abar = 1 / (1 + DDPMPrecond(torch.nn.Identity()).sigmas.double() ** 2)
+
+    def forward(self, x, t, class_labels=None, ids_keep=None):
+        assert torch.equal(t, t.round())  # whole steps
+        a = self.abar[t.long()].reshape(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x / (a * self.s ** 2 + 1 - a)).float()
+
+
+def test_heun_sampling_of_a_ddpm_noise_predictor_gives_its_data_distribution():
+    """Through DDPMPrecond, EDM's Heun steps (rounded to the model's noise levels) carry N(0, sigma_max^2) noise
+    to the data distribution of an exact DDPM model: data N(0, 0.5^2) comes out with std 0.5."""
+    net = DDPMPrecond(GaussianNoisePredictor(0.5))
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = edm_sample(net, noise, None, num_steps=40, cfg_scale=None)
+    assert abs(out.std().item() - 0.5) < 0.01 and abs(out.mean().item()) < 0.01
