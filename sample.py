@@ -25,6 +25,7 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
+from maskdit.distributed import pick_device
 from maskdit.edm import add_sampling_arguments, check_sampling_precision, draw_images, make_denoiser, sampling_fill
 from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
@@ -56,8 +57,20 @@ def main(argv=None) -> tuple[str, str]:
     args = parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.max_classes is not None and args.max_classes < 1:
+        raise ValueError(f"--max-classes must be >= 1, got {args.max_classes}")
+    png, npz = args.out + ".png", args.out + ".npz"
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.basename(args.out) or os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} must be a file prefix (it writes PREFIX.png and PREFIX.npz), "
+                         "not a folder")
+    try:  # before the sampling, whose work a bad --out would lose
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out!r}: cannot create its folder ({e})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {args.out!r}: its folder {folder!r} is not writable")
+    device = pick_device(args.device)
     check_sampling_precision(args.precision, device)
     ckpt = load_checkpoint(args.ckpt, arg="--ckpt")
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
@@ -65,6 +78,9 @@ def main(argv=None) -> tuple[str, str]:
     model.to(device).eval()
     net = compile_network(make_denoiser(model, ckpt.get("parameterization", "edm")), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
+    if decode is None and model.in_channels not in (1, 3):
+        raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
+                         "to images: pass --vae PATH_OR_HUB_NAME")
 
     if args.labels is not None:
         bad = [y for y in args.labels if not 0 <= y < max(model.num_classes, 1)]
@@ -87,11 +103,9 @@ def main(argv=None) -> tuple[str, str]:
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    png, npz = args.out + ".png", args.out + ".npz"
+    np.savez(npz, images=images, labels=labels.numpy())  # the samples first, then their picture
     rows = len(labels) // per if args.labels is None else 1
     save_grid(images, rows=rows, path=png, scale=max(1, 64 // images.shape[1]))
-    np.savez(npz, images=images, labels=labels.numpy())
     print(f"wrote {png} and {npz}")
     return png, npz
 

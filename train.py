@@ -31,9 +31,11 @@ from maskdit.backends import BACKENDS
 from maskdit.checkpoint import (
     atomic_save,
     checkpoint_path,
+    drop_log_records_after,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    remove_partial_files,
     resolve_checkpoint,
 )
 from maskdit.config import ModelConfig, model_config, parse_model_name
@@ -43,7 +45,7 @@ from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
 from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import CHECKPOINTING, DiT
-from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
+from maskdit.schedules import SCHEDULES, highest_mask_ratio, mask_ratio_schedule, ratio_distribution
 from maskdit.training import COMPILE_MODES, EMA, compile_network, ema_decay_at, make_optimizer, stop_signals
 
 DEFAULTS = dict(
@@ -171,8 +173,10 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
                 raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
                                  f"{saved[key]!r}; it cannot change within a run")
         cfg.update({k: v for k, v in saved.items() if k not in PER_LAUNCH})
-        if any(k in given for k in ("mask_schedule", "mask_ratio", "mask_cosine_power")):
-            cfg["mask_schedule_start"] = ckpt["step"]  # a new schedule (e.g. unmasking tuning) starts now
+        if any(k in given and given[k] != saved[k] for k in ("mask_schedule", "mask_ratio", "mask_cosine_power")):
+            # a new schedule (e.g. unmasking tuning) starts now; the same flags again (a rerun of the command that
+            # set it, after an interruption) continue it
+            cfg["mask_schedule_start"] = ckpt["step"]
     cfg.update(given)
     cfg["betas"] = tuple(cfg["betas"])
     if isinstance(cfg["compile"], bool):  # checkpoints written before the compile modes
@@ -204,6 +208,17 @@ def validate(cfg: dict) -> None:
         (cfg["keep_checkpoints"] >= 0 and cfg["keep_every"] >= 0,
          f"--keep-checkpoints and --keep-every must be >= 0, got {cfg['keep_checkpoints']} and {cfg['keep_every']}"),
         (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
+        (all(0 <= b < 1 for b in cfg["betas"]), f"--betas must be in [0, 1), got {cfg['betas']}"),
+        (cfg["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {cfg['weight_decay']}"),
+        (cfg["num_workers"] >= 0, f"--num-workers must be >= 0, got {cfg['num_workers']}"),
+        (cfg["grid_per_class"] >= 0, f"--grid-per-class must be >= 0, got {cfg['grid_per_class']}"),
+        (cfg["sample_steps"] >= 1, f"--sample-steps must be >= 1, got {cfg['sample_steps']}"),
+        (cfg["cfg_scale"] >= 0, f"--cfg-scale must be >= 0, got {cfg['cfg_scale']}"),
+        (cfg["eval_per_class"] >= 1, f"--eval-per-class must be >= 1, got {cfg['eval_per_class']}"),
+        (cfg["eval_every"] >= 0 and cfg["eval_every_seconds"] >= 0,
+         f"--eval-every and --eval-every-seconds must be >= 0, got {cfg['eval_every']} and "
+         f"{cfg['eval_every_seconds']}"),
+        (cfg["time_budget"] >= 0, f"--time-budget must be >= 0, got {cfg['time_budget']}"),
         (cfg["activation_checkpointing"] != "decoder" or cfg["model"].startswith("MaskDiT-"),
          f"--activation-checkpointing decoder needs a MaskDiT model ({cfg['model']} has no decoder)"),
     ]
@@ -223,8 +238,11 @@ def validate(cfg: dict) -> None:
     if cfg["image_size"] % patch:
         raise ValueError(f"--image-size {cfg['image_size']} is not divisible by the patch size {patch} "
                          f"of {cfg['model']}")
-    if cfg["mask_ratio"] > 0 and num_kept((cfg["image_size"] // patch) ** 2, cfg["mask_ratio"]) < 1:
-        raise ValueError(f"--mask-ratio {cfg['mask_ratio']} keeps no token at image size {cfg['image_size']}")
+    highest = highest_mask_ratio(cfg["mask_ratio"], cfg["mask_ratio_dist"])  # (the schedules stay below the ratio)
+    if highest > 0 and num_kept((cfg["image_size"] // patch) ** 2, highest) < 1:
+        flag = "--mask-ratio" if highest == cfg["mask_ratio"] else "--mask-ratio-dist"
+        raise ValueError(f"{flag}: a mask ratio of {highest} keeps no token of {cfg['model']} at image size "
+                         f"{cfg['image_size']}")
     if (cfg["eval_every"] > 0 or cfg["eval_every_seconds"] > 0) and cfg["dataset"] != "digits":
         raise ValueError("--eval-every/--eval-every-seconds use the digits metric: they need --dataset digits")
     mask_ratio_schedule(cfg["mask_schedule"], cfg["mask_ratio"], cfg["mask_cosine_power"])
@@ -234,15 +252,6 @@ def validate(cfg: dict) -> None:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError as e:
             raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device, decode=None) -> None:
@@ -288,7 +297,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if init is not None:
         cfg["init_from"] = os.path.abspath(init_file)
     validate(cfg)
-    env = distributed.setup(pick_device(cfg["device"]))  # joins the process group under torchrun
+    env = distributed.setup(distributed.pick_device(cfg["device"]))  # joins the process group under torchrun
     micro_batch = cfg["batch_size"]
     if ckpt is not None and args.batch_size is None and args.grad_accum is None:
         # resumed with another number of processes: keep the global batch by accumulating more or fewer steps
@@ -304,6 +313,9 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         raise ValueError(f"--sdpa-backend {cfg['sdpa_backend']} needs a CUDA device (to train), got {device}"
                          + (" (triton: or TRITON_INTERPRET=1 to run its kernel on the CPU, slowly)"
                             if cfg["sdpa_backend"] == "triton" else ""))
+    if device.type != "cuda" and cfg["backend"] == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--backend triton needs a CUDA device (its kernels take CUDA tensors), got {device} (or "
+                         "TRITON_INTERPRET=1 to run them on the CPU, slowly)")
     set_sdpa_backend(cfg["sdpa_backend"])
     global_batch = env.global_batch(micro_batch, accum)
     fsdp = cfg["fsdp"] and env.distributed
@@ -323,16 +335,19 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         raise ValueError(f"the global batch {global_batch} (--batch-size {micro_batch} x {env.world_size} processes "
                          f"x --grad-accum {accum}) is larger than the dataset ({len(dataset)} images)")
     size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
-    if ckpt is not None:
-        model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
-    elif init is not None:  # the checkpoint's network, which the data must fit
-        model_cfg = ModelConfig.from_dict(init["config"]["model"])
+    if ckpt is not None or init is not None:  # the checkpoint's network, which the data must fit
+        source, flag = (ckpt, "--resume") if ckpt is not None else (init, "--init-from")
+        model_cfg = ModelConfig.from_dict(source["config"]["model"])
         misfits = [f"{what} {ours} (the network's: {theirs})" for what, ours, theirs in (
             ("image size", size, model_cfg.input_size), ("channels", dataset.channels, model_cfg.in_channels),
             ("classes", dataset.num_classes, model_cfg.num_classes)) if ours != theirs]
+        if ckpt is not None and ckpt.get("class_names") not in (None, dataset.class_names) and not misfits:
+            # the same number of classes under other names or in another order: every label would change meaning
+            i = next(i for i, (a, b) in enumerate(zip(dataset.class_names, ckpt["class_names"])) if a != b)
+            misfits = [f"class {i} named {dataset.class_names[i]!r} (the run's: {ckpt['class_names'][i]!r})"]
         if misfits:
-            raise ValueError(f"--init-from {args.init_from!r}: the dataset {cfg['dataset']!r} does not fit its "
-                             f"{model_cfg.name}: {', '.join(misfits)}")
+            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r}: the dataset {cfg['dataset']!r} "
+                             f"does not fit its {model_cfg.name}: {', '.join(misfits)}")
     else:
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
                                  num_classes=dataset.num_classes, learn_mask_token=cfg["mae_coef"] > 0)
@@ -386,6 +401,13 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
                          "or choose another --out")
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
+        for path in remove_partial_files(run_dir):
+            print(f"removed {path}, the partial file of a checkpoint write a kill interrupted", flush=True)
+        if ckpt is not None:  # the steps after the checkpoint are trained again: their records go
+            dropped = drop_log_records_after(os.path.join(run_dir, "log.jsonl"), ckpt["step"])
+            if dropped:
+                print(f"log.jsonl: dropped {dropped} record(s) of the steps after {ckpt['step']}, trained again now",
+                      flush=True)
     say(f"run folder: {run_dir}")
     if init is not None:
         say(f"initialised from {cfg['init_from']} (its step {init.get('step')}): model and EMA weights")
@@ -399,6 +421,10 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
             + (" (FSDP)" if fsdp else " (DDP)" if env.distributed else ""))
     if cfg["fsdp"] and not env.distributed:
         say("--fsdp: a single process has nothing to shard; it trains unsharded")
+    if fsdp and cfg["dataset"] == "digits" and (periodic_eval or cfg["grid_per_class"] > 0):
+        say("--fsdp: the digits metric needs the whole EMA network in one process; this run skips it")
+    if step >= cfg["steps"]:
+        say(f"the run is at step {step} and --steps is {cfg['steps']} (the total): nothing to train")
 
     # Data stream position: global batch b of the epoch-seeded stream (each process reads its parts of it).
     # The same global batch continues exactly, whatever the number of processes or accumulation steps; a
@@ -441,7 +467,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if cfg["tensorboard"] and env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir)
+        tb = SummaryWriter(run_dir, purge_step=step + 1 if ckpt is not None else None)  # (as log.jsonl's records)
     # (a captured step must not keep autocast's cast cache, which would outlive the capture)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
                               cache_enabled=not cfg["cuda_graph"])

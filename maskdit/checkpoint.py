@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -48,6 +49,38 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def remove_partial_files(folder: str) -> list[str]:
+    """Delete the temporary files ``atomic_write`` leaves in ``folder`` when a kill interrupts it (``.tmp-*``:
+    never a finished file, which is renamed over its real name); returns their paths."""
+    if not os.path.isdir(folder):
+        return []
+    partial = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(".tmp-"))
+    for path in partial:
+        os.unlink(path)
+    return partial
+
+
+def drop_log_records_after(path: str, step: int) -> int:
+    """Rewrite the JSON-lines log ``path`` (atomically) without the records of steps after ``step``: those a
+    resume from the checkpoint of ``step`` trains again.  Returns how many were dropped (0 without the file)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+
+    def later(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill: its step is gone with it
+            return line.strip() != ""
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return len(lines) - len(kept)
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint with the highest step in ``run_dir``, or None."""
     if not os.path.isdir(run_dir):
@@ -87,7 +120,12 @@ def resolve_checkpoint(path: str, arg: str = "--resume") -> str:
 def load_checkpoint(path: str, map_location="cpu", arg: str = "--resume") -> dict:
     """Load a training checkpoint written by ``train.py`` (a dict with model, ema, optimizer, step, ...);
     ``path`` may be a run folder (its latest checkpoint), errors name the argument ``arg``."""
-    ckpt = torch.load(resolve_checkpoint(path, arg), map_location=map_location, weights_only=False)
+    file = resolve_checkpoint(path, arg)
+    try:
+        ckpt = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, corrupt or not a checkpoint: the unpickler fails in many ways
+        raise ValueError(f"{arg}: cannot read {file!r} as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{arg}: {path!r} is not a checkpoint of train.py or maskdit.convert (missing 'model'/"
                          "'config'); official MaskDiT and DiT checkpoints: python -m maskdit.convert SRC DST --source "

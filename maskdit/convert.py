@@ -152,8 +152,9 @@ def load_official_file(path: str) -> dict:
             raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint") from None
         raise ValueError(f"{path!r} holds pickled objects other than tensors and argparse arguments ({found[1]}), "
                          "which are not loaded: unpickling them could run code") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from None
+    except Exception as e:  # truncated, corrupt or not a checkpoint: the unpickler fails in many ways
+        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -190,5 +191,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # a missing, unreadable or unrecognised file: one line, no stack trace
+    except (ValueError, OSError) as e:  # a missing, unreadable or unrecognised file: one line, no stack trace
         sys.exit(f"error: {e}")

@@ -68,10 +68,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         if not os.path.isdir(root):
-            raise ValueError(f"dataset folder {root!r} does not exist")
+            raise ValueError(f"dataset folder {root!r} " + ("is a file, not a folder of class folders"
+                                                            if os.path.exists(root) else "does not exist"))
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        # (hidden folders, e.g. .ipynb_checkpoints, are no classes)
+        self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.class_names:
             raise ValueError(f"dataset folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
         self.files, labels = [], []
@@ -83,6 +85,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                         labels.append(label)
         if not self.files:
             raise ValueError(f"dataset folder {root!r} holds no images with extensions {IMAGE_EXTENSIONS}")
+        present = set(labels)
+        empty = [name for label, name in enumerate(self.class_names) if label not in present]
+        if empty:  # a class without images would still take a label (and shift the classes after it)
+            raise ValueError(f"dataset folder {root!r}: class folder(s) {empty} hold no images with extensions "
+                             f"{IMAGE_EXTENSIONS}")
         for path in self.files:
             try:
                 with Image.open(path) as im:

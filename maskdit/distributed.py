@@ -23,6 +23,20 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+def pick_device(name: str) -> torch.device:
+    """The device a ``--device`` value names: "auto" (CUDA if present, else the CPU), "cpu", "cuda", "cuda:N", ...;
+    ValueError naming ``--device`` for a name torch does not know or CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a valid device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in the job: ``rank`` of ``world_size`` processes, on ``device``."""

@@ -118,6 +118,8 @@ class EDMLoss:
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, mae_coef: float = 0.1):
+        if not (P_std > 0 and sigma_data > 0 and mae_coef >= 0):
+            raise ValueError(f"need P_std > 0, sigma_data > 0 and mae_coef >= 0, got {P_std}, {sigma_data}, {mae_coef}")
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
@@ -223,6 +225,11 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
                          f"s_noise={s_noise}, s_min={s_min}, s_max={s_max}")
     if null_label is None and class_labels is not None:
         null_label = net.model.num_classes
+    if class_labels is not None and class_labels.numel():  # (one read of the labels a sampling call)
+        lo, hi = int(class_labels.min()), int(class_labels.max())
+        if lo < 0 or hi > null_label:
+            raise ValueError(f"class_labels must be in [0, {null_label}] ({null_label}: the null class), got values "
+                             f"in [{lo}, {hi}]")
     # the noise levels the denoiser takes (a discrete-time one: its own, EDM's iDDPM sampling)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
     sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))

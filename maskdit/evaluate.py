@@ -38,6 +38,7 @@ import torch.distributed as dist
 from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
+from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
@@ -111,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts torch.distributed when launched by torchrun with more than one process."""
+    pick_device(device_arg)  # (a valid --device, CUDA only where there is CUDA)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
     if world > 1:

@@ -87,6 +87,15 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float | torch.Tensor,
     return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, ids_restore >= keep_t[:, None])
 
 
+def _check_token_ids(ids: torch.Tensor, num_tokens: int) -> None:
+    """ValueError unless the token indices ``ids`` are in [0, num_tokens); read on the host only (a device
+    tensor's values would cost a sync every call)."""
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"ids_keep must hold token indices in [0, {num_tokens}), got values in [{lo}, {hi}]")
+
+
 def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout | None, batch: int, num_tokens: int,
                  device) -> TokenLayout:
     """The packed layout of ``ids_keep``: an (N, K) tensor, a list of N 1-D tensors, None (all tokens), or
@@ -100,6 +109,7 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout |
                 or not 0 < ids_keep.shape[1] <= num_tokens:
             raise ValueError(f"ids_keep must be an int64 tensor of shape ({batch}, K) with 0 < K <= {num_tokens}, "
                              f"got {tuple(ids_keep.shape)} {ids_keep.dtype}")
+        _check_token_ids(ids_keep, num_tokens)
         k = ids_keep.shape[1]
         seg = torch.arange(batch, device=device, dtype=torch.int32)[:, None].expand(batch, k).contiguous().view(-1)
         cu = torch.arange(0, batch * k + 1, k, device=device, dtype=torch.int32)
@@ -108,6 +118,8 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout |
     if len(ids_keep) != batch or any(not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != torch.int64
                                      or not 0 < t.numel() <= num_tokens for t in ids_keep):
         raise ValueError(f"ids_keep as a list must hold {batch} 1-D int64 tensors of 1..{num_tokens} token indices")
+    for t in ids_keep:
+        _check_token_ids(t, num_tokens)
     lengths = [t.numel() for t in ids_keep]
     lens = torch.tensor(lengths, device=device, dtype=torch.int32)
     seg = torch.repeat_interleave(torch.arange(batch, device=device, dtype=torch.int32), lens,

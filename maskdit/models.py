@@ -245,6 +245,12 @@ class DiT(nn.Module):
             if class_labels is None or class_labels.shape != (n,) or class_labels.dtype != torch.int64:
                 got = None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)
                 raise ValueError(f"class_labels must be an int64 tensor of shape ({n},), got {got}")
+            # (read on the host only: a device tensor's values would cost a sync every call)
+            if class_labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
+                lo, hi = int(class_labels.min()), int(class_labels.max())
+                if lo < 0 or hi > self.num_classes:
+                    raise ValueError(f"class_labels must be in [0, {self.num_classes}] ({self.num_classes}: the null "
+                                     f"class), got values in [{lo}, {hi}]")
 
     def forward_tokens(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                        ids_keep: IdsKeep = None) -> torch.Tensor:

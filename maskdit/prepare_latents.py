@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from maskdit.checkpoint import atomic_write
 from maskdit.data import ImageFolderDataset
+from maskdit.distributed import pick_device
 from maskdit.latents import (
     DEFAULT_VAE,
     META_NAME,
@@ -105,18 +106,6 @@ def write_meta(out: str, meta: dict) -> None:
     atomic_write(meta_path(out), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a valid device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def plan_batches(todo: list[int], n: int, shard_size: int, batch_size: int) -> tuple[list[list[int]], list]:
     """Index batches over the images of the shards ``todo``, never crossing a shard boundary, and for each
     batch the shard it completes (None if it is not a shard's last batch)."""
@@ -150,6 +139,8 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
                          f"got {batch_size}, {shard_size}, {num_workers}")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if resolution < 1:
+        raise ValueError(f"--resolution must be positive, got {resolution}")
     try:
         dataset = ImageFolderDataset(images, resolution)
     except ValueError as e:

@@ -21,6 +21,8 @@ def mask_ratio_schedule(name: str, ratio: float, cosine_power: float = 4.0) -> C
         raise ValueError(f"--mask-schedule must be one of {SCHEDULES}, got {name!r}")
     if name.startswith("cosine") and name != "cosine":
         cosine_power = int(name[len("cosine"):])
+    if not cosine_power >= 0:
+        raise ValueError(f"--mask-cosine-power must be >= 0 (the ratio falls from its scale to 0), got {cosine_power}")
     return {
         "constant": lambda x: ratio,
         "zero": lambda x: 0.0,
@@ -64,3 +66,11 @@ def ratio_distribution(spec: str) -> Callable[[int, float, torch.Generator], flo
         return uniform
     raise ValueError(f"--mask-ratio-dist must be 'none', 'unmasked:F' with F in [0, 1], or 'uniform:LO:HI' with "
                      f"0 <= LO <= HI < 1; got {spec!r}")
+
+
+def highest_mask_ratio(ratio: float, spec: str) -> float:
+    """The highest mask ratio a sample can get from the schedules of scale ``ratio`` (none exceeds it) and the
+    per-sample distribution ``spec`` of ``ratio_distribution`` (uniform:LO:HI draws below HI)."""
+    ratio_distribution(spec)  # (validates it)
+    kind, _, rest = spec.partition(":")
+    return float(rest.split(":")[1]) if kind == "uniform" else ratio

@@ -282,5 +282,7 @@ def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkey
         return made[-1]
 
     monkeypatch.setattr(sample, "make_denoiser", spy)
-    sample.main(["--ckpt", str(dst), "--labels", "1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "s")])
+    with pytest.raises(ValueError, match="4-channel samples .* pass --vae"):  # latents (no VAE here to decode them)
+        sample.main(["--ckpt", str(dst), "--labels", "1", "--steps", "2", "--device", "cpu", "--out",
+                     str(tmp_path / "s")])
     assert len(made) == 1 and isinstance(made[0], DDPMPrecond)

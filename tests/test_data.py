@@ -101,3 +101,16 @@ def test_center_crop_box_downsamples_at_exactly_twice_the_size():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
     expected = np.asarray(img.resize((40, 32), Image.BOX))[:, 4:36]
     np.testing.assert_array_equal(center_crop_resize(img, 32), expected)
+
+
+def test_image_folder_classes_are_its_visible_folders_with_images(tmp_path):
+    """Hidden folders (.ipynb_checkpoints, ...) are no classes; a class folder without images is refused by name
+    (it would take a label and shift the classes after it); a file is no dataset folder."""
+    _write_images(tmp_path, classes=("cat", "dog", ".ipynb_checkpoints"))
+    assert make_dataset(str(tmp_path), 8).class_names == ["cat", "dog"]
+    (tmp_path / "emu").mkdir()
+    (tmp_path / "emu" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['emu'\] hold no images"):
+        make_dataset(str(tmp_path), 8)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        make_dataset(str(tmp_path / "emu" / "readme.txt"), 8)

@@ -372,3 +372,13 @@ def test_heun_sampling_of_a_ddpm_noise_predictor_gives_its_data_distribution():
     noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     out = edm_sample(net, noise, None, num_steps=40, cfg_scale=None)
     assert abs(out.std().item() - 0.5) < 0.01 and abs(out.mean().item()) < 0.01
+
+
+def test_bad_loss_settings_and_sampling_labels_are_refused():
+    with pytest.raises(ValueError, match="mae_coef >= 0"):
+        EDMLoss(mae_coef=-1)
+    with pytest.raises(ValueError, match="P_std > 0"):
+        EDMLoss(P_std=0)
+    net = EDMPrecond(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3)).eval()
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\] .* got values in \[0, 7\]"):
+        edm_sample(net, torch.randn(2, 1, 8, 8), torch.tensor([0, 7]), num_steps=1)

@@ -453,3 +453,22 @@ def test_class_labels_random_from_the_seed_or_balanced(ckpt, tmp_path):
     np.testing.assert_array_equal(evaluate.load_samples(out)[1], [0, 1, 2])
     with pytest.raises(ValueError, match="class_labels"):
         evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, *SAMPLE])
+
+
+def test_sampling_arguments_are_checked_before_any_sampling(ckpt, tmp_path, monkeypatch):
+    """A bad --out, --max-classes or --device fails at once, naming the flag, before the sampling whose work it
+    would lose; a file that is no checkpoint names --ckpt."""
+    monkeypatch.setattr(sample, "draw_images", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
+    for flags, message in ((["--out", str(tmp_path) + "/"], "must be a file prefix"),
+                           (["--out", str(tmp_path / "f.txt" / "x")], "cannot create its folder"),
+                           (["--max-classes", "0"], "--max-classes must be >= 1"),
+                           (["--device", "tpu9"], "--device 'tpu9' is not a valid device")):
+        if "f.txt" in flags[-1]:
+            (tmp_path / "f.txt").write_text("a file where a folder should be")
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--ckpt", ckpt, *SAMPLE, "--out", str(tmp_path / "s"), *flags])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="--ckpt: cannot read .*junk.pt' as a checkpoint"):
+        sample.main(["--ckpt", str(tmp_path / "junk.pt"), *SAMPLE])
+    with pytest.raises(ValueError, match="--device 'tpu9' is not a valid device"):
+        evaluate.main(["--ckpt", ckpt, "--outdir", str(tmp_path / "e"), *SAMPLE, "--device", "tpu9"])

@@ -302,3 +302,19 @@ def test_activation_checkpointing_same_gradients_less_held_memory(backend):
         assert results["all"][2] < results["decoder"][2] < results["none"][2]
     with pytest.raises(ValueError, match="activation checkpointing must be one of"):
         create_model("DiT-T/2").set_activation_checkpointing("decoder")
+
+
+def test_out_of_range_labels_and_token_ids_are_refused():
+    """Host tensors are checked (device ones would cost a sync every call): a label above num_classes (the null
+    class) or below 0, a token index outside [0, L)."""
+    model = create_model("MaskDiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    x, t = torch.randn(2, 1, 8, 8), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 10\] .* got values in \[0, 11\]"):
+        model(x, t, torch.tensor([11, 0]))
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 10\] .* got values in \[-1, 3\]"):
+        model(x, t, torch.tensor([-1, 3]))
+    model(x, t, torch.tensor([10, 9]))  # the null class is a label
+    with pytest.raises(ValueError, match=r"ids_keep must hold token indices in \[0, 16\), got values in \[0, 99\]"):
+        model(x, t, torch.tensor([1, 2]), torch.tensor([[0, 99], [1, 2]]))
+    with pytest.raises(ValueError, match=r"ids_keep must hold token indices in \[0, 16\)"):
+        model(x, t, torch.tensor([1, 2]), [torch.tensor([0, 1]), torch.tensor([-3])])

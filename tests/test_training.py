@@ -257,11 +257,83 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--keep-every", "-5"], "--keep-checkpoints and --keep-every must be >= 0"),
     (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
     (["--device", "cpu", "--sdpa-backend", "flex"], "--sdpa-backend flex needs a CUDA device"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a valid device"),
+    (["--betas", "1.5", "0.9"], "--betas must be in"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--sample-steps", "0"], "--sample-steps must be >= 1"),
+    (["--eval-per-class", "0"], "--eval-per-class must be >= 1"),
+    (["--cfg-scale", "-5"], "--cfg-scale must be >= 0"),
+    (["--time-budget", "-5"], "--time-budget must be >= 0"),
+    (["--eval-every", "-1"], "--eval-every and --eval-every-seconds must be >= 0"),
+    (["--mask-schedule", "cosine", "--mask-cosine-power", "-1"], "--mask-cosine-power must be >= 0"),
+    (["--model", "MaskDiT-T/4", "--mask-ratio-dist", "uniform:0.7:0.8"],
+     "--mask-ratio-dist: a mask ratio of 0.8 keeps no token of MaskDiT-T/4"),
+    (["--dataset", __file__], "is a file, not a folder"),
 ])
 def test_invalid_configuration_fails_at_start(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, *flags)
     assert latest_checkpoint(str(tmp_path)) is None
+
+
+def test_triton_backend_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="--backend triton needs a CUDA device .* TRITON_INTERPRET=1"):
+        run(tmp_path, "--device", "cpu", "--backend", "triton")
+    assert not os.path.exists(tmp_path / "log.jsonl")  # refused before the run folder was made
+
+
+def test_rerunning_a_tuning_command_continues_its_schedule(tmp_path):
+    """The resume that sets a new mask schedule starts it; the same command again (after an interruption)
+    continues it instead of starting it over; another schedule starts anew."""
+    run(tmp_path, "--steps", "4", "--ckpt-every", "2")
+    tune = ["--resume", str(tmp_path), "--mask-schedule", "cosine", "--ckpt-every", "2"]
+    train.main(tune + ["--steps", "6"])  # (as if stopped at step 6 of a run to step 8)
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 4
+    train.main(tune + ["--steps", "8"])
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 4
+    ratios = {r["step"]: r["mask_ratio"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "mask_ratio" in r}
+    assert ratios[8] < ratios[6] / 4, ratios  # near the end of one schedule from step 4 to 8 (not halfway again)
+    train.main(["--resume", str(tmp_path), "--mask-schedule", "zero", "--steps", "9"])
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 8
+
+
+def test_resume_refuses_a_dataset_whose_classes_changed(tmp_path):
+    """Labels are class-folder indices: a class more or less, or the same count under other names, would give
+    the run's labels other meanings (a new last class would be the null class)."""
+    from PIL import Image
+
+    def add(name):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+
+    add("cat"), add("dog")
+    flags = ["--dataset", str(tmp_path / "imgs"), "--num-workers", "0"]
+    run(tmp_path / "run", "--steps", "1", *flags)
+    add("zebra")
+    with pytest.raises(ValueError, match="--resume .* does not fit its MaskDiT-T/2: classes 3 .the network's: 2"):
+        train.main(["--resume", str(tmp_path / "run"), "--steps", "2"])
+    import shutil
+    shutil.rmtree(tmp_path / "imgs" / "zebra")
+    os.rename(tmp_path / "imgs" / "dog", tmp_path / "imgs" / "cow")
+    with pytest.raises(ValueError, match="class 1 named 'cow' .the run's: 'dog'"):
+        train.main(["--resume", str(tmp_path / "run"), "--steps", "2"])
+
+
+def test_resume_removes_partial_files_and_the_log_records_it_trains_again(tmp_path):
+    """A kill during a checkpoint write leaves a .tmp- file; a kill after some log steps leaves their records:
+    the resume deletes the one and drops the others, so log.jsonl has each step once."""
+    run(tmp_path, "--steps", "3", "--ckpt-every", "2", "--log-every", "1")
+    os.unlink(checkpoint_path(str(tmp_path), 3))  # as if killed while writing step 3's checkpoint
+    (tmp_path / ".tmp-abcd-checkpoint-0000003.pt").write_bytes(b"partial")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # and a record cut in the middle
+    train.main(["--resume", str(tmp_path), "--steps", "4"])
+    assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path))
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_triton_attention_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch):
