@@ -26,7 +26,14 @@ import torch
 from maskdit.checkpoint import load_checkpoint
 from maskdit.config import ModelConfig
 from maskdit.distributed import pick_device
-from maskdit.edm import add_sampling_arguments, check_sampling_precision, draw_images, make_denoiser, sampling_fill
+from maskdit.edm import (
+    add_sampling_arguments,
+    check_sampling_precision,
+    checkpoint_parameterization,
+    draw_images,
+    make_denoiser,
+    sampling_fill,
+)
 from maskdit.images import save_grid
 from maskdit.latents import latent_decoder
 from maskdit.models import DiT
@@ -61,7 +68,7 @@ def main(argv=None) -> tuple[str, str]:
         raise ValueError(f"--max-classes must be >= 1, got {args.max_classes}")
     png, npz = args.out + ".png", args.out + ".npz"
     folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.basename(args.out) or os.path.isdir(args.out):
+    if not os.path.basename(args.out) or os.path.isdir(png) or os.path.isdir(npz):
         raise ValueError(f"--out {args.out!r} must be a file prefix (it writes PREFIX.png and PREFIX.npz), "
                          "not a folder")
     try:  # before the sampling, whose work a bad --out would lose
@@ -76,7 +83,7 @@ def main(argv=None) -> tuple[str, str]:
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = compile_network(make_denoiser(model, ckpt.get("parameterization", "edm")), args.compile)
+    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
     if decode is None and model.in_channels not in (1, 3):
         raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "

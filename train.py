@@ -40,8 +40,8 @@ from maskdit.checkpoint import (
 )
 from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.cuda_graphs import GraphedStep
-from maskdit.data import batch_iterator, make_dataset
-from maskdit.edm import EDMLoss, EDMPrecond, edm_sample
+from maskdit.data import ImageFolderDataset, batch_iterator, make_dataset
+from maskdit.edm import EDMLoss, EDMPrecond, checkpoint_parameterization, edm_sample
 from maskdit.images import save_grid, to_uint8
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import CHECKPOINTING, DiT
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-ratio", type=float, help="fraction of tokens masked per sample, in [0, 1) (default 0.5); "
                                                     "the scale of --mask-schedule")
     p.add_argument("--mask-schedule", help=f"mask ratio over the run: {', '.join(SCHEDULES)} (default constant); "
-                                           "progress counts from the step the schedule was set (a resume)")
+                                           "progress counts from the step of the resume that changed it")
     p.add_argument("--mask-cosine-power", type=float, help="k of the cosine schedule r*cos(pi x/2)^k (default 4)")
     p.add_argument("--mask-ratio-dist", help="per-sample ratios: none (default), unmasked:F (a fraction F of each "
                                              "batch keeps all tokens), uniform:LO:HI")
@@ -173,7 +173,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
                 raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
                                  f"{saved[key]!r}; it cannot change within a run")
         cfg.update({k: v for k, v in saved.items() if k not in PER_LAUNCH})
-        if any(k in given and given[k] != saved[k] for k in ("mask_schedule", "mask_ratio", "mask_cosine_power")):
+        if any(k in given and given[k] != saved.get(k, DEFAULTS[k]) for k in ("mask_schedule", "mask_ratio",
+                                                                               "mask_cosine_power")):
             # a new schedule (e.g. unmasking tuning) starts now; the same flags again (a rerun of the command that
             # set it, after an interruption) continue it
             cfg["mask_schedule_start"] = ckpt["step"]
@@ -346,8 +347,11 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
             i = next(i for i, (a, b) in enumerate(zip(dataset.class_names, ckpt["class_names"])) if a != b)
             misfits = [f"class {i} named {dataset.class_names[i]!r} (the run's: {ckpt['class_names'][i]!r})"]
         if misfits:
+            folder = isinstance(dataset, ImageFolderDataset)
             raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r}: the dataset {cfg['dataset']!r} "
-                             f"does not fit its {model_cfg.name}: {', '.join(misfits)}")
+                             f"does not fit its {model_cfg.name}: {', '.join(misfits)}"
+                             + (" (an image folder's classes are its sub-folders holding images, hidden ones not "
+                                "counted)" if folder else ""))
     else:
         model_cfg = model_config(cfg["model"], input_size=size, in_channels=dataset.channels,
                                  num_classes=dataset.num_classes, learn_mask_token=cfg["mae_coef"] > 0)
@@ -411,9 +415,10 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     say(f"run folder: {run_dir}")
     if init is not None:
         say(f"initialised from {cfg['init_from']} (its step {init.get('step')}): model and EMA weights")
-        if init.get("parameterization", "edm") != "edm":
-            say(f"note: those weights were trained as {init['parameterization']!r} (facebookresearch/DiT's DDPM noise "
-                "predictor); this run trains them with the EDM loss, which changes what the network predicts")
+        trained_as = checkpoint_parameterization(init)
+        if trained_as != "edm":
+            say(f"note: those weights were trained as {trained_as!r} (facebookresearch/DiT's DDPM noise predictor); "
+                "this run trains them with the EDM loss, which changes what the network predicts")
     say(f"{model_cfg.name}: {n_params:,} parameters, {model.num_tokens} tokens, dataset {cfg['dataset']} "
         f"({len(dataset)} images, {dataset.num_classes} classes), device {device}, precision {cfg['precision']}")
     if env.distributed or accum > 1:

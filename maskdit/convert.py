@@ -9,6 +9,7 @@ which ``sample.py`` and ``maskdit.checkpoint.load_checkpoint`` read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -143,8 +144,11 @@ def load_official_file(path: str) -> dict:
     ``argparse.Namespace`` of arguments under ``"args"``: that one class is allowed."""
     if not os.path.isfile(path):
         raise ValueError(f"official checkpoint {path!r} does not exist")
+    allow = getattr(torch.serialization, "safe_globals", None)  # (torch 2.5+; 2.4 has the process-wide list only)
+    if allow is None:
+        torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))

@@ -93,6 +93,15 @@ class DDPMPrecond(nn.Module):
 PARAMETERIZATIONS = {"edm": EDMPrecond, "ddpm-eps": DDPMPrecond}
 
 
+def checkpoint_parameterization(ckpt: dict) -> str:
+    """What a checkpoint's network predicts: its ``parameterization``, else (files ``maskdit.convert`` wrote before
+    it recorded one) "ddpm-eps" for converted facebookresearch/DiT weights, else "edm"."""
+    if "parameterization" in ckpt:
+        return ckpt["parameterization"]
+    source = ckpt.get("source")
+    return "ddpm-eps" if isinstance(source, dict) and source.get("format") == "dit" else "edm"
+
+
 def make_denoiser(model: nn.Module, parameterization: str = "edm") -> nn.Module:
     """The denoiser D(x; sigma) of a network trained as ``parameterization``: "edm" (``EDMPrecond``: this project's
     and MaskDiT's training) or "ddpm-eps" (``DDPMPrecond``: facebookresearch/DiT's weights, as ``maskdit.convert``

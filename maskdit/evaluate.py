@@ -42,6 +42,7 @@ from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
+    checkpoint_parameterization,
     draw_images,
     make_denoiser,
     sampling_fill,
@@ -70,7 +71,7 @@ def sample_labels(num_samples: int, num_classes: int, seed: int, mode: str = "ra
         raise ValueError(f"class-label mode must be one of {LABEL_MODES}, got {mode!r}")
     if mode == "balanced":
         return torch.arange(num_samples) % num_classes
-    rng = np.random.default_rng(np.random.SeedSequence([seed, LABEL_STREAM]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed % (1 << 64), LABEL_STREAM]))  # (a negative seed too)
     return torch.from_numpy(rng.integers(0, num_classes, num_samples))
 
 
@@ -199,6 +200,7 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
     if os.path.exists(settings_file):
         with open(settings_file) as f:
             saved = json.load(f)
+        saved.setdefault("class_labels", "balanced")  # (written before the mode existed: class i % classes)
     if saved is not None and saved != settings:
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose another "
@@ -226,6 +228,7 @@ def result_path(args, ckpt_file: str) -> str:
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
     options = f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
     options += "" if args.precision == "fp32" else f"-{args.precision}"
+    options += "" if args.class_labels == "random" else f"-{args.class_labels}"
     name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{options}-{args.weights}.json"
     return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
 
@@ -263,7 +266,7 @@ def evaluate(args) -> dict | None:
     model = DiT(model_cfg)
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = compile_network(make_denoiser(model, ckpt.get("parameterization", "edm")), args.compile)
+    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
     if decode is None and model.in_channels not in (1, 3):
         raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "

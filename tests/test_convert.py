@@ -269,12 +269,16 @@ def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkey
     and sample.py samples it through DDPMPrecond (EDM's preconditioning would feed it ln(sigma)/4 as its step)."""
     import sample
     from maskdit.convert import convert_file
-    from maskdit.edm import DDPMPrecond, make_denoiser
+    from maskdit.edm import DDPMPrecond, checkpoint_parameterization, make_denoiser
 
     src, dst = tmp_path / "dit.pt", tmp_path / "dit-converted.pt"
     torch.save(official_state_dict("dit", learn_sigma=True), src)
     convert_file(str(src), str(dst), "dit")
-    assert torch.load(dst, weights_only=False)["parameterization"] == "ddpm-eps"
+    converted = torch.load(dst, weights_only=False)
+    assert converted["parameterization"] == "ddpm-eps"
+    del converted["parameterization"]  # as maskdit.convert wrote it before it recorded one: by its source format
+    assert checkpoint_parameterization(converted) == "ddpm-eps"
+    assert checkpoint_parameterization({"model": {}}) == "edm"
     made = []
 
     def spy(model, parameterization="edm"):

@@ -382,3 +382,21 @@ def test_bad_loss_settings_and_sampling_labels_are_refused():
     net = EDMPrecond(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3)).eval()
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\] .* got values in \[0, 7\]"):
         edm_sample(net, torch.randn(2, 1, 8, 8), torch.tensor([0, 7]), num_steps=1)
+
+
+def test_the_sampler_steps_through_the_denoisers_own_noise_levels():
+    """With a discrete-time denoiser (round_sigma, sigma_min, sigma_max) every noise level the Heun sampler
+    evaluates, the raised ones of stochastic steps too, is one of the denoiser's, within its range."""
+    class Spy(DDPMPrecond):
+        def forward(self, x, sigma, class_labels=None, ids_keep=None):
+            self.seen.append(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
+            return super().forward(x, sigma, class_labels, ids_keep)
+
+    net = Spy(GaussianNoisePredictor(0.5))
+    for churn in (0.0, 40.0):
+        net.seen = []
+        noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+        edm_sample(net, noise, None, num_steps=8, cfg_scale=None, s_churn=churn, s_min=0.05, s_max=50.0)
+        seen = torch.stack(net.seen)
+        assert len(seen) == 15 and torch.isin(seen, net.sigmas).all(), seen
+        assert seen[0] == net.round_sigma(torch.tensor(80.0)) and seen.min() >= net.sigma_min  # (80: rounded)

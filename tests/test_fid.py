@@ -446,6 +446,7 @@ def test_class_labels_random_from_the_seed_or_balanced(ckpt, tmp_path):
     counts = torch.bincount(a, minlength=1000)
     assert counts.min() > 20 and counts.max() < 85 and len(counts) == 1000  # 50 +- 5 standard deviations
     assert torch.equal(evaluate.sample_labels(12, 10, 3, "balanced"), torch.arange(12) % 10)
+    assert not torch.equal(evaluate.sample_labels(50, 10, -1), evaluate.sample_labels(50, 10, 1))  # any int seed
     with pytest.raises(ValueError, match="class-label mode"):
         evaluate.sample_labels(3, 10, 0, "sorted")
     out = str(tmp_path / "balanced")
@@ -453,6 +454,11 @@ def test_class_labels_random_from_the_seed_or_balanced(ckpt, tmp_path):
     np.testing.assert_array_equal(evaluate.load_samples(out)[1], [0, 1, 2])
     with pytest.raises(ValueError, match="class_labels"):
         evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, *SAMPLE])
+    # an outdir written before the mode existed holds balanced classes: continued as such
+    settings = json.load(open(os.path.join(out, "sampling.json")))
+    del settings["class_labels"]
+    json.dump(settings, open(os.path.join(out, "sampling.json"), "w"))
+    evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, "--class-labels", "balanced", *SAMPLE])
 
 
 def test_sampling_arguments_are_checked_before_any_sampling(ckpt, tmp_path, monkeypatch):
@@ -467,6 +473,10 @@ def test_sampling_arguments_are_checked_before_any_sampling(ckpt, tmp_path, monk
             (tmp_path / "f.txt").write_text("a file where a folder should be")
         with pytest.raises(ValueError, match=message):
             sample.main(["--ckpt", ckpt, *SAMPLE, "--out", str(tmp_path / "s"), *flags])
+    monkeypatch.undo()
+    (tmp_path / "s").mkdir()  # a folder named like the prefix is no clash with PREFIX.png and PREFIX.npz
+    png, npz = sample.main(["--ckpt", ckpt, *SAMPLE, "--labels", "1", "--out", str(tmp_path / "s")])
+    assert os.path.isfile(png) and os.path.isfile(npz)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="--ckpt: cannot read .*junk.pt' as a checkpoint"):
         sample.main(["--ckpt", str(tmp_path / "junk.pt"), *SAMPLE])
