@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, write_results  # noqa: E402
+from bench.common import check_arguments, environment, write_results  # noqa: E402
 from bench.kernel_resources import intercept_launches  # noqa: E402
 from maskdit import EDMLoss, EDMPrecond, create_model, random_mask  # noqa: E402
 from maskdit.distributed import LossModule  # noqa: E402
@@ -201,6 +201,7 @@ def main(argv=None) -> list[dict]:
                     help="folder for activation_memory.json / .md (default bench/results: the counts are exact "
                          "sizes, the same on every machine)")
     args = ap.parse_args(argv)
+    check_arguments(ap, args, models="models", at_least_one=("batch",))
     rows = []
     with intercept_launches():  # the triton backend's kernels are not run
         for name in args.models:

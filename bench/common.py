@@ -115,6 +115,29 @@ def l2_cache_bytes() -> int:
     return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0))
 
 
+def check_arguments(parser, args, models: str | None = None, at_least_one: tuple = (), out: str = "out") -> None:
+    """``parser.error`` (a one-line message naming the flag, exit status 2) before any measuring: an unknown model
+    name in ``args.<models>``, a value below 1 in any of ``args.<name>`` for ``at_least_one`` (ints or lists of
+    ints), an ``args.<out>`` folder that cannot be made (where the results would be lost after the run)."""
+    from maskdit.config import parse_model_name
+
+    for name in getattr(args, models) if models else ():
+        try:
+            parse_model_name(name)
+        except ValueError as e:
+            parser.error(f"--{models}: {e}")
+    for key in at_least_one:
+        value = getattr(args, key)
+        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    folder = getattr(args, out, None)
+    if folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--{out} {folder!r}: cannot create the folder ({e})")
+
+
 def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:
     """Write ``name``.json and ``name``.md into ``folder``; returns their paths."""
     os.makedirs(folder, exist_ok=True)

@@ -12,12 +12,13 @@ the forward and the backward (2 FLOPs per multiply-accumulate).  The DiT columns
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import write_results  # noqa: E402
+from bench.common import check_arguments, write_results  # noqa: E402
 from maskdit.config import PATCH_SIZES  # noqa: E402
 from maskdit.flops import count_parameters, forward_gmacs, train_gflops  # noqa: E402
 
@@ -66,7 +67,12 @@ def markdown(table, title):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="folder for compute.json / .md (default bench/results: counts, the same on every machine)")
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     tables = {
         "256x256 (32x32x4 latents), batch 1": rows(),
         "512x512 (64x64x4 latents), batch 1": rows(sizes=("XL",), patches=(2,), input_size=64),
@@ -75,8 +81,7 @@ def main():
     }
     md = "\n\n".join(markdown(table, title) for title, table in tables.items())
     print(md)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    write_results(out, "compute", {"gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's "
+    write_results(args.out, "compute", {"gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's "
                                    "'Gflops')", "dit": "learn_sigma=True (the DiT paper's models)",
                                    "tables": tables}, md)
 

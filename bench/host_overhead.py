@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import environment, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, results_folder, write_results  # noqa: E402
 from bench.kernel_resources import intercept_launches  # noqa: E402
 
 WIDTH = dict(hidden_size=64, num_heads=4, decoder_hidden_size=32, decoder_num_heads=2)
@@ -73,6 +73,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--depth", type=int, help="override the encoder and decoder depths (tests)")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    check_arguments(p, argparse.Namespace(model=[args.model], steps=args.steps, depth=args.depth, out=args.out),
+                    models="model", at_least_one=("steps", "depth"))
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the kernels' launches are intercepted, not interpreted")
     torch.set_num_threads(1)

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     bench_ms,
+    check_arguments,
     copy_bandwidth_gbs,
     environment,
     graph_ms,
@@ -494,6 +495,9 @@ def main(argv=None):
     parser.add_argument("--no-config-sweep", dest="config_sweep", action="store_false",
                         help="skip timing the fused ops with other launch parameters")
     args = parser.parse_args(argv)
+    check_arguments(parser, args, at_least_one=("batch",))
+    if args.step_batch < 0:
+        parser.error(f"--step-batch must be >= 0 (0: no step rows), got {args.step_batch}")
     env = environment()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -38,8 +38,9 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, results_folder, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, make_step  # noqa: E402
+from maskdit.backends import BACKENDS  # noqa: E402
 from maskdit.models import create_model  # noqa: E402
 
 # (kind, substrings of kernel names), first match wins; the fused kernels are named by ``kernels/``'s functions
@@ -170,12 +171,13 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
     p.add_argument("--models", nargs="+", default=["MaskDiT-XL/2", "DiT-XL/2"] if cuda else ["MaskDiT-S/2"])
-    p.add_argument("--backends", nargs="+", default=["torch", "triton"] if cuda else ["torch"])
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["torch", "triton"] if cuda else ["torch"])
     p.add_argument("--batch", type=int, default=32 if cuda else 2)
     p.add_argument("--input-size", type=int, default=32 if cuda else 8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    check_arguments(p, args, models="models", at_least_one=("batch", "input_size", "steps"))
     device = torch.device("cuda" if cuda else "cpu")
     env = environment()
     rows = []

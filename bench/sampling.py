@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import kernel_constants  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
 from maskdit.training import compile_network  # noqa: E402
@@ -256,6 +256,8 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
                         "gelu_gemm.FORWARD=True)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    check_arguments(p, args, models="models", at_least_one=("batch", "steps", "timed_steps", "repeats", "input_size",
+                                                            "in_channels", "num_classes"))
     if not 1 <= args.timed_steps <= args.steps:
         p.error(f"--timed-steps must be in [1, --steps], got {args.timed_steps}")
     try:

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants, make_step, time_steps  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
@@ -207,6 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant first (compilation)")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    check_arguments(p, args, models="models", at_least_one=("input_size",))
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         p.error("--rounds, --steps and --batch must be >= 1, --warmup >= 0")
     try:

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import bench_ms, check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
@@ -129,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0 or min(args.batches) < 1:
         p.error("--steps and --batches must be >= 1, --warmup >= 0")
+    check_arguments(p, args, models="models", at_least_one=("input_size",))
     args.batches = sorted(set(args.batches))
     try:
         args.kernel_constants = kernel_constants(args.kernel_constant)

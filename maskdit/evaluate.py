@@ -253,6 +253,11 @@ def evaluate(args) -> dict | None:
         raise ValueError("nothing to do: give --ref STATS.npz (FID) and/or --outdir DIR (keep the samples)")
     if args.ref is not None and args.num_samples < 2:
         raise ValueError(f"FID needs --num-samples >= 2, got {args.num_samples}")
+    if args.outdir is not None:  # before the sampling, whose work a bad --outdir would lose
+        try:
+            os.makedirs(args.outdir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--outdir {args.outdir!r}: cannot create the folder ({e})") from None
     rank, world, device = setup_distributed(args.device)
     check_sampling_precision(args.precision, device)
     if args.num_samples < world:

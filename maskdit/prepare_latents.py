@@ -92,6 +92,8 @@ def start_or_resume(out: str, settings: dict) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--out {out!r}: cannot read its {META_NAME} ({e}); delete it or use another --out") from None
     differ = [k for k in SETTINGS if old.get(k) != settings[k]]
+    if differ and not old.get("shards"):  # nothing encoded under the old settings (e.g. a run that failed at
+        return meta                       # loading its VAE): nothing to keep, the new settings start afresh
     if differ:
         files = {"classes", "files_sha1"}
         shown = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ if k not in files]
@@ -145,7 +147,10 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
         dataset = ImageFolderDataset(images, resolution)
     except ValueError as e:
         raise ValueError(f"--images: {e}") from None
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot create the folder ({e})") from None
     for name in os.listdir(out):  # temporary files of a killed run
         if name.startswith(".tmp-") and name.endswith((".npy", META_NAME)):
             os.unlink(os.path.join(out, name))

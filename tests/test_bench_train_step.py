@@ -186,3 +186,19 @@ def test_torch_rows_keep_the_ema_plain(monkeypatch, backend, fused):
     model = create_model("MaskDiT-T/2", 8, 4, 10, backend=backend)
     train_step.make_step(model, 2, torch.device("cpu"), "none", ema=True)
     assert seen == [fused]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_step", ["--models", "Foo-X/2"], "--models: unknown model name 'Foo-X/2'"),
+    ("train_step", ["--input-size", "0"], "--input-size must be >= 1"),
+    ("sampling", ["--batch", "0"], "--batch must be >= 1, got 0"),
+    ("sampling", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("sampling", ["--out", __file__ + "/sub"], "cannot create the folder"),
+])
+def test_bad_benchmark_arguments_fail_before_measuring(script, argv, message, capsys):
+    """One line naming the flag (argparse's exit status 2) before any timing, whose work they would lose."""
+    from bench import sampling
+
+    with pytest.raises(SystemExit) as e:
+        train_step.parse_args(argv) if script == "train_step" else sampling.parse_args(argv, cuda=False)
+    assert e.value.code == 2 and message in capsys.readouterr().err

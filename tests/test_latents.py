@@ -234,7 +234,7 @@ def test_sample_cli_decodes_latents(tmp_path, image_dir, vae_dir):
     assert Image.open(png).size[0] > RES
 
 
-def test_hub_failure_is_one_clear_line(monkeypatch, tmp_path, image_dir):
+def test_hub_failure_is_one_clear_line(monkeypatch, tmp_path, image_dir, vae_dir):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     def offline(*a, **k):
@@ -248,11 +248,17 @@ def test_hub_failure_is_one_clear_line(monkeypatch, tmp_path, image_dir):
         prepare_latents(image_dir, str(tmp_path / "lat"), resolution=RES, device="cpu", progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         load_vae(str(tmp_path / "no-vae-here"))
+    monkeypatch.undo()  # the same --out with a VAE that loads: nothing was encoded, so nothing holds it back
+    meta = prepare_latents(image_dir, str(tmp_path / "lat"), resolution=RES, vae=vae_dir, device="cpu", progress=False)
+    assert meta["complete"]
 
 
-def test_bad_input_and_missing_diffusers(tmp_path, monkeypatch):
+def test_bad_input_and_missing_diffusers(tmp_path, monkeypatch, image_dir):
     with pytest.raises(ValueError, match="--images: dataset folder .*missing.* does not exist"):
         prepare_latents(str(tmp_path / "missing"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(ValueError, match="--out .* cannot create the folder"):
+        prepare_latents(image_dir, str(tmp_path / "file" / "out"), progress=False)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no images"):
         prepare_latents(str(tmp_path / "empty"), str(tmp_path / "out"), progress=False)
