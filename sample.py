@@ -67,8 +67,8 @@ def main(argv=None) -> tuple[str, str]:
     if args.max_classes is not None and args.max_classes < 1:
         raise ValueError(f"--max-classes must be >= 1, got {args.max_classes}")
     png, npz = args.out + ".png", args.out + ".npz"
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.basename(args.out) or os.path.isdir(png) or os.path.isdir(npz):
+    folder = os.path.dirname(os.path.abspath(png))
+    if not os.path.basename(args.out).strip(".") or os.path.isdir(png) or os.path.isdir(npz):
         raise ValueError(f"--out {args.out!r} must be a file prefix (it writes PREFIX.png and PREFIX.npz), "
                          "not a folder")
     try:  # before the sampling, whose work a bad --out would lose

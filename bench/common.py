@@ -131,6 +131,8 @@ def check_arguments(parser, args, models: str | None = None, at_least_one: tuple
         if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
     folder = getattr(args, out, None)
+    if folder == "":
+        parser.error(f"--{out} must name a folder, got ''")
     if folder:
         try:
             os.makedirs(folder, exist_ok=True)

@@ -92,8 +92,6 @@ def start_or_resume(out: str, settings: dict) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--out {out!r}: cannot read its {META_NAME} ({e}); delete it or use another --out") from None
     differ = [k for k in SETTINGS if old.get(k) != settings[k]]
-    if differ and not old.get("shards"):  # nothing encoded under the old settings (e.g. a run that failed at
-        return meta                       # loading its VAE): nothing to keep, the new settings start afresh
     if differ:
         files = {"classes", "files_sha1"}
         shown = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in differ if k not in files]
@@ -163,8 +161,8 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
     done = {e["index"] for e in meta["shards"]}
     todo = [k for k in range(meta["num_shards"]) if k not in done]
     meta["complete"] = not todo
-    write_meta(out, meta)
     if not todo:
+        write_meta(out, meta)
         print(f"{out}: all {meta['num_shards']} shards already encoded ({n} images)")
         return meta
 
@@ -174,6 +172,7 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
     if resolution % factor:
         raise ValueError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
     meta["scale"] = vae_scale(model)
+    write_meta(out, meta)  # (only now: a run that cannot load its VAE leaves no settings to hold --out to)
 
     batches, ends = plan_batches(todo, n, shard_size, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)

@@ -194,6 +194,7 @@ def test_torch_rows_keep_the_ema_plain(monkeypatch, backend, fused):
     ("sampling", ["--batch", "0"], "--batch must be >= 1, got 0"),
     ("sampling", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("sampling", ["--out", __file__ + "/sub"], "cannot create the folder"),
+    ("sampling", ["--out", ""], "--out must name a folder"),
 ])
 def test_bad_benchmark_arguments_fail_before_measuring(script, argv, message, capsys):
     """One line naming the flag (argparse's exit status 2) before any timing, whose work they would lose."""

@@ -290,3 +290,18 @@ def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkey
         sample.main(["--ckpt", str(dst), "--labels", "1", "--steps", "2", "--device", "cpu", "--out",
                      str(tmp_path / "s")])
     assert len(made) == 1 and isinstance(made[0], DDPMPrecond)
+
+
+def test_official_files_load_where_torch_lacks_safe_globals(tmp_path, monkeypatch):
+    """torch 2.4 has no safe_globals context: the arguments' class joins the process-wide allow-list instead."""
+    allowed = torch.serialization.get_safe_globals()
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    try:
+        torch.save({"ema": official_state_dict("dit"), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "o.pt")
+        assert load_official_file(str(tmp_path / "o.pt"))["args"].lr == 1e-4
+        torch.save({"ema": official_state_dict("dit"), "extra": _Pickled()}, tmp_path / "code.pt")
+        with pytest.raises(ValueError, match="pickled objects other than tensors"):
+            load_official_file(str(tmp_path / "code.pt"))
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed)
