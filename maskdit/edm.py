@@ -67,8 +67,10 @@ class DDPMPrecond(nn.Module):
                              f"{beta_start}, {beta_end}")
         self.model = model
         abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), 0)
-        self.register_buffer("sigmas", ((1 - abar) / abar).sqrt().float(), persistent=False)  # increasing in t
-        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+        sigmas = ((1 - abar) / abar).sqrt().float()  # increasing in t
+        self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
+        weight = next(model.parameters(), None)  # (the levels live where the network does: no copies per call)
+        self.register_buffer("sigmas", sigmas.to(weight.device if weight is not None else "cpu"), persistent=False)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The step t (int64, shaped like ``sigma``) whose sigma_t is nearest to ``sigma``."""
@@ -85,7 +87,7 @@ class DDPMPrecond(nn.Module):
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.expand(x.shape[0]).reshape(-1, 1, 1, 1)
-        t = self.timestep(sigma.flatten()).float()
+        t = self.timestep(sigma.flatten()).to(x.device).float()
         eps = self.model(x / (1 + sigma ** 2).sqrt(), t, class_labels, ids_keep)
         return x - sigma * eps[:, :x.shape[1]].float()
 

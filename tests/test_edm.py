@@ -344,6 +344,9 @@ def test_ddpm_preconditioning_is_dits_schedule_and_noise_prediction():
     assert torch.equal(seen_t, t.float()) and torch.equal(seen_y, torch.tensor([1, 2, 3]))
     torch.testing.assert_close(d, x - sigma.reshape(-1, 1, 1, 1) * eps[:, :2], rtol=1e-6, atol=1e-6)
     assert isinstance(make_denoiser(Recorder(eps), "ddpm-eps"), DDPMPrecond)
+    with torch.device("meta"):  # the noise levels live on the network's device (no host copies per call on CUDA)
+        on_meta = DDPMPrecond(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3))
+    assert on_meta.sigmas.device.type == "meta" and on_meta.sigma_max == net.sigma_max
     assert isinstance(make_denoiser(Recorder(eps)), EDMPrecond)
     with pytest.raises(ValueError, match="parameterization must be one of"):
         make_denoiser(Recorder(eps), "v-prediction")
