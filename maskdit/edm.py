@@ -66,7 +66,8 @@ class DDPMPrecond(nn.Module):
             raise ValueError(f"need num_steps >= 1 and 0 < beta_start <= beta_end < 1, got {num_steps}, "
                              f"{beta_start}, {beta_end}")
         self.model = model
-        abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), 0)
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
+        abar = torch.cumprod(1 - betas, 0)
         sigmas = ((1 - abar) / abar).sqrt().float()  # increasing in t
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
         weight = next(model.parameters(), None)  # (the levels live where the network does: no copies per call)
