@@ -61,6 +61,29 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None =
     return t
 
 
+def readable_on_host(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t``: a CPU tensor outside tracing (a device tensor would cost a sync)."""
+    return t.device.type == "cpu" and not t.is_meta and not torch.compiler.is_compiling()
+
+
+def check_samples(seg: torch.Tensor, num_samples: int) -> None:
+    """ValueError unless the token->sample map ``seg`` lies in [0, num_samples) (read on the host only)."""
+    if seg.numel() and readable_on_host(seg):
+        lo, hi = int(seg.min()), int(seg.max())
+        if lo < 0 or hi >= num_samples:
+            raise ValueError(f"seg must be in [0, {num_samples}) (the per-sample tensors' rows), got values in "
+                             f"[{lo}, {hi}]")
+
+
+def same_samples(**tensors) -> int:
+    """The number of samples (rows) the per-sample tensors share; ValueError naming each count if they differ."""
+    counts = {name: t.shape[0] for name, t in tensors.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"{', '.join(counts)} must have one row per sample, the same number each, got "
+                         + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return next(iter(counts.values()))
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of host ints.  ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions that
     cost 1.6 us a call on the host against 0.07 for these (2-core CPU; several calls a launch)."""

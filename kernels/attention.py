@@ -33,7 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, autograd_op, cdiv, check_tensor, column_blocks, new_output
+from ._common import (
+    FLOAT_DTYPES,
+    autograd_op,
+    cdiv,
+    check_tensor,
+    column_blocks,
+    new_output,
+    readable_on_host,
+)
 
 FWD_BLOCK_M = 128  # query rows of a forward program
 FWD_BLOCK_N = 64  # keys of a step of its loop
@@ -291,6 +299,13 @@ def _validate(q, k, v, cu_seqlens, max_len):
         raise ValueError(f"max_len must be a positive int (the longest sample's length or more), got {max_len!r}")
     if not 0 < q.shape[2] <= MAX_HEAD_DIM:
         raise ValueError(f"q's head dim must be in 1..{MAX_HEAD_DIM}, got {q.shape[2]}")
+    if readable_on_host(cu_seqlens):  # (a device tensor's values would cost a sync)
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or int(lengths.min()) < 0:
+            raise ValueError(f"cu_seqlens must rise from 0 to the token count {q.shape[0]}, got "
+                             f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+        if int(lengths.max()) > max_len:
+            raise ValueError(f"max_len {max_len} is shorter than the longest sample ({int(lengths.max())} tokens)")
 
 
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int

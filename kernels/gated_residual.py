@@ -30,6 +30,7 @@ from ._common import (
     block_size,
     cast_sums,
     cdiv,
+    check_samples,
     check_tensor,
     column_blocks,
     deterministic,
@@ -39,6 +40,7 @@ from ._common import (
     per_sample_sums_buffer,
     row_samples_buffer,
     rows_per_program,
+    same_samples,
 )
 from .ln_modulate import (
     _flush_partial,
@@ -197,11 +199,11 @@ def _validate(x, h, gate, shift, scale, seg, out_dtype):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_stride_one=True)
     t, d = x.shape
     check_tensor("h", h, shape=(t, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
-    check_tensor("gate", gate, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
-    n = gate.shape[0]
-    check_tensor("shift", shift, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
-    check_tensor("scale", scale, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
+        check_tensor(name, m, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    n = same_samples(gate=gate, shift=shift, scale=scale)
     check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
+    check_samples(seg, n)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
 

@@ -23,6 +23,7 @@ from ._common import (
     block_size,
     cast_sums,
     cdiv,
+    check_samples,
     check_tensor,
     column_blocks,
     deterministic,
@@ -32,6 +33,7 @@ from ._common import (
     per_sample_sums_buffer,
     row_samples_buffer,
     rows_per_program,
+    same_samples,
 )
 
 LN_EPS = 1e-6
@@ -190,13 +192,16 @@ def _ln_modulate_bwd_kernel(X, DY, DX, SCALE, SEG, MEAN, RSTD, DSHIFT, DSCALE, R
                 tl.store(ROW_SAMPLES + pid + s, s.to(tl.int32))
 
 
-def _validate(x, shift, scale, seg):
+def _validate(x, shift, scale, seg, out_dtype=None):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_stride_one=True)
     t, d = x.shape
     check_tensor("shift", shift, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
-    n = shift.shape[0]
-    check_tensor("scale", scale, shape=(n, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    check_tensor("scale", scale, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    n = same_samples(shift=shift, scale=scale)
     check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
+    check_samples(seg, n)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
 
 
 def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, eps: float,
@@ -274,7 +279,7 @@ _call = autograd_op("LnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_conte
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor,
                 eps: float = LN_EPS, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused LN(x) * (1 + scale[seg]) + shift[seg] over (T, D) tokens; output in ``out_dtype`` (default x's)."""
-    _validate(x, shift, scale, seg)
+    _validate(x, shift, scale, seg, out_dtype)
     return _call(x, shift, scale, seg, eps, out_dtype)[0]
 
 

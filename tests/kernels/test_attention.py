@@ -229,6 +229,14 @@ def test_bad_inputs_are_named():
                       ("head dim must be in", tuple(torch.randn(3, 7, 1, 300, device=DEVICE).unbind(0)) + (cu, 4))]:
         with pytest.raises(ValueError, match=msg):
             flash_attention(*args)
+    if DEVICE == "cpu":  # (cu_seqlens' values are read on the host only: no sync on CUDA)
+        for msg, bad_cu, bad_len in [("cu_seqlens must rise from 0 to the token count 7", [0, 5], max_len),
+                                     ("cu_seqlens must rise from 0 to the token count 7", [0, 3, 9], 9),
+                                     ("cu_seqlens must rise from 0 to the token count 7", [0, 5, 3, 7], max_len),
+                                     ("cu_seqlens must rise from 0 to the token count 7", [1, 3, 7], max_len),
+                                     (r"max_len 3 is shorter than the longest sample \(4 tokens\)", [0, 3, 7], 3)]:
+            with pytest.raises(ValueError, match=msg):
+                flash_attention(q, k, v, torch.tensor(bad_cu, dtype=torch.int32), bad_len)
     qkv = torch.randn(7, 3, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="qkv must have shape"):
         qkv_attention(qkv[:, :2], None, cu, max_len)

@@ -208,8 +208,12 @@ def test_bad_inputs_are_named():
         f(x, h, gate[:, :7], shift, scale, seg)
     with pytest.raises(ValueError, match="gate must have dtype"):
         f(x, h, gate.double(), shift, scale, seg)
-    with pytest.raises(ValueError, match="shift must have shape"):
+    with pytest.raises(ValueError, match="gate, shift, scale must have one row per sample, the same number each, "
+                                         "got gate 2, shift 1, scale 2"):
         f(x, h, gate, shift[:1], scale, seg)
+    if seg.device.type == "cpu":  # (values read on the host only: no sync on CUDA)
+        with pytest.raises(ValueError, match=r"seg must be in \[0, 2\) .* got values in \[0, 5\]"):
+            f(x, h, gate, shift, scale, torch.cat([seg[:-1], seg.new_tensor([5])]))
     with pytest.raises(ValueError, match="scale must have shape"):
         f(x, h, gate, shift, scale[:, :-1], seg)
     with pytest.raises(ValueError, match="seg must have dtype"):

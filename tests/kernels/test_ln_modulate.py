@@ -145,8 +145,14 @@ def test_bad_inputs_are_named():
         ln_modulate(x[None], shift, scale, seg)
     with pytest.raises(ValueError, match="shift must have shape"):
         ln_modulate(x, shift[:, :7], scale, seg)
-    with pytest.raises(ValueError, match="scale must have shape"):
+    with pytest.raises(ValueError, match="shift, scale must have one row per sample, the same number each, got "
+                                         "shift 2, scale 1"):
         ln_modulate(x, shift, scale[:1], seg)
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        ln_modulate(x, shift, scale, seg, out_dtype=torch.int32)
+    if seg.device.type == "cpu":  # (values read on the host only: no sync on CUDA)
+        with pytest.raises(ValueError, match=r"seg must be in \[0, 2\) .* got values in \[-1, 1\]"):
+            ln_modulate(x, shift, scale, torch.cat([seg[:-1], seg.new_tensor([-1])]))
     with pytest.raises(ValueError, match="seg must have dtype"):
         ln_modulate(x, shift, scale, seg.long())
     with pytest.raises(ValueError, match="seg must have shape"):
