@@ -474,3 +474,25 @@ def test_triton_attention_kernel_in_the_network(ids_kind, compiled, monkeypatch,
     for k in g_ref:
         torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
     assert compiled or (len(calls) == 3 and not {3 * 72, 3 * 32} & set(widths))
+
+
+@pytest.mark.parametrize("parameterization", ["edm", "ddpm-eps"])
+def test_sampling_runs_on_the_networks_device(parameterization):
+    """Both denoisers sample where their network is (DDPMPrecond's noise levels and step numbers too), with
+    guidance, and give the CPU's samples (fp32; TF32 off)."""
+    from maskdit.edm import edm_sample, make_denoiser
+
+    torch.manual_seed(0)
+    model = randomize(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3, learn_sigma=True,
+                                   backend="torch"), std=0.05)
+    noise, labels = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    on_cpu = edm_sample(make_denoiser(model.eval(), parameterization), noise, labels, num_steps=3)
+    net = make_denoiser(model.to(DEVICE), parameterization)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_device = edm_sample(net, noise.to(DEVICE), labels.to(DEVICE), num_steps=3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert on_device.device.type == DEVICE
+    torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
