@@ -24,20 +24,15 @@ import numpy as np
 import torch
 
 from maskdit.checkpoint import load_checkpoint
-from maskdit.config import ModelConfig
 from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
-    checkpoint_parameterization,
     draw_images,
-    make_denoiser,
     sampling_fill,
+    sampling_network,
 )
 from maskdit.images import save_grid
-from maskdit.latents import latent_decoder
-from maskdit.models import DiT
-from maskdit.training import compile_network
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,14 +75,8 @@ def main(argv=None) -> tuple[str, str]:
     device = pick_device(args.device)
     check_sampling_precision(args.precision, device)
     ckpt = load_checkpoint(args.ckpt, arg="--ckpt")
-    model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
-    model.load_state_dict(ckpt[args.weights])
-    model.to(device).eval()
-    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
-    decode = latent_decoder(ckpt, args.vae, device)
-    if decode is None and model.in_channels not in (1, 3):
-        raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
-                         "to images: pass --vae PATH_OR_HUB_NAME")
+    net, decode = sampling_network(ckpt, args, device)
+    model = net.model
 
     if args.labels is not None:
         bad = [y for y in args.labels if not 0 <= y < max(model.num_classes, 1)]

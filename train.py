@@ -337,7 +337,8 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
                          f"x --grad-accum {accum}) is larger than the dataset ({len(dataset)} images)")
     size = dataset.image_size if latent else cfg["image_size"]  # latents: the model sees the latent grid
     if ckpt is not None or init is not None:  # the checkpoint's network, which the data must fit
-        source, flag = (ckpt, "--resume") if ckpt is not None else (init, "--init-from")
+        source, flag, path = ((ckpt, "--resume", args.resume) if ckpt is not None else
+                              (init, "--init-from", args.init_from))
         model_cfg = ModelConfig.from_dict(source["config"]["model"])
         misfits = [f"{what} {ours} (the network's: {theirs})" for what, ours, theirs in (
             ("image size", size, model_cfg.input_size), ("channels", dataset.channels, model_cfg.in_channels),
@@ -348,7 +349,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
             misfits = [f"class {i} named {dataset.class_names[i]!r} (the run's: {ckpt['class_names'][i]!r})"]
         if misfits:
             folder = isinstance(dataset, ImageFolderDataset)
-            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r}: the dataset {cfg['dataset']!r} "
+            raise ValueError(f"{flag} {path!r}: the dataset {cfg['dataset']!r} "
                              f"does not fit its {model_cfg.name}: {', '.join(misfits)}"
                              + (" (an image folder's classes are its sub-folders holding images, hidden ones not "
                                 "counted)" if folder else ""))
@@ -363,7 +364,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     loss_fn = EDMLoss(mae_coef=cfg["mae_coef"])
     # The module whose forward gives the per-sample loss: itself, DDP around it, or FSDP2 (blocks + root).
     train_module = distributed.wrap(distributed.LossModule(net, loss_fn), env, fsdp=fsdp)
-    fused_ema = False if cfg["backend"] == "torch" else None  # the torch backend stays plain PyTorch
+    fused_ema = EMA.fused_for(model.backend)
     if fsdp:  # the EMA is sharded like the model and averaged shard by shard
         distributed.shard(ema_model, ema_model)
         ema = EMA(distributed.LocalShards(model), distributed.LocalShards(ema_model), fused=fused_ema)

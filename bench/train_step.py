@@ -183,9 +183,7 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     graphed = compile_mode == "graph"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
                                   fused=True, capturable=graphed)
-    # the torch rows are plain PyTorch throughout: the EMA as foreach ops, not kernels.ema's one launch
-    fused_ema = False if model.backend == "torch" else None
-    averager = EMA(model, copy.deepcopy(model).eval(), fused=fused_ema) if ema else None
+    averager = EMA(model, copy.deepcopy(model).eval(), fused=EMA.fused_for(model.backend)) if ema else None
     images = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
     # the cast cache must not outlive a capture (PyTorch's CUDA-graph rules); eager steps keep it

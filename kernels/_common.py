@@ -63,7 +63,13 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None =
 
 def readable_on_host(t: torch.Tensor) -> bool:
     """Whether a value check may read ``t``: a CPU tensor outside tracing (a device tensor would cost a sync)."""
-    return t.device.type == "cpu" and not t.is_meta and not torch.compiler.is_compiling()
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_out_dtype(out_dtype) -> None:
+    """ValueError unless ``out_dtype`` is None or a floating dtype the kernels write."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
 
 
 def check_samples(seg: torch.Tensor, num_samples: int) -> None:

@@ -30,6 +30,7 @@ from ._common import (
     block_size,
     cast_sums,
     cdiv,
+    check_out_dtype,
     check_samples,
     check_tensor,
     column_blocks,
@@ -204,8 +205,7 @@ def _validate(x, h, gate, shift, scale, seg, out_dtype):
     n = same_samples(gate=gate, shift=shift, scale=scale)
     check_tensor("seg", seg, shape=(t,), dtypes=(torch.int32,), device=x.device, contiguous=True)
     check_samples(seg, n)
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
+    check_out_dtype(out_dtype)
 
 
 def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -29,8 +29,10 @@ from ._common import (
     autograd_op,
     block_size,
     cdiv,
+    check_out_dtype,
     check_tensor,
     new_output,
+    readable_on_host,
 )
 
 # a forward program's tile: H100, D 1152, 32768 tokens, tf32x3: 0.080 ms at 64 x 64 against 0.086 at 32 x 128
@@ -144,10 +146,9 @@ def _validate(x, ids, seg, weight, bias, pos_embed, patch_size, out_dtype):
                  last_stride_one=True)
     if pos_embed.requires_grad and torch.is_grad_enabled():
         raise ValueError("pos_embed must not require grad: it is a fixed buffer and gets no gradient")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out_dtype must be in {[str(dt) for dt in FLOAT_DTYPES]} or None, got {out_dtype}")
+    check_out_dtype(out_dtype)
     # Value checks only where they cost no device sync (CPU tensors) and outside torch.compile tracing.
-    if t and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if t and readable_on_host(x):
         bad_ids = (ids.min() < 0) | (ids.max() >= num_tokens)
         bad_seg = (seg.min() < 0) | (seg.max() >= n)
         bad = torch.stack([bad_ids, bad_seg]).tolist()

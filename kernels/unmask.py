@@ -33,12 +33,14 @@ from ._common import (
     backward_options,
     block_size,
     cdiv,
+    check_samples,
     check_tensor,
     column_sums,
     column_sums_buffer,
     deterministic,
     new_output,
     num_warps,
+    readable_on_host,
     rows_per_program,
 )
 
@@ -112,13 +114,11 @@ def _validate(x_kept, ids, seg, mask_token, pos_embed, num_samples):
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, torch.SymInt)) or num_samples < 0:
         raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
     # value checks only where they cost no device sync (CPU tensors, outside tracing)
-    if t and dev.type == "cpu" and not torch.compiler.is_compiling():
+    if t and readable_on_host(ids):
         L = pos_embed.shape[0]
         if int(ids.min()) < 0 or int(ids.max()) >= L:
             raise ValueError(f"ids must be in [0, L={L}), got values in [{int(ids.min())}, {int(ids.max())}]")
-        if int(seg.min()) < 0 or int(seg.max()) >= num_samples:
-            raise ValueError(f"seg must be in [0, num_samples={num_samples}), got values in "
-                             f"[{int(seg.min())}, {int(seg.max())}]")
+        check_samples(seg, num_samples)
         if torch.unique(seg.long() * L + ids).numel() != t:
             raise ValueError("ids must be unique within each sample")
 

@@ -117,6 +117,11 @@ def resolve_checkpoint(path: str, arg: str = "--resume") -> str:
     return path
 
 
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line: the exception's type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+
+
 def load_checkpoint(path: str, map_location="cpu", arg: str = "--resume") -> dict:
     """Load a training checkpoint written by ``train.py`` (a dict with model, ema, optimizer, step, ...);
     ``path`` may be a run folder (its latest checkpoint), errors name the argument ``arg``."""
@@ -124,8 +129,7 @@ def load_checkpoint(path: str, map_location="cpu", arg: str = "--resume") -> dic
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated, corrupt or not a checkpoint: the unpickler fails in many ways
-        raise ValueError(f"{arg}: cannot read {file!r} as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise ValueError(f"{arg}: cannot read {file!r} as a checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{arg}: {path!r} is not a checkpoint of train.py or maskdit.convert (missing 'model'/"
                          "'config'); official MaskDiT and DiT checkpoints: python -m maskdit.convert SRC DST --source "

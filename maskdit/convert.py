@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from .checkpoint import atomic_save, load_failure
 from .config import DECODER, SIZES, ModelConfig, model_config
 
 SOURCES = ("maskdit", "dit")
@@ -157,8 +158,7 @@ def load_official_file(path: str) -> dict:
         raise ValueError(f"{path!r} holds pickled objects other than tensors and argparse arguments ({found[1]}), "
                          "which are not loaded: unpickling them could run code") from None
     except Exception as e:  # truncated, corrupt or not a checkpoint: the unpickler fails in many ways
-        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint ({load_failure(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a dict of weights")
     return obj
@@ -167,8 +167,6 @@ def load_official_file(path: str) -> dict:
 def convert_file(src: str, dst: str, source: str, key: str | None = None) -> ModelConfig:
     """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads (with its
     ``parameterization``: "edm" for MaskDiT's, "ddpm-eps" for DiT's)."""
-    from .checkpoint import atomic_save
-
     obj = load_official_file(src)
     official = select_state_dict(obj, key)
     state = convert_official_state_dict(official, source)

@@ -11,7 +11,12 @@ from . import ops
 from .backends import get_ops
 from .images import to_uint8
 from .masking import mask_from_ids_keep, token_layout
-from .training import COMPILE_MODES
+from .training import COMPILE_MODES, compile_network
+
+
+def per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (a scalar or one per sample) as one fp32 value per sample of ``x``, on its device: (N,)."""
+    return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
 
 
 class EDMPrecond(nn.Module):
@@ -38,8 +43,7 @@ class EDMPrecond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        sigma = per_sample_sigma(sigma, x).reshape(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         f = self.model(c_in * x, c_noise.flatten(), class_labels, ids_keep)
         return c_skip * x + c_out * f[:, :x.shape[1]].float()
@@ -86,8 +90,7 @@ class DDPMPrecond(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        sigma = per_sample_sigma(sigma, x).reshape(-1, 1, 1, 1)
         t = self.timestep(sigma.flatten()).to(x.device).float()
         eps = self.model(x / (1 + sigma ** 2).sqrt(), t, class_labels, ids_keep)
         return x - sigma * eps[:, :x.shape[1]].float()
@@ -207,8 +210,7 @@ def guided_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_l
     if class_labels is None or cfg_scale is None or cfg_scale == 1:
         return net(x, sigma, class_labels)
     null = torch.full_like(class_labels, null_label)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-    sigma = sigma.expand(x.shape[0]).repeat(2)  # a scalar or one per sample, for both halves
+    sigma = per_sample_sigma(sigma, x).repeat(2)  # for both halves
     both = net(torch.cat([x, x]), sigma, torch.cat([class_labels, null]))
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
@@ -336,6 +338,29 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
         out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale, **stochastic_options(args),
                          randn_like=draws.randn_like)[:n]
     return to_uint8(decode(out) if decode is not None else out)
+
+
+def sampling_network(ckpt: dict, args, device: torch.device):
+    """(denoiser, decode) of a checkpoint for a sampling command line, shared by sample.py and ``maskdit.evaluate``:
+    its ``args.weights`` in the network on ``device`` (eval mode), wrapped as its parameterization says
+    (``make_denoiser``) and compiled as ``args.compile`` says; ``decode`` maps latents to images with its VAE
+    (``args.vae`` or the one it was trained with), None for an image model.  ValueError for missing weights or
+    latents that have no VAE to decode them."""
+    from .config import ModelConfig
+    from .latents import latent_decoder
+    from .models import DiT
+
+    if args.weights not in ckpt:
+        raise ValueError(f"the checkpoint has no {args.weights!r} weights")
+    model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
+    model.load_state_dict(ckpt[args.weights])
+    model.to(device).eval()
+    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
+    decode = latent_decoder(ckpt, args.vae, device)
+    if decode is None and model.in_channels not in (1, 3):
+        raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
+                         "to images: pass --vae PATH_OR_HUB_NAME")
+    return net, decode
 
 
 def sampling_fill(args, num_images: int) -> int:

@@ -36,16 +36,14 @@ import torch
 import torch.distributed as dist
 
 from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
-from maskdit.config import ModelConfig
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
-    checkpoint_parameterization,
     draw_images,
-    make_denoiser,
     sampling_fill,
+    sampling_network,
     stochastic_options,
 )
 from maskdit.fid import (
@@ -56,9 +54,6 @@ from maskdit.fid import (
     load_reference_stats,
     save_stats,
 )
-from maskdit.latents import latent_decoder
-from maskdit.models import DiT
-from maskdit.training import compile_network
 
 LABEL_MODES = ("random", "balanced")
 LABEL_STREAM = 0x1ABE1  # the class draws' stream of a seed, apart from the images' noise streams
@@ -265,17 +260,8 @@ def evaluate(args) -> dict | None:
     ckpt_file = resolve_checkpoint(args.ckpt, "--ckpt")
     ref = load_reference_stats(args.ref) if args.ref is not None else None  # fail before sampling
     ckpt = load_checkpoint(ckpt_file, arg="--ckpt")
-    if args.weights not in ckpt:
-        raise ValueError(f"checkpoint {ckpt_file!r} has no {args.weights!r} weights")
-    model_cfg = ModelConfig.from_dict(ckpt["config"]["model"])
-    model = DiT(model_cfg)
-    model.load_state_dict(ckpt[args.weights])
-    model.to(device).eval()
-    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
-    decode = latent_decoder(ckpt, args.vae, device)
-    if decode is None and model.in_channels not in (1, 3):
-        raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
-                         "to images: pass --vae PATH_OR_HUB_NAME")
+    net, decode = sampling_network(ckpt, args, device)
+    model, model_cfg = net.model, net.model.config
     extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
 
     indices = torch.arange(rank, args.num_samples, world)

@@ -87,13 +87,20 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float | torch.Tensor,
     return Mask([ids_shuffle[i, :k] for i, k in enumerate(keep)], ids_restore, ids_restore >= keep_t[:, None])
 
 
+def host_value_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) of an index tensor where reading them costs no device sync (a non-empty CPU tensor outside
+    tracing), else None: value checks of every call read host tensors only."""
+    if t.device.type != "cpu" or not t.numel() or torch.compiler.is_compiling():
+        return None
+    return int(t.min()), int(t.max())
+
+
 def _check_token_ids(ids: torch.Tensor, num_tokens: int) -> None:
-    """ValueError unless the token indices ``ids`` are in [0, num_tokens); read on the host only (a device
-    tensor's values would cost a sync every call)."""
-    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_tokens:
-            raise ValueError(f"ids_keep must hold token indices in [0, {num_tokens}), got values in [{lo}, {hi}]")
+    """ValueError unless the token indices ``ids`` are in [0, num_tokens) (host tensors: ``host_value_range``)."""
+    found = host_value_range(ids)
+    if found is not None and (found[0] < 0 or found[1] >= num_tokens):
+        raise ValueError(f"ids_keep must hold token indices in [0, {num_tokens}), got values in "
+                         f"[{found[0]}, {found[1]}]")
 
 
 def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout | None, batch: int, num_tokens: int,

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops as token_ops
 from .backends import BACKENDS, get_ops
 from .config import ModelConfig, model_config
-from .masking import TokenLayout, token_layout
+from .masking import TokenLayout, host_value_range, token_layout
 
 CHECKPOINTING = ("none", "decoder", "encoder", "all")  # DiT.set_activation_checkpointing
 IdsKeep = Union[torch.Tensor, Sequence[torch.Tensor], TokenLayout, None]
@@ -245,12 +245,10 @@ class DiT(nn.Module):
             if class_labels is None or class_labels.shape != (n,) or class_labels.dtype != torch.int64:
                 got = None if class_labels is None else (tuple(class_labels.shape), class_labels.dtype)
                 raise ValueError(f"class_labels must be an int64 tensor of shape ({n},), got {got}")
-            # (read on the host only: a device tensor's values would cost a sync every call)
-            if class_labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
-                lo, hi = int(class_labels.min()), int(class_labels.max())
-                if lo < 0 or hi > self.num_classes:
-                    raise ValueError(f"class_labels must be in [0, {self.num_classes}] ({self.num_classes}: the null "
-                                     f"class), got values in [{lo}, {hi}]")
+            found = host_value_range(class_labels)
+            if found is not None and (found[0] < 0 or found[1] > self.num_classes):
+                raise ValueError(f"class_labels must be in [0, {self.num_classes}] ({self.num_classes}: the null "
+                                 f"class), got values in [{found[0]}, {found[1]}]")
 
     def forward_tokens(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                        ids_keep: IdsKeep = None) -> torch.Tensor:

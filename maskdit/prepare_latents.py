@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maskdit.checkpoint import atomic_write
+from maskdit.checkpoint import atomic_write, remove_partial_files
 from maskdit.data import ImageFolderDataset
 from maskdit.distributed import pick_device
 from maskdit.latents import (
@@ -149,9 +149,7 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out!r}: cannot create the folder ({e})") from None
-    for name in os.listdir(out):  # temporary files of a killed run
-        if name.startswith(".tmp-") and name.endswith((".npy", META_NAME)):
-            os.unlink(os.path.join(out, name))
+    remove_partial_files(out)  # (atomic_write's temporary shards and meta.json of a killed run)
     n = len(dataset)
     settings = {"format": FORMAT, "resolution": resolution, "vae": resolve_vae_name(vae), "dtype": dtype,
                 "shard_size": shard_size, "classes": dataset.class_names, "num_images": n,

@@ -43,6 +43,12 @@ class EMA:
 
             self._lerp = MultiTensorLerp(self.ema_params, self.params)
 
+    @staticmethod
+    def fused_for(backend: str) -> bool | None:
+        """``fused`` for the EMA of a network of ``backend``: False for "torch" (plain PyTorch throughout), else
+        None (the EMA's own choice: its Triton kernel for CUDA parameters)."""
+        return False if backend == "torch" else None
+
     @property
     def fused(self) -> bool:
         return self._lerp is not None

@@ -17,7 +17,7 @@ import sample  # noqa: E402
 from maskdit.checkpoint import atomic_save  # noqa: E402
 from maskdit.config import model_config  # noqa: E402
 from maskdit.data import ImageFolderDataset, LatentDataset, batch_iterator, make_dataset  # noqa: E402
-from maskdit.latents import SD_SCALE, decode_latents, load_vae, sample_latents  # noqa: E402
+from maskdit.latents import SD_SCALE, decode_latents, latent_decoder, load_vae, sample_latents  # noqa: E402
 from maskdit.models import DiT  # noqa: E402
 from maskdit.prepare_latents import prepare_latents  # noqa: E402
 
@@ -202,7 +202,7 @@ def test_decode_helper(tmp_path, image_dir, vae_dir):
     _prepare(image_dir, out, vae_dir)
     model_cfg = model_config("DiT-T/2", input_size=16, in_channels=4, num_classes=2).to_dict()
     ckpt = {"config": {"model": model_cfg, "train": {"dataset": f"latents:{out}"}}}
-    decode = sample.latent_decoder(ckpt, None, torch.device("cpu"))  # the VAE named in meta.json
+    decode = latent_decoder(ckpt, None, torch.device("cpu"))  # the VAE named in meta.json
     z = torch.randn(3, 4, 16, 16)
     images = decode(z)
     assert images.shape == (3, 3, RES, RES) and images.min() >= -1 and images.max() <= 1
@@ -210,13 +210,13 @@ def test_decode_helper(tmp_path, image_dir, vae_dir):
     torch.testing.assert_close(images, vae.decode(z / SD_SCALE).sample.clamp(-1, 1))  # z / 0.18215 -> decode
     torch.testing.assert_close(images, decode_latents(vae, z))
     pixel = {"config": {"model": {**model_cfg, "in_channels": 3}, "train": {"dataset": "digits"}}}
-    assert sample.latent_decoder(pixel, None, torch.device("cpu")) is None
+    assert latent_decoder(pixel, None, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="latent channels"):
-        sample.latent_decoder(pixel, vae_dir, torch.device("cpu"))
+        latent_decoder(pixel, vae_dir, torch.device("cpu"))
     gone = {"config": {"model": model_cfg, "train": {"dataset": f"latents:{tmp_path / 'elsewhere'}"}}}
     with pytest.raises(ValueError, match="pass --vae"):
-        sample.latent_decoder(gone, None, torch.device("cpu"))
-    assert sample.latent_decoder(gone, vae_dir, torch.device("cpu")) is not None
+        latent_decoder(gone, None, torch.device("cpu"))
+    assert latent_decoder(gone, vae_dir, torch.device("cpu")) is not None
 
 
 def test_sample_cli_decodes_latents(tmp_path, image_dir, vae_dir):
