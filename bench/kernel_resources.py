@@ -147,9 +147,10 @@ def _ops_in_half_precision():
             x, h, gate, shift, scale = rnd(6, d), rnd(6, d), rnd(2, d), rnd(2, d), rnd(2, d)
             y = kernels.ln_modulate(x, shift, scale, seg)
             xr, y2 = kernels.gated_residual_ln_modulate(x, h, gate, shift, scale, seg)
+            xb, yb = kernels.gated_residual_ln_modulate(x, h, gate, shift, scale, seg, bias=rnd(d))
             out = kernels.insert_mask_tokens(x, ids, seg, rnd(d), rnd(4, d), 2)
             emb = kernels.embed_kept_patches(rnd(2, 4, 4, 4), ids, seg, rnd(d, 16), rnd(d), rnd(4, d).detach(), 2)
-            torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), out.sum(), emb.sum()])
+            torch.autograd.backward([y.sum(), xr.sum(), y2.sum(), xb.sum(), yb.sum(), out.sum(), emb.sum()])
             kernels.bias_grad(rnd(6, d).detach())
             kernels.stack_qkv_grad(*(rnd(6, d).detach() for _ in range(3)))
 

@@ -72,15 +72,17 @@ def op_specs(n: int, L: int, k: int, d: int, dd: int, c: int, p: int, device) ->
         reference=lambda: kernels.ln_modulate_reference(x, mod[:, :d], mod[:, d:2 * d], seg, out_dtype=bf),
         leaves=[x, mod], fwd_bytes=t_enc * d * (4 + 2) + 8 * t_enc, bwd_bytes=t_enc * d * (4 + 2 + 4) + 8 * t_enc))
 
-    h = rnd(t_enc, d, dtype=bf, grad=True)
+    # with the bias of the Linear layer that made h, as the triton backend's training step runs it (the bias
+    # gradient summed in the backward, where bias_grad, below, would read the dh it writes again)
+    h, h_bias = rnd(t_enc, d, dtype=bf, grad=True), rnd(d, grad=True)
     specs.append(dict(
         name="gated_residual_ln_modulate", module=_kernel_module("gated_residual"),
-        shape=f"x ({t_enc}, {d}) fp32, h bf16 -> fp32, bf16",
+        shape=f"x ({t_enc}, {d}) fp32, h bf16, bias fp32 -> fp32, bf16",
         fused=lambda: kernels.gated_residual_ln_modulate(x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d],
-                                                         mod[:, 4 * d:5 * d], seg, out_dtype=bf),
+                                                         mod[:, 4 * d:5 * d], seg, out_dtype=bf, bias=h_bias),
         reference=lambda: kernels.gated_residual_ln_modulate_reference(
-            x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d], mod[:, 4 * d:5 * d], seg, out_dtype=bf),
-        leaves=[x, h, mod], fwd_bytes=t_enc * d * (4 + 2 + 4 + 2) + 8 * t_enc,
+            x, h, mod[:, 2 * d:3 * d], mod[:, 3 * d:4 * d], mod[:, 4 * d:5 * d], seg, out_dtype=bf, bias=h_bias),
+        leaves=[x, h, mod, h_bias], fwd_bytes=t_enc * d * (4 + 2 + 4 + 2) + 8 * t_enc,
         bwd_bytes=t_enc * d * (4 + 2 + 4 + 2 + 4 + 2) + 8 * t_enc))
 
     a, dh = rnd(t_enc, 4 * d, dtype=bf, scale=2.0), rnd(t_enc, 4 * d, dtype=bf)

@@ -1,18 +1,20 @@
 """Gated residual + LayerNorm (no affine) + adaLN modulation, fused:
 
-    x_new = x + gate[s] * h
+    x_new = x + gate[s] * (h + bias)
     y     = LN(x_new) * (1 + scale[s]) + shift[s]
 
-Token layout: x, h (T, D) (h may have another float dtype than x, e.g. bf16 under autocast) with the
-token->sample map ``seg`` (T,) int32; gate, shift, scale (N, D) (row stride free, unit column stride, e.g.
-chunks of the adaLN GEMM output).  One forward pass writes x_new (x's dtype) and y (``out_dtype``); the LN
-statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so forward and backward agree
-with the unfused ``x = x + gate * h; y = modulate(norm(x))``.  The forward saves its input x (which the op
-before it keeps for its own backward anyway), h and the per-token mean/rstd (2 floats a token), not x_new:
-one backward pass recomputes x_new exactly as the forward rounded it, then x_hat, and gives dx, dh and the
-per-sample dgate, dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
-atomic add per run and program, or deterministic as in ``ln_modulate``).  A missing gradient of either
-output (output unused) counts as zeros.
+Token layout: x, h (T, D) (h may have another float dtype than x, e.g. bf16 under autocast) with the token->sample
+map ``seg`` (T,) int32; gate, shift, scale (N, D) (row stride free, unit column stride, e.g. chunks of the adaLN
+GEMM output); the optional bias (D,) is that of the Linear layer that produced h, left out of its product: added
+here in fp32, its gradient summed here too (see below), which saves the layer's backward a pass over its output
+gradient (``kernels.bias_grad``). One forward pass writes x_new (x's dtype) and y (``out_dtype``); the LN
+statistics are taken in fp32 over x_new as stored (rounded to x's dtype), so forward and backward agree with the
+unfused ``x = x + gate * h; y = modulate(norm(x))``. The forward saves its input x (which the op before it keeps
+for its own backward anyway), h and the per-token mean/rstd (2 floats a token), not x_new: one backward pass
+recomputes x_new exactly as the forward rounded it, then x_hat, and gives dx, dh and the per-sample dgate, dshift,
+dscale and, with a bias, its gradient (dh summed over all tokens); fp32 partial sums in registers over runs
+of same-sample tokens, one atomic add per run and program, or deterministic as in ``ln_modulate``. A missing
+gradient of either output (output unused) counts as zeros.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ BWD_PROGRAMS = 2
 
 
 @triton.jit
-def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, T, D, stride_x, stride_h,
+def _gated_residual_fwd_kernel(X, H, BIAS, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD, T, D, stride_x, stride_h,
                                stride_gate, stride_shift, stride_scale, stride_xn, stride_y, eps,
-                               BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                               BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rmask = rows < T
     cols = tl.arange(0, BLOCK_D)
@@ -83,6 +85,8 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
     s = tl.load(SEG + rows, mask=rmask, other=0).to(tl.int64)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     gate = tl.load(GATE + s[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # x_new rounded to its storage dtype: the statistics below (and the backward's x_hat) use what is stored
     xn_st = (x + gate * h).to(XN.dtype.element_ty)
@@ -96,13 +100,16 @@ def _gated_residual_fwd_kernel(X, H, GATE, SHIFT, SCALE, SEG, XN, Y, MEAN, RSTD,
 
 
 @triton.jit
-def _gated_residual_bwd_part(DXN, DY, X, H, GATE, SCALE, r, s, cols, cmask, valid, stride_dxn, stride_dy, stride_x,
-                             stride_h, stride_gate, stride_scale, mean, rstd, HAS_DXN: tl.constexpr,
-                             HAS_DY: tl.constexpr):
-    """One column block of row r in fp32: h, gate, the incoming x_new gradient, and (with HAS_DY; zeros
-    otherwise) dy, g and x_hat of the LayerNorm backward (``_ln_bwd_terms``)."""
+def _gated_residual_bwd_part(DXN, DY, X, H, BIAS, GATE, SCALE, r, s, cols, cmask, valid, stride_dxn, stride_dy,
+                             stride_x, stride_h, stride_gate, stride_scale, mean, rstd, HAS_DXN: tl.constexpr,
+                             HAS_DY: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One column block of row r in fp32: h (plus the bias), gate, the incoming x_new gradient, and (with HAS_DY;
+    zeros otherwise) dy, g and x_hat of the LayerNorm backward (``_ln_bwd_terms``)."""
     vmask = cmask & valid
     h = tl.load(H + r * stride_h + cols, mask=vmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # loaded with each row (from L1/L2), not once a program: held across the row loop it took the
+        # training step's variant from 209 to 254 registers a thread in triton 3.6's sm_90 build, 211 this way
+        h += tl.load(BIAS + cols, mask=vmask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + s * stride_gate + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_DXN:
         dxn = tl.load(DXN + r * stride_dxn + cols, mask=vmask, other=0.0).to(tl.float32)
@@ -122,11 +129,11 @@ def _gated_residual_bwd_part(DXN, DY, X, H, GATE, SCALE, r, s, cols, cmask, vali
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, ROW_SAMPLES,
-                               T, D, stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale, stride_dx,
-                               stride_dh, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
-                               HAS_DXN: tl.constexpr, HAS_DY: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                               STAGES: tl.constexpr):
+def _gated_residual_bwd_kernel(DXN, DY, X, H, BIAS, GATE, SCALE, SEG, MEAN, RSTD, DX, DH, DGATE, DSHIFT, DSCALE, DHSUM,
+                               ROW_SAMPLES, T, D, stride_dxn, stride_dy, stride_x, stride_h, stride_gate, stride_scale,
+                               stride_dx, stride_dh, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
+                               HAS_DXN: tl.constexpr, HAS_DY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               DETERMINISTIC: tl.constexpr, STAGES: tl.constexpr):
     # a row's columns as one or two power-of-two blocks, as in ``_ln_modulate_bwd_kernel``
     pid = tl.program_id(0).to(tl.int64)
     ca = tl.arange(0, BLOCK_A)
@@ -135,6 +142,7 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
     acc_gate_a = tl.zeros([BLOCK_A], dtype=tl.float32)
     acc_shift_a = tl.zeros([BLOCK_A], dtype=tl.float32)
     acc_scale_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    acc_dh_a = tl.zeros([BLOCK_A], dtype=tl.float32)  # (with HAS_BIAS)
     if BLOCK_B > 0:
         cb = BLOCK_A + tl.arange(0, BLOCK_B)
         mb = cb < D
@@ -142,6 +150,7 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
         acc_gate_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         acc_shift_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         acc_scale_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        acc_dh_b = tl.zeros([BLOCK_B], dtype=tl.float32)
     for i in tl.range(ROWS, num_stages=STAGES):
         row = pid * ROWS + i
         r = tl.minimum(row, T - 1)
@@ -150,13 +159,13 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
         rstd = tl.load(RSTD + r)
         va = (zero_a + row) < T
         h_a, gate_a, dxn_a, dy_a, g_a, xh_a = _gated_residual_bwd_part(
-            DXN, DY, X, H, GATE, SCALE, r, s, ca, ma, va, stride_dxn, stride_dy, stride_x, stride_h, stride_gate,
-            stride_scale, mean, rstd, HAS_DXN, HAS_DY)
+            DXN, DY, X, H, BIAS, GATE, SCALE, r, s, ca, ma, va, stride_dxn, stride_dy, stride_x, stride_h,
+            stride_gate, stride_scale, mean, rstd, HAS_DXN, HAS_DY, HAS_BIAS)
         if BLOCK_B > 0:
             vb = (zero_b + row) < T
             h_b, gate_b, dxn_b, dy_b, g_b, xh_b = _gated_residual_bwd_part(
-                DXN, DY, X, H, GATE, SCALE, r, s, cb, mb, vb, stride_dxn, stride_dy, stride_x, stride_h, stride_gate,
-                stride_scale, mean, rstd, HAS_DXN, HAS_DY)
+                DXN, DY, X, H, BIAS, GATE, SCALE, r, s, cb, mb, vb, stride_dxn, stride_dy, stride_x, stride_h,
+                stride_gate, stride_scale, mean, rstd, HAS_DXN, HAS_DY, HAS_BIAS)
         if HAS_DY:
             sum_g, sum_gx = _ln_bwd_sums(g_a, xh_a)
             if BLOCK_B > 0:
@@ -172,12 +181,18 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
                 acc_shift_b += dy_b
                 acc_scale_b += dy_b * xh_b
         acc_gate_a += dxn_a * h_a
+        dh_a = dxn_a * gate_a
+        if HAS_BIAS:
+            acc_dh_a += dh_a
         tl.store(DX + r * stride_dx + ca, dxn_a.to(DX.dtype.element_ty), mask=ma & va)
-        tl.store(DH + r * stride_dh + ca, (dxn_a * gate_a).to(DH.dtype.element_ty), mask=ma & va)
+        tl.store(DH + r * stride_dh + ca, dh_a.to(DH.dtype.element_ty), mask=ma & va)
         if BLOCK_B > 0:
             acc_gate_b += dxn_b * h_b
+            dh_b = dxn_b * gate_b
+            if HAS_BIAS:
+                acc_dh_b += dh_b
             tl.store(DX + r * stride_dx + cb, dxn_b.to(DX.dtype.element_ty), mask=mb & vb)
-            tl.store(DH + r * stride_dh + cb, (dxn_b * gate_b).to(DH.dtype.element_ty), mask=mb & vb)
+            tl.store(DH + r * stride_dh + cb, dh_b.to(DH.dtype.element_ty), mask=mb & vb)
         # flush the partial sums at the end of a sample's run of tokens and at the end of the program
         s_next = tl.load(SEG + tl.minimum(row + 1, T - 1)).to(tl.int64)
         if (row < T) & ((i == ROWS - 1) | (row + 1 >= T) | (s_next != s)):
@@ -194,12 +209,18 @@ def _gated_residual_bwd_kernel(DXN, DY, X, H, GATE, SCALE, SEG, MEAN, RSTD, DX, 
                 if BLOCK_B > 0:
                     acc_shift_b, acc_scale_b = _flush_shift_scale(DSHIFT, DSCALE, s, pid, D, cb, acc_shift_b,
                                                                   acc_scale_b, mb, DETERMINISTIC)
+    if HAS_BIAS:  # the bias gradient, summed over the samples: one flush a program, into row 0 (deterministic: row pid)
+        _flush_partial(DHSUM, 0, pid, D, ca, acc_dh_a, ma, DETERMINISTIC)
+        if BLOCK_B > 0:
+            _flush_partial(DHSUM, 0, pid, D, cb, acc_dh_b, mb, DETERMINISTIC)
 
 
-def _validate(x, h, gate, shift, scale, seg, out_dtype):
+def _validate(x, h, gate, shift, scale, seg, bias, out_dtype):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_stride_one=True)
     t, d = x.shape
     check_tensor("h", h, shape=(t, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(d,), dtypes=FLOAT_DTYPES, device=x.device, contiguous=True)
     for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
         check_tensor(name, m, ndim=2, shape=(None, d), dtypes=FLOAT_DTYPES, device=x.device, last_stride_one=True)
     n = same_samples(gate=gate, shift=shift, scale=scale)
@@ -209,7 +230,7 @@ def _validate(x, h, gate, shift, scale, seg, out_dtype):
 
 
 def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-              seg: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
+              seg: torch.Tensor, bias: Optional[torch.Tensor], eps: float, out_dtype: Optional[torch.dtype]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     t, d = x.shape
     x_new = new_output((t, d), x.dtype, x.device)
@@ -218,9 +239,10 @@ def _fwd_impl(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch
     rstd = new_output((t,), torch.float32, x.device)
     if t:
         _gated_residual_fwd_kernel[(cdiv(t, FWD_ROWS),)](
-            x, h, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0), h.stride(0), gate.stride(0),
-            shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps, BLOCK_D=block_size(d),
-            ROWS=FWD_ROWS, num_warps=forward_warps(FWD_ROWS * block_size(d)))
+            x, h, h if bias is None else bias, gate, shift, scale, seg, x_new, y, mean, rstd, t, d, x.stride(0),
+            h.stride(0), gate.stride(0), shift.stride(0), scale.stride(0), x_new.stride(0), y.stride(0), eps,
+            BLOCK_D=block_size(d), ROWS=FWD_ROWS, HAS_BIAS=bias is not None,
+            num_warps=forward_warps(FWD_ROWS * block_size(d)))
     return x_new, y, mean, rstd
 
 
@@ -228,17 +250,17 @@ _fwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_fwd", _fwd_i
 
 
 @_fwd.register_fake
-def _fwd_fake(x, h, gate, shift, scale, seg, eps, out_dtype):
+def _fwd_fake(x, h, gate, shift, scale, seg, bias, eps, out_dtype):
     t, d = x.shape
     return x.new_empty((t, d)), x.new_empty((t, d), dtype=out_dtype or x.dtype), \
         x.new_empty(t, dtype=torch.float32), x.new_empty(t, dtype=torch.float32)
 
 
 def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
-              gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's dtype), dh (h's dtype) and the fp32 (3, N, D) per-sample sums dgate, dshift, dscale; a None
-    gradient is zeros."""
+              gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's dtype), dh (h's dtype) and the fp32 per-sample sums dgate, dshift, dscale, (3, N, D), and given a
+    bias a fourth (N, D) slice whose row 0 is its gradient (dh's column sums); a None gradient is zeros."""
     t, d = x.shape
     n = gate.shape[0]
     det = deterministic(x.device)
@@ -250,44 +272,49 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
     dh = new_output((t, d), h.dtype, h.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)
     programs = cdiv(t, rows)
-    sums = per_sample_sums_buffer(programs, n, d, x.device, det, count=3)
+    sums = per_sample_sums_buffer(programs, n, d, x.device, det, count=3 if bias is None else 4)
     row_samples = row_samples_buffer(programs, n, x.device, det)
     if t:
         has_dxn, has_dy = dx_new is not None, dy is not None
         dxn_arg = dx_new if has_dxn else x  # unused placeholders when a gradient is missing
         dy_arg = dy if has_dy else x
         _gated_residual_bwd_kernel[(programs,)](
-            dxn_arg, dy_arg, x, h, gate, scale, seg, mean, rstd, dx, dh, sums[0], sums[1], sums[2], row_samples, t, d,
-            dxn_arg.stride(0), dy_arg.stride(0), x.stride(0), h.stride(0), gate.stride(0), scale.stride(0),
-            dx.stride(0), dh.stride(0), **column_blocks(d, BWD_SPLIT_COLUMNS), ROWS=rows, HAS_DXN=has_dxn,
-            HAS_DY=has_dy, DETERMINISTIC=det, STAGES=BWD_STAGES,
+            dxn_arg, dy_arg, x, h, h if bias is None else bias, gate, scale, seg, mean, rstd, dx, dh, sums[0],
+            sums[1], sums[2], sums[-1], row_samples, t, d, dxn_arg.stride(0), dy_arg.stride(0), x.stride(0),
+            h.stride(0), gate.stride(0), scale.stride(0), dx.stride(0), dh.stride(0),
+            **column_blocks(d, BWD_SPLIT_COLUMNS), ROWS=rows, HAS_DXN=has_dxn, HAS_DY=has_dy,
+            HAS_BIAS=bias is not None, DETERMINISTIC=det, STAGES=BWD_STAGES,
             **backward_options(BWD_WARPS, BWD_STAGES, BWD_PROGRAMS))
-    return dx, dh, per_sample_sums(sums, row_samples, n, det)
+    sums = per_sample_sums(sums, row_samples, n, det)
+    if det and bias is not None:  # the programs' bias sums landed in rows of several samples: added in a fixed order
+        sums[3, 0] = sums[3].sum(0)
+    return dx, dh, sums
 
 
 _bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
-def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd):
+def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd, bias):
     t, d = x.shape
     n = gate.shape[0]
-    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((3, n, d), dtype=torch.float32)
+    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((3 if bias is None else 4, n, d), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, h, gate, shift, scale, seg, eps, out_dtype = inputs
+    x, h, gate, shift, scale, seg, bias, eps, out_dtype = inputs
     _, _, mean, rstd = output
-    ctx.save_for_backward(x, h, gate, scale, seg, mean, rstd)
+    ctx.save_for_backward(x, h, gate, scale, seg, mean, rstd, bias)
     ctx.shift_dtype = shift.dtype
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero (T, D) tensor is read
 
 
 def _backward(ctx, bwd, dx_new, dy, _dmean, _drstd):
-    x, h, gate, scale, seg, mean, rstd = ctx.saved_tensors
-    dx, dh, sums = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd)
-    return dx, dh, *cast_sums(sums, (gate.dtype, ctx.shift_dtype, scale.dtype)), None, None, None
+    x, h, gate, scale, seg, mean, rstd, bias = ctx.saved_tensors
+    dx, dh, sums = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd, bias)
+    dbias = None if bias is None else sums[3, 0].to(bias.dtype)
+    return dx, dh, *cast_sums(sums[:3], (gate.dtype, ctx.shift_dtype, scale.dtype)), None, dbias, None, None
 
 
 _call = autograd_op("GatedResidualLnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)
@@ -295,21 +322,24 @@ _call = autograd_op("GatedResidualLnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl,
 
 def gated_residual_ln_modulate(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                scale: torch.Tensor, seg: torch.Tensor, eps: float = LN_EPS,
-                               out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``x_new = x + gate[seg] * h`` and ``y = LN(x_new) * (1 + scale[seg]) + shift[seg]`` over (T, D)
-    tokens; returns (x_new in x's dtype, y in ``out_dtype``, default x's)."""
-    _validate(x, h, gate, shift, scale, seg, out_dtype)
-    x_new, y, _, _ = _call(x, h, gate, shift, scale, seg, eps, out_dtype)
+                               out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``x_new = x + gate[seg] * (h + bias)`` (no bias: 0) and ``y = LN(x_new) * (1 + scale[seg]) +
+    shift[seg]`` over (T, D) tokens; returns (x_new in x's dtype, y in ``out_dtype``, default x's)."""
+    _validate(x, h, gate, shift, scale, seg, bias, out_dtype)
+    x_new, y, _, _ = _call(x, h, gate, shift, scale, seg, bias, eps, out_dtype)
     return x_new, y
 
 
 def gated_residual_ln_modulate_reference(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                          scale: torch.Tensor, seg: torch.Tensor, eps: float = LN_EPS,
-                                         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                         out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None
+                                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference of ``gated_residual_ln_modulate`` (fp32 math; x_new rounded to x's dtype
     before the LayerNorm, as it is stored)."""
     s = seg.long()
-    x_new = (x.float() + gate.float()[s] * h.float()).to(x.dtype)
+    h = h.float() if bias is None else h.float() + bias.float()
+    x_new = (x.float() + gate.float()[s] * h).to(x.dtype)
     y = torch.nn.functional.layer_norm(x_new.float(), x.shape[-1:], eps=eps)
     y = y * (1 + scale.float()[s]) + shift.float()[s]
     return x_new, y.to(out_dtype or x.dtype)

@@ -4,13 +4,15 @@ by a ``TokenLayout`` and take per-sample (N, D) shift/scale/gate:
 
     embed_patches(x, weight, bias, pos_embed, patch_size, layout)  -> (T, D)
     ln_modulate(x, shift, scale, layout)                            -> y = LN(x) * (1 + scale) + shift
-    residual_ln_modulate(x, h, gate, shift, scale, layout)          -> (x + gate * h, y of that)
+    residual_ln_modulate(x, h, gate, shift, scale, layout)          -> (x + gate * h, y of that), h a branch
+                                                                       output (of mlp or output_projection)
     insert_mask_tokens(x_kept, layout, mask_token, pos_embed)       -> (N*L, D_dec)
     scatter_tokens(x_kept, layout)                                  -> (N*L, D), zeros where masked
     linear(y, layer)                                                -> layer(y), y from one of the two above
     qkv(y, layer, num_heads)                                        -> q, k, v (T, heads, head_dim) views of it
     self_attention(y, qkv_layer, num_heads, layout)                 -> attention of qkv(...) (T, heads, head_dim)
     mlp(y, fc1, fc2)                                                -> fc2(gelu_tanh(fc1(y))), y as for linear
+    output_projection(x, layer)                                     -> layer(x), the attention's output projection
     dense(x, layer)                                                 -> layer(x), x a plain tensor
     checkpointed_outputs(x, y)                                      -> a checkpointed block's (x, y), see TritonOps
 
@@ -24,6 +26,10 @@ The triton backend's Linear layers give an fp32 weight its gradient straight fro
 accumulator on CUDA under autocast (``_weight_grad``), not rounded to the compute dtype and cast back.
 Both backends recompute the MLP's GELU output in its backward instead of storing it; the triton backend runs
 the whole MLP backward as one Function with the fused GELU backward kernel (``kernels.gelu_tanh_grad``).
+Under autograd the triton backend's two branch outputs (the MLP's and the attention's output projection) leave
+their Linear layer's bias to ``residual_ln_modulate``, as a ``BranchOutput``: its kernel adds the bias and sums
+the bias gradient from the values it computes anyway, where the Linear's backward would read its output
+gradient once more (``kernels.bias_grad``).
 """
 
 from __future__ import annotations
@@ -78,9 +84,13 @@ class _Ops:
 
     @staticmethod
     def dense(x, layer):
-        """``layer(x)`` for a Linear layer on a plain tensor (the attention's output projection, the adaLN
-        modulation's one GEMM)."""
+        """``layer(x)`` for a Linear layer on a plain tensor (the adaLN modulation's one GEMM)."""
         return layer(x)
+
+    def output_projection(self, x, layer):
+        """``layer(x)`` for the attention's output projection on its (T, D) output, a branch output for
+        ``residual_ln_modulate``."""
+        return self.dense(x, layer)
 
 
 class TorchOps(_Ops):
@@ -117,6 +127,14 @@ class ModulatedLN(NamedTuple):
     seg: torch.Tensor
 
 
+class BranchOutput(NamedTuple):
+    """A block branch's output from the triton backend without its Linear layer's bias, which
+    ``residual_ln_modulate`` adds (and sums the gradient of) in its kernel."""
+
+    h: torch.Tensor
+    bias: torch.Tensor
+
+
 class TritonOps(_Ops):
     """The fused Triton kernels."""
 
@@ -140,7 +158,10 @@ class TritonOps(_Ops):
         return ModulatedLN(y, x, shift, scale, layout.seg)
 
     def residual_ln_modulate(self, x, h, gate, shift, scale, layout):
-        x, y = self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))
+        """As the torch backend's; h a tensor or a ``BranchOutput``, whose bias the kernel adds."""
+        h, bias = h if isinstance(h, BranchOutput) else (h, None)
+        x, y = self.k.gated_residual_ln_modulate(x, h, gate, shift, scale, layout.seg, out_dtype=_autocast_dtype(x),
+                                                 bias=bias)
         return x, ModulatedLN(y, x, shift, scale, layout.seg)
 
     def _recomputed_from(self, y: ModulatedLN) -> tuple:
@@ -186,13 +207,20 @@ class TritonOps(_Ops):
             return layer(x)
         return _Linear.apply(x.to(_autocast_dtype(x) or x.dtype), layer.weight, layer.bias)
 
+    def output_projection(self, x, layer):
+        """``layer(x)``; under autograd a ``BranchOutput``: the product by ``_Linear`` without the bias."""
+        if not torch.is_grad_enabled():
+            return layer(x)
+        return BranchOutput(_Linear.apply(x.to(_autocast_dtype(x) or x.dtype), layer.weight, None), layer.bias)
+
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
-        LayerNorm's input and the GELU's input and runs the GELU backward as one kernel; without autograd, with
-        ``kernels.gelu_gemm.FORWARD``, the GELU in fc1's product's epilogue (``linear_gelu_output``)."""
+        LayerNorm's input and the GELU's input and runs the GELU backward as one kernel, its output a
+        ``BranchOutput`` (fc2's bias left out); without autograd, with ``kernels.gelu_gemm.FORWARD``, the GELU in
+        fc1's product's epilogue (``linear_gelu_output``)."""
         if self.recompute and torch.is_grad_enabled():
-            return _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                            *self._recomputed_from(y))
+            out = _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, *self._recomputed_from(y))
+            return BranchOutput(out, fc2.bias)
         if not torch.is_grad_enabled() and self.k.gelu_gemm.FORWARD:  # (no weight cast for nothing when off)
             w1 = fc1.weight.to(y.y.dtype)
             if _fused_gelu_gemm("FORWARD", y.y, w1):
@@ -251,7 +279,8 @@ class _Linear(torch.autograd.Function):
     backward gives the weight its gradient in the weight's own dtype (``_weight_grad``) and sums the bias
     gradient in fp32 with ``kernels.bias_grad`` (one pass at the copy rate, where PyTorch's column sums
     averaged about a third of it in a profiled step), when the bias needs one (``TritonOps.qkv`` passes it
-    detached: ``_SplitQkv`` sums it).  It saves the cast weight and x, as autograd's Linear does, or,
+    detached: ``_SplitQkv`` sums it); without a bias (``TritonOps.output_projection``: the residual kernel adds
+    it) none.  It saves the cast weight and x, as autograd's Linear does, or,
     given ``recomputed_from`` = (x0, shift, scale, seg) with x = ln_modulate(x0, shift, scale, seg), those
     instead of x: the backward recomputes x with the forward kernel for the weight gradient.  A block then
     keeps neither of its two modulated outputs (the qkv and fc1 inputs): 12% of the triton backend's
@@ -263,8 +292,9 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, *recomputed_from):
         w = weight.to(x.dtype)
         ctx.save_for_backward(w, *(recomputed_from or (x,)))
-        ctx.x_dtype, ctx.dtypes, ctx.num_extra = x.dtype, (weight.dtype, bias.dtype), len(recomputed_from)
-        return F.linear(x, w, bias.to(x.dtype))
+        ctx.x_dtype, ctx.num_extra = x.dtype, len(recomputed_from)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -345,20 +375,21 @@ def _fused_gelu_gemm(direction: str, *operands: torch.Tensor) -> bool:
 
 
 class _MlpOnRecomputedLN(torch.autograd.Function):
-    """``fc2(gelu_tanh(fc1(y)))`` for y = ln_modulate(x, shift, scale), keeping what ``_Linear`` and
-    ``_GeluLinear`` keep together (given ``recomputed_from``: x, shift, scale and the GELU input a; not y, not
-    the GELU output; without it y and a).  The backward recomputes y with the LayerNorm kernel and runs the
-    GELU backward as one kernel (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight
-    gradient, a's gradient and fc1's bias gradient from one read of a and of its incoming gradient, where the
-    unfused backward reads a twice and a's gradient once more).  The biases come in their own (fp32) dtype,
-    their gradients summed in fp32 (fc2's by ``kernels.bias_grad``); the weights come in theirs too (cast to y's
-    dtype for the products) and get their gradients in it (``_weight_grad``).  With ``kernels.gelu_gemm.FORWARD``
-    and ``BACKWARD`` the GELU goes into the epilogues of fc1's product and of the product that gives fc2's input
-    gradient (``kernels.gelu_gemm``), where the operands suit it.
+    """``fc2(gelu_tanh(fc1(y)))`` without fc2's bias (the residual kernel adds it: ``BranchOutput``) for
+    y = ln_modulate(x, shift, scale), keeping what ``_Linear`` and ``_GeluLinear`` keep together (given
+    ``recomputed_from``: x, shift, scale and the GELU input a; not y, not the GELU output; without it y and a).
+    The backward recomputes y with the LayerNorm kernel and runs the GELU backward as one kernel
+    (``kernels.gelu_tanh_grad``: the recomputed GELU output for fc2's weight gradient, a's gradient and fc1's
+    bias gradient from one read of a and of its incoming gradient, where the unfused backward reads a twice and
+    a's gradient once more).  fc1's bias comes in its own (fp32) dtype, its
+    gradient summed in fp32; the weights come in theirs too (cast to y's dtype for the products) and get their
+    gradients in it (``_weight_grad``).  With ``kernels.gelu_gemm.FORWARD`` and ``BACKWARD`` the GELU goes into
+    the epilogues of fc1's product and of the product that gives fc2's input gradient (``kernels.gelu_gemm``),
+    where the operands suit it.
     """
 
     @staticmethod
-    def forward(ctx, y, w1, b1, w2, b2, *recomputed_from):
+    def forward(ctx, y, w1, b1, w2, *recomputed_from):
         import kernels
 
         w1c, w2c, b1c = w1.to(y.dtype), w2.to(y.dtype), b1.to(y.dtype)
@@ -369,8 +400,8 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
             g = F.gelu(a, approximate="tanh")
         ctx.save_for_backward(w1c, w2c, a, *(recomputed_from or (y,)))
         ctx.y_dtype, ctx.num_extra = y.dtype, len(recomputed_from)
-        ctx.dtypes = w1.dtype, b1.dtype, w2.dtype, b2.dtype
-        return F.linear(g, w2c, b2.to(a.dtype))
+        ctx.dtypes = w1.dtype, b1.dtype, w2.dtype
+        return F.linear(g, w2c)
 
     @staticmethod
     def backward(ctx, dout):
@@ -383,9 +414,9 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
             g, da, db1 = kernels.gelu_gemm.gelu_grad_gemm(dout2, w2, a)
         else:
             g, da, db1 = kernels.gelu_tanh_grad(a.reshape(-1, a.shape[-1]), (dout2 @ w2).to(a.dtype))
-        dw2, db2 = _weight_grad(dout2, g, ctx.dtypes[2]), kernels.bias_grad(dout2)
+        dw2 = _weight_grad(dout2, g, ctx.dtypes[2])
         dw1, dy = _weight_grad(da, y.reshape(-1, y.shape[-1]), ctx.dtypes[0]), (da @ w1).view(y.shape)
-        return dy, dw1, db1.to(ctx.dtypes[1]), dw2, db2.to(ctx.dtypes[3]), *[None] * ctx.num_extra
+        return dy, dw1, db1.to(ctx.dtypes[1]), dw2, *[None] * ctx.num_extra
 
 
 _TORCH = TorchOps()

@@ -107,10 +107,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, y, layout: TokenLayout, ops) -> torch.Tensor:
-        """y: a modulated LayerNorm output of ``ops`` (T tokens); returns (T, dim)."""
+    def forward(self, y, layout: TokenLayout, ops):
+        """y: a modulated LayerNorm output of ``ops`` (T tokens); returns (T, dim), a branch output of ``ops``."""
         out = ops.self_attention(y, self.qkv, self.num_heads, layout)
-        return ops.dense(out.reshape(out.shape[0], -1), self.proj)
+        return ops.output_projection(out.reshape(out.shape[0], -1), self.proj)
 
 
 class Mlp(nn.Module):
@@ -122,8 +122,8 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, y, ops) -> torch.Tensor:
-        """y: a modulated LayerNorm output of ``ops``."""
+    def forward(self, y, ops):
+        """y: a modulated LayerNorm output of ``ops``; returns a branch output of ``ops``."""
         return ops.mlp(y, self.fc1, self.fc2)
 
 

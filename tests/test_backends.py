@@ -33,6 +33,14 @@ def inputs(n=3, seed=0):
     return x, t, y
 
 
+def branch_value(out):
+    """A branch output of the ops (``Mlp``, ``output_projection``) as the tensor it stands for: the triton
+    backend's ``BranchOutput`` with its bias added (in the product's dtype, as the Linear's epilogue would)."""
+    from maskdit.backends import BranchOutput
+
+    return out.h + out.bias.to(out.h.dtype) if isinstance(out, BranchOutput) else out
+
+
 def grads(model):
     return {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
 
@@ -216,7 +224,7 @@ def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
         def forward(x, mod):
             y = ops.ln_modulate(x, mod[:, :72], mod[:, 72:], layout)
             if through_ops:
-                return y.y, mlp(y, ops)
+                return y.y, branch_value(mlp(y, ops))
             return y.y, mlp.fc2(torch.nn.functional.gelu(mlp.fc1(y.y), approximate="tanh"))
 
         if compiled:
@@ -265,7 +273,7 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
 
         def forward(x, mod):
             with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
-                return mlp(ops.ln_modulate(x, mod[:, :72], mod[:, 72:], layout), ops)
+                return branch_value(mlp(ops.ln_modulate(x, mod[:, :72], mod[:, 72:], layout), ops))
 
         if compiled:
             torch._dynamo.reset()
@@ -298,11 +306,13 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_triton_dense_matches_linear_and_saves_the_same(autocast):
-    """``ops.dense`` (the attention projection: a Linear whose bias gradient ``kernels.bias_grad`` sums) against
-    the Linear itself: the same output and gradients, also for an expanded output gradient (``out.sum()``), and
-    the same saved bytes; under bf16 autocast the bias gradient is an fp32 sum, close to the Linear's."""
-    from maskdit.backends import get_ops
+@pytest.mark.parametrize("projection", [False, True])
+def test_triton_dense_matches_linear_and_saves_the_same(autocast, projection):
+    """``ops.dense`` (the adaLN GEMM: a Linear whose bias gradient ``kernels.bias_grad`` sums) and
+    ``ops.output_projection`` (the attention's, its bias left to the residual kernel: added here) against the
+    Linear itself: the same output and gradients, also for an expanded output gradient (``out.sum()``), and the
+    same saved bytes; under bf16 autocast the bias gradient is an fp32 sum, close to the Linear's."""
+    from maskdit.backends import BranchOutput, get_ops
 
     ops = get_ops("triton", torch.device(DEVICE))
     layer = randomize(torch.nn.Linear(72, 100)).to(DEVICE)
@@ -316,7 +326,12 @@ def test_triton_dense_matches_linear_and_saves_the_same(autocast):
         grads = torch.autograd.grad(out.float().sum(), [x, layer.weight, layer.bias])
         return out, grads, sum(saved.values())
 
-    (out_r, grads_r, bytes_r), (out_f, grads_f, bytes_f) = run(layer), run(lambda v: ops.dense(v, layer))
+    def through_ops(v):
+        out = ops.output_projection(v, layer) if projection else ops.dense(v, layer)
+        assert isinstance(out, BranchOutput) == projection and (not projection or out.bias is layer.bias)
+        return branch_value(out)
+
+    (out_r, grads_r, bytes_r), (out_f, grads_f, bytes_f) = run(layer), run(through_ops)
     torch.testing.assert_close(out_f, out_r, **tol)
     for name, a, b in zip(["x", "weight", "bias"], grads_r, grads_f):
         torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")

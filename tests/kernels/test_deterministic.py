@@ -25,11 +25,13 @@ def _ops(dtype):
     seg = segments(LENGTHS)
     x, h = _rand(g, t, D, dtype=dtype), _rand(g, t, D, dtype=dtype)
     gate, shift, scale = (_rand(g, n, D, dtype=dtype) for _ in range(3))
+    bias = _rand(g, D, dtype=dtype)  # (the triton backend's Linear layers leave theirs to the op)
     ids = torch.cat([torch.randperm(48, generator=g)[:k] for k in LENGTHS]).to(DEVICE)  # L = 48 tokens a sample
     mask_token, pos = _rand(g, D, dtype=dtype), torch.randn(48, D, generator=g).to(DEVICE, dtype)
     return {
         "ln_modulate": ((x, shift, scale), lambda f: f(x, shift, scale, seg)),
-        "gated_residual_ln_modulate": ((x, h, gate, shift, scale), lambda f: f(x, h, gate, shift, scale, seg)),
+        "gated_residual_ln_modulate": ((x, h, gate, shift, scale, bias),
+                                       lambda f: f(x, h, gate, shift, scale, seg, bias=bias)),
         "insert_mask_tokens": ((x, mask_token), lambda f: f(x, ids, seg, mask_token, pos, n)),
     }
 

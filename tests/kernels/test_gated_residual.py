@@ -17,10 +17,11 @@ from tests.kernels.conftest import DEVICE, DTYPES, TOL, segments
 CASES = [(72, [3, 1, 7, 5]), (100, [33, 1, 36]), (384, [2, 2]), (1152, [5])]
 # widths the backward can take as two column blocks (64 + 16, 256 + 128; 1024 + 128 on CUDA, where it is cheap)
 SPLIT_CASES = [(72, [31, 2, 1, 33]), (384, [3, 2])] + ([(1152, [2, 3])] if DEVICE == "cuda" else [])
-NAMES = ("dx", "dh", "dgate", "dshift", "dscale")
+NAMES = ("dx", "dh", "dgate", "dshift", "dscale", "dbias")
 
 
-def _inputs(d, lengths, dtype, h_dtype=None, mod_dtype=None, seed=0):
+def _inputs(d, lengths, dtype, h_dtype=None, mod_dtype=None, seed=0, bias_dtype=None):
+    """x, h, gate, shift, scale, seg and, given ``bias_dtype``, the Linear layer's bias (None otherwise)."""
     g = torch.Generator().manual_seed(seed)
     t, n = sum(lengths), len(lengths)
     x = (torch.randn(t, d, generator=g) * 2 + 0.5).to(DEVICE, dtype)
@@ -28,21 +29,30 @@ def _inputs(d, lengths, dtype, h_dtype=None, mod_dtype=None, seed=0):
     # gate/shift/scale as chunks of the adaLN GEMM output (row stride 6D)
     mod = (torch.randn(n, 6 * d, generator=g) * 0.5).to(DEVICE, mod_dtype or dtype)
     shift, scale, gate = mod[:, 3 * d:4 * d], mod[:, 4 * d:5 * d], mod[:, 5 * d:6 * d]
-    return x, h, gate, shift, scale, segments(lengths)
+    bias = None if bias_dtype is None else torch.randn(d, generator=g).to(DEVICE, bias_dtype)
+    return x, h, gate, shift, scale, segments(lengths), bias
 
 
 def _leaves(tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _check(d, lengths, dtype, h_dtype=None, mod_dtype=None, out_dtype=None, use=("x_new", "y"), tol_dtype=None):
-    x, h, gate, shift, scale, seg = _inputs(d, lengths, dtype, h_dtype, mod_dtype)
+def _bias_of(leaves):
+    return leaves[5] if len(leaves) > 5 else None
+
+
+def _check(d, lengths, dtype, h_dtype=None, mod_dtype=None, out_dtype=None, use=("x_new", "y"), tol_dtype=None,
+           bias_dtype=None):
+    """The op against its reference, outputs and the gradients of every input (with ``bias_dtype``, of a bias
+    too); returns the gradients."""
+    x, h, gate, shift, scale, seg, bias = _inputs(d, lengths, dtype, h_dtype, mod_dtype, bias_dtype=bias_dtype)
     assert gate.stride(0) == shift.stride(0) == scale.stride(0) == 6 * d  # row views of the GEMM output
     tol = TOL[tol_dtype or dtype]
-    leaves = _leaves((x, h, gate, shift, scale))
-    ref_leaves = _leaves((x, h, gate, shift, scale))
-    x_new, y = gated_residual_ln_modulate(*leaves, seg, out_dtype=out_dtype)
-    x_new_ref, y_ref = gated_residual_ln_modulate_reference(*ref_leaves, seg, out_dtype=out_dtype)
+    inputs = (x, h, gate, shift, scale) + (() if bias is None else (bias,))
+    leaves, ref_leaves = _leaves(inputs), _leaves(inputs)
+    x_new, y = gated_residual_ln_modulate(*leaves[:5], seg, out_dtype=out_dtype, bias=_bias_of(leaves))
+    x_new_ref, y_ref = gated_residual_ln_modulate_reference(*ref_leaves[:5], seg, out_dtype=out_dtype,
+                                                            bias=_bias_of(ref_leaves))
     assert x_new.dtype == dtype and x_new.shape == x.shape
     assert y.dtype == (out_dtype or dtype) and y.shape == x.shape
     torch.testing.assert_close(x_new, x_new_ref, **tol["fwd"])
@@ -72,11 +82,30 @@ def test_forward_backward_against_reference(d, lengths, dtype):
     _check(d, lengths, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,lengths", CASES)
+def test_linear_bias_against_reference(d, lengths, dtype):
+    """The bias of the Linear layer that made h, added in the kernel, its gradient summed there: in h's dtype,
+    and an fp32 bias beside 16-bit h as autocast gives (the model's case)."""
+    _check(d, lengths, dtype, bias_dtype=dtype)
+    if dtype != torch.float32:
+        _check(d, lengths, torch.float32, h_dtype=dtype, mod_dtype=dtype, out_dtype=dtype, tol_dtype=dtype,
+               bias_dtype=torch.float32)
+
+
+def test_bias_gradient_is_dh_summed():
+    """dbias is the column sum of dh, whatever the outputs used, with one output alone included."""
+    for use in (("x_new", "y"), ("y",), ("x_new",)):
+        grads = _check(100, [31, 2, 1, 33], torch.float32, use=use, bias_dtype=torch.float32)
+        torch.testing.assert_close(grads[5], grads[1].sum(0), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 def test_several_rows_per_forward_program(rows, monkeypatch):
     """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""
     monkeypatch.setattr(gated_residual, "FWD_ROWS", rows)
     _check(100, [3, 1, 7], torch.float32)
+    _check(100, [3, 1, 7], torch.float32, bias_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,9 +125,9 @@ def test_backward_in_two_column_blocks(d, lengths, dtype, monkeypatch):
     """The backward's row as two power-of-two column blocks (``SPLIT_CASES``; a launch parameter timed by
     bench/kernels.py), with both outputs used and with each alone, and equal to the one-block result up to
     the order of the row sums."""
-    one_block = _check(d, lengths, dtype)
+    one_block = _check(d, lengths, dtype, bias_dtype=dtype)
     monkeypatch.setattr(gated_residual, "BWD_SPLIT_COLUMNS", True)
-    for got, want, name in zip(_check(d, lengths, dtype), one_block, NAMES):
+    for got, want, name in zip(_check(d, lengths, dtype, bias_dtype=dtype), one_block, NAMES):
         torch.testing.assert_close(got, want, **TOL[dtype]["grad"], msg=lambda m: f"{name}: {m}")
     _check(d, lengths, dtype, use=("y",))
     _check(d, lengths, dtype, use=("x_new",))
@@ -114,13 +143,13 @@ def test_lengths_cross_the_backward_rows():
 def test_fewer_backward_rows_a_program(monkeypatch):
     """8 rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
     monkeypatch.setattr(gated_residual, "rows_per_program", lambda num_rows, device, most: 8)
-    _check(100, [7, 2, 1, 9], torch.float32)
+    _check(100, [7, 2, 1, 9], torch.float32, bias_dtype=torch.float32)
 
 
 def test_rows_of_variance_near_eps():
     """x_new rows whose variance is about eps (1e-6), and a constant one: eps inside the square root, forward
     and backward (see test_ln_modulate's test of the same name)."""
-    x, h, gate, shift, scale, seg = _inputs(100, [3, 4], torch.float32)
+    x, h, gate, shift, scale, seg, _ = _inputs(100, [3, 4], torch.float32)
     x, h = 0.5 + 4e-4 * x, 2e-4 * h  # x_new's spread about 1e-3
     x[2], h[2] = 0.25, 0.0
     leaves, ref_leaves = _leaves((x, h, gate, shift, scale)), _leaves((x, h, gate, shift, scale))
@@ -154,47 +183,55 @@ def test_only_x_new_used(dtype):
     assert (grads[3] == 0).all() and (grads[4] == 0).all()
 
 
-def test_bwd_op_without_gradients():
-    x, h, gate, shift, scale, seg = _inputs(72, [3, 1, 34], torch.float32)
-    x_new, y, mean, rstd = _fwd(x, h, gate, shift, scale, seg, 1e-6, None)  # the backward takes x, not x_new
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bwd_op_without_gradients(with_bias):
+    x, h, gate, shift, scale, seg, bias = _inputs(72, [3, 1, 34], torch.float32,
+                                                  bias_dtype=torch.float32 if with_bias else None)
+    x_new, y, mean, rstd = _fwd(x, h, gate, shift, scale, seg, bias, 1e-6, None)  # the backward takes x, not x_new
     dy = torch.randn_like(y)
     dxn = torch.randn_like(x_new)
-    full = _bwd(dxn, dy, x, h, gate, scale, seg, mean, rstd)
-    no_dxn = _bwd(None, dy, x, h, gate, scale, seg, mean, rstd)
-    zero_dxn = _bwd(torch.zeros_like(dxn), dy, x, h, gate, scale, seg, mean, rstd)
-    no_dy = _bwd(dxn, None, x, h, gate, scale, seg, mean, rstd)
-    zero_dy = _bwd(dxn, torch.zeros_like(dy), x, h, gate, scale, seg, mean, rstd)
+    saved = (x, h, gate, scale, seg, mean, rstd, bias)
+    full = _bwd(dxn, dy, *saved)
+    no_dxn = _bwd(None, dy, *saved)
+    zero_dxn = _bwd(torch.zeros_like(dxn), dy, *saved)
+    no_dy = _bwd(dxn, None, *saved)
+    zero_dy = _bwd(dxn, torch.zeros_like(dy), *saved)
+    assert full[2].shape == (4 if with_bias else 3, 3, 72)
     for a, b in zip(no_dxn, zero_dxn):
         torch.testing.assert_close(a, b)
     for a, b in zip(no_dy, zero_dy):
         torch.testing.assert_close(a, b)
-    # linearity in the two cotangents (the op returns dx, dh and the stacked dgate, dshift, dscale)
-    for name, f, a, b in zip(("dx", "dh", "dgate/dshift/dscale"), full, no_dxn, no_dy):
+    # linearity in the two cotangents (the op returns dx, dh and the stacked dgate, dshift, dscale[, dh sums])
+    for name, f, a, b in zip(("dx", "dh", "per-sample sums"), full, no_dxn, no_dy):
         torch.testing.assert_close(f, a + b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_backward_keeps_the_input_not_x_new():
     """x (kept by the op before anyway) and h are saved, x_new and y are not: the backward recomputes x_new."""
-    x, h, gate, shift, scale, seg = _inputs(72, [3, 1, 34], torch.float32)
+    x, h, gate, shift, scale, seg, _ = _inputs(72, [3, 1, 34], torch.float32)
     x, h = x.requires_grad_(), h.requires_grad_()
     (x_new, y), saved = saved_storages(lambda: gated_residual_ln_modulate(x, h, gate, shift, scale, seg))
     assert x.untyped_storage().data_ptr() in saved and h.untyped_storage().data_ptr() in saved
     assert x_new.untyped_storage().data_ptr() not in saved and y.untyped_storage().data_ptr() not in saved
 
 
-def test_opcheck():
-    x, h, gate, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
-    args = (x.requires_grad_(), h.requires_grad_(), gate, shift, scale, seg, 1e-6, None)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(with_bias):
+    x, h, gate, shift, scale, seg, bias = _inputs(40, [3, 2], torch.float32,
+                                                  bias_dtype=torch.float32 if with_bias else None)
+    if with_bias:
+        bias.requires_grad_()
+    args = (x.requires_grad_(), h.requires_grad_(), gate, shift, scale, seg, bias, 1e-6, None)
     torch.library.opcheck(_fwd, args)
     x_new, y, mean, rstd = _fwd(*args)
-    saved = (x.detach(), h.detach(), gate, scale, seg, mean, rstd)
+    saved = (x.detach(), h.detach(), gate, scale, seg, mean, rstd, None if bias is None else bias.detach())
     torch.library.opcheck(_bwd, (torch.randn_like(x_new), torch.randn_like(y), *saved))
     torch.library.opcheck(_bwd, (None, torch.randn_like(y), *saved))
     torch.library.opcheck(_bwd, (torch.randn_like(x_new), None, *saved))
 
 
 def test_bad_inputs_are_named():
-    x, h, gate, shift, scale, seg = _inputs(40, [3, 2], torch.float32)
+    x, h, gate, shift, scale, seg, bias = _inputs(40, [3, 2], torch.float32, bias_dtype=torch.float32)
     f = gated_residual_ln_modulate
     with pytest.raises(ValueError, match="x must have dtype"):
         f(x.double(), h, gate, shift, scale, seg)
@@ -238,3 +275,11 @@ def test_bad_inputs_are_named():
         f(x, h, gate, shift, scale, seg.to("meta"))
     with pytest.raises(ValueError, match="out_dtype"):
         f(x, h, gate, shift, scale, seg, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"bias must have shape \(40\), got \(39,\)"):
+        f(x, h, gate, shift, scale, seg, bias=bias[:-1])
+    with pytest.raises(ValueError, match="bias must have dtype"):
+        f(x, h, gate, shift, scale, seg, bias=bias.double())
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        f(x, h, gate, shift, scale, seg, bias=torch.stack([bias, bias], 1)[:, 0])
+    with pytest.raises(ValueError, match="bias must be on"):
+        f(x, h, gate, shift, scale, seg, bias=bias.to("meta"))
