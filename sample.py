@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from maskdit.checkpoint import load_checkpoint
+from maskdit.checkpoint import load_checkpoint, make_output_folder
 from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
@@ -66,12 +66,7 @@ def main(argv=None) -> tuple[str, str]:
     if not os.path.basename(args.out).strip(".") or os.path.isdir(png) or os.path.isdir(npz):
         raise ValueError(f"--out {args.out!r} must be a file prefix (it writes PREFIX.png and PREFIX.npz), "
                          "not a folder")
-    try:  # before the sampling, whose work a bad --out would lose
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {args.out!r}: cannot create its folder ({e})") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {args.out!r}: its folder {folder!r} is not writable")
+    make_output_folder(folder, "--out")  # before the sampling, whose work a bad --out would lose
     device = pick_device(args.device)
     check_sampling_precision(args.precision, device)
     ckpt = load_checkpoint(args.ckpt, arg="--ckpt")

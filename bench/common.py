@@ -118,7 +118,9 @@ def l2_cache_bytes() -> int:
 def check_arguments(parser, args, models: str | None = None, at_least_one: tuple = (), out: str = "out") -> None:
     """``parser.error`` (a one-line message naming the flag, exit status 2) before any measuring: an unknown model
     name in ``args.<models>``, a value below 1 in any of ``args.<name>`` for ``at_least_one`` (ints or lists of
-    ints), an ``args.<out>`` folder that cannot be made (where the results would be lost after the run)."""
+    ints), an ``args.<out>`` folder that cannot be made or written (where the results would be lost after the
+    run)."""
+    from maskdit.checkpoint import make_output_folder
     from maskdit.config import parse_model_name
 
     for name in getattr(args, models) if models else ():
@@ -135,9 +137,9 @@ def check_arguments(parser, args, models: str | None = None, at_least_one: tuple
         parser.error(f"--{out} must name a folder, got ''")
     if folder:
         try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            parser.error(f"--{out} {folder!r}: cannot create the folder ({e})")
+            make_output_folder(folder, f"--{out}")
+        except ValueError as e:
+            parser.error(str(e))
 
 
 def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:

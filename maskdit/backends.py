@@ -26,10 +26,11 @@ The triton backend's Linear layers give an fp32 weight its gradient straight fro
 accumulator on CUDA under autocast (``_weight_grad``), not rounded to the compute dtype and cast back.
 Both backends recompute the MLP's GELU output in its backward instead of storing it; the triton backend runs
 the whole MLP backward as one Function with the fused GELU backward kernel (``kernels.gelu_tanh_grad``).
-Under autograd the triton backend's two branch outputs (the MLP's and the attention's output projection) leave
-their Linear layer's bias to ``residual_ln_modulate``, as a ``BranchOutput``: its kernel adds the bias and sums
-the bias gradient from the values it computes anyway, where the Linear's backward would read its output
-gradient once more (``kernels.bias_grad``).
+The triton backend's two branch outputs (the MLP's and the attention's output projection) leave their Linear
+layer's bias to ``residual_ln_modulate``, as a ``BranchOutput``: its kernel adds the bias and, under autograd,
+sums the bias gradient from the values it computes anyway, where the Linear's backward would read its output
+gradient once more (``kernels.bias_grad``).  (In every mode, activation checkpointing and inference included,
+so that they compute exactly what the training forward does.)
 """
 
 from __future__ import annotations
@@ -208,24 +209,27 @@ class TritonOps(_Ops):
         return _Linear.apply(x.to(_autocast_dtype(x) or x.dtype), layer.weight, layer.bias)
 
     def output_projection(self, x, layer):
-        """``layer(x)``; under autograd a ``BranchOutput``: the product by ``_Linear`` without the bias."""
+        """``layer(x)`` as a ``BranchOutput``: the product without the bias (by ``_Linear`` under autograd)."""
         if not torch.is_grad_enabled():
-            return layer(x)
+            return BranchOutput(F.linear(x, layer.weight), layer.bias)
         return BranchOutput(_Linear.apply(x.to(_autocast_dtype(x) or x.dtype), layer.weight, None), layer.bias)
 
     def mlp(self, y: ModulatedLN, fc1, fc2):
-        """``fc2(gelu_tanh(fc1(y.y)))``; when recomputing, one Function (``_MlpOnRecomputedLN``) that keeps the
-        LayerNorm's input and the GELU's input and runs the GELU backward as one kernel, its output a
-        ``BranchOutput`` (fc2's bias left out); without autograd, with ``kernels.gelu_gemm.FORWARD``, the GELU in
-        fc1's product's epilogue (``linear_gelu_output``)."""
+        """``fc2(gelu_tanh(fc1(y.y)))`` as a ``BranchOutput`` (fc2's bias left out); when recomputing, one
+        Function (``_MlpOnRecomputedLN``) that keeps the LayerNorm's input and the GELU's input and runs the GELU
+        backward as one kernel; without autograd, with ``kernels.gelu_gemm.FORWARD``, the GELU in fc1's product's
+        epilogue (``linear_gelu_output``)."""
         if self.recompute and torch.is_grad_enabled():
-            out = _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, *self._recomputed_from(y))
-            return BranchOutput(out, fc2.bias)
+            h = _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, *self._recomputed_from(y))
+            return BranchOutput(h, fc2.bias)
+        g = None
         if not torch.is_grad_enabled() and self.k.gelu_gemm.FORWARD:  # (no weight cast for nothing when off)
             w1 = fc1.weight.to(y.y.dtype)
             if _fused_gelu_gemm("FORWARD", y.y, w1):
-                return fc2(self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype)))
-        return super().mlp(y, fc1, fc2)
+                g = self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype))
+        if g is None:
+            g = F.gelu(self.linear(y, fc1), approximate="tanh")
+        return BranchOutput(F.linear(g, fc2.weight), fc2.bias)
 
     @staticmethod
     def checkpointed_outputs(x, y: ModulatedLN):

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoint files: atomic writes and finding the latest checkpoint of a run folder."""
+"""Crash-safe checkpoint files: atomic writes, output folders checked up front and finding the latest checkpoint
+of a run folder."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"checkpoint-{step:07d}.pt")
+
+
+def make_output_folder(folder: str, arg: str) -> None:
+    """Create ``folder`` (and its parents), named by the command-line argument ``arg`` (e.g. "--out"), before
+    any work a bad folder would lose: ValueError naming ``arg`` and the folder if it cannot be created or is not
+    writable."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{arg}: cannot create the folder {folder!r} ({e})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{arg}: the folder {folder!r} is not writable")
 
 
 def atomic_write(path: str, write) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from maskdit.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
+from maskdit.checkpoint import atomic_write, load_checkpoint, make_output_folder, resolve_checkpoint
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.distributed import pick_device
 from maskdit.edm import (
@@ -249,10 +249,7 @@ def evaluate(args) -> dict | None:
     if args.ref is not None and args.num_samples < 2:
         raise ValueError(f"FID needs --num-samples >= 2, got {args.num_samples}")
     if args.outdir is not None:  # before the sampling, whose work a bad --outdir would lose
-        try:
-            os.makedirs(args.outdir, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--outdir {args.outdir!r}: cannot create the folder ({e})") from None
+        make_output_folder(args.outdir, "--outdir")
     rank, world, device = setup_distributed(args.device)
     check_sampling_precision(args.precision, device)
     if args.num_samples < world:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maskdit.checkpoint import atomic_write, remove_partial_files
+from maskdit.checkpoint import atomic_write, make_output_folder, remove_partial_files
 from maskdit.data import ImageFolderDataset
 from maskdit.distributed import pick_device
 from maskdit.latents import (
@@ -145,10 +145,7 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
         dataset = ImageFolderDataset(images, resolution)
     except ValueError as e:
         raise ValueError(f"--images: {e}") from None
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {out!r}: cannot create the folder ({e})") from None
+    make_output_folder(out, "--out")
     remove_partial_files(out)  # (atomic_write's temporary shards and meta.json of a killed run)
     n = len(dataset)
     settings = {"format": FORMAT, "resolution": resolution, "vae": resolve_vae_name(vae), "dtype": dtype,

@@ -467,7 +467,7 @@ def test_sampling_arguments_are_checked_before_any_sampling(ckpt, tmp_path, monk
     monkeypatch.setattr(sample, "draw_images", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
     for flags, message in ((["--out", str(tmp_path) + "/"], "must be a file prefix"),
                            (["--out", str(tmp_path) + "/."], "must be a file prefix"),
-                           (["--out", str(tmp_path / "f.txt" / "x")], "cannot create its folder"),
+                           (["--out", str(tmp_path / "f.txt" / "x")], "--out: cannot create the folder"),
                            (["--max-classes", "0"], "--max-classes must be >= 1"),
                            (["--device", "tpu9"], "--device 'tpu9' is not a valid device")):
         if "f.txt" in flags[-1]:

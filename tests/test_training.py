@@ -13,7 +13,14 @@ import torch
 
 import train
 from maskdit import EDMLoss, EDMPrecond, create_model
-from maskdit.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints
+from maskdit.checkpoint import (
+    atomic_save,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    make_output_folder,
+    prune_checkpoints,
+)
 from maskdit.config import ModelConfig
 from maskdit.models import DiT
 from maskdit.training import EMA, default_signal_handlers, stop_signals
@@ -43,6 +50,21 @@ def test_ema_update_matches_formula_and_zero_weight_skips(fused):
     for b, e, p in zip(before, shadow.parameters(), model.parameters()):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
     assert not any(p.requires_grad for p in shadow.parameters())
+
+
+def test_output_folder_is_made_or_named_with_its_flag(tmp_path, monkeypatch):
+    """``make_output_folder`` (train.py, sample.py, evaluate, prepare_latents, the bench scripts): the folder and
+    its parents made; a path through a file, or a folder the process may not write, a ValueError naming the flag
+    and the folder."""
+    make_output_folder(str(tmp_path / "a" / "b"), "--out")
+    assert (tmp_path / "a" / "b").is_dir()
+    make_output_folder(str(tmp_path / "a" / "b"), "--out")  # an existing folder is fine
+    (tmp_path / "f.txt").write_text("a file where a folder should be")
+    with pytest.raises(ValueError, match=r"^--outdir: cannot create the folder '.*f\.txt/x' \("):
+        make_output_folder(str(tmp_path / "f.txt" / "x"), "--outdir")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere: access stands in)
+    with pytest.raises(ValueError, match=r"^--out: the folder '.*a/b' is not writable$"):
+        make_output_folder(str(tmp_path / "a" / "b"), "--out")
 
 
 def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
