@@ -32,6 +32,21 @@ def mask_ratio_schedule(name: str, ratio: float, cosine_power: float = 4.0) -> C
     }["cosine" if name.startswith("cosine") else name]
 
 
+def _parsed_distribution(spec: str) -> tuple[str, list[float]]:
+    """(kind, numbers) of a valid ``--mask-ratio-dist`` spec (see ``ratio_distribution``); ValueError otherwise."""
+    kind, _, rest = spec.partition(":")
+    try:
+        args = [float(a) for a in rest.split(":")] if rest else []
+    except ValueError:
+        args = None
+    if (kind == "none" and args == []
+            or kind == "unmasked" and args is not None and len(args) == 1 and 0 <= args[0] <= 1
+            or kind == "uniform" and args is not None and len(args) == 2 and 0 <= args[0] <= args[1] < 1):
+        return kind, args
+    raise ValueError(f"--mask-ratio-dist must be 'none', 'unmasked:F' with F in [0, 1], or 'uniform:LO:HI' with "
+                     f"0 <= LO <= HI < 1; got {spec!r}")
+
+
 def ratio_distribution(spec: str) -> Callable[[int, float, torch.Generator], float | list[float]]:
     """Per-sample mask ratios for a batch, from ``--mask-ratio-dist``:
 
@@ -40,14 +55,10 @@ def ratio_distribution(spec: str) -> Callable[[int, float, torch.Generator], flo
     "uniform:LO:HI": each sample draws its ratio uniformly from [LO, HI) (the schedule is not used).
     Draws use a CPU generator, so the lengths are known on the host without a device sync.
     """
-    kind, _, rest = spec.partition(":")
-    try:
-        args = [float(a) for a in rest.split(":")] if rest else []
-    except ValueError:
-        args = None
-    if kind == "none" and not args:
+    kind, args = _parsed_distribution(spec)
+    if kind == "none":
         return lambda batch, ratio, gen: ratio
-    if kind == "unmasked" and args is not None and len(args) == 1 and 0 <= args[0] <= 1:
+    if kind == "unmasked":
         frac = args[0]
 
         def unmasked(batch, ratio, gen):
@@ -57,20 +68,16 @@ def ratio_distribution(spec: str) -> Callable[[int, float, torch.Generator], flo
             return ratios.tolist()
 
         return unmasked
-    if kind == "uniform" and args is not None and len(args) == 2 and 0 <= args[0] <= args[1] < 1:
-        lo, hi = args
+    lo, hi = args
 
-        def uniform(batch, ratio, gen):
-            return (lo + (hi - lo) * torch.rand(batch, generator=gen, dtype=torch.float64)).tolist()
+    def uniform(batch, ratio, gen):
+        return (lo + (hi - lo) * torch.rand(batch, generator=gen, dtype=torch.float64)).tolist()
 
-        return uniform
-    raise ValueError(f"--mask-ratio-dist must be 'none', 'unmasked:F' with F in [0, 1], or 'uniform:LO:HI' with "
-                     f"0 <= LO <= HI < 1; got {spec!r}")
+    return uniform
 
 
 def highest_mask_ratio(ratio: float, spec: str) -> float:
     """The highest mask ratio a sample can get from the schedules of scale ``ratio`` (none exceeds it) and the
     per-sample distribution ``spec`` of ``ratio_distribution`` (uniform:LO:HI draws below HI)."""
-    ratio_distribution(spec)  # (validates it)
-    kind, _, rest = spec.partition(":")
-    return float(rest.split(":")[1]) if kind == "uniform" else ratio
+    kind, args = _parsed_distribution(spec)
+    return args[1] if kind == "uniform" else ratio

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from maskdit.schedules import SCHEDULES, mask_ratio_schedule, ratio_distribution
+from maskdit.schedules import SCHEDULES, highest_mask_ratio, mask_ratio_schedule, ratio_distribution
 
 
 @pytest.mark.parametrize("name,start,middle,end", [
@@ -36,6 +36,16 @@ def test_ratio_distributions():
     assert sorted(r) == [0.0, 0.0] + [0.5] * 6
     u = ratio_distribution("uniform:0.1:0.6")(1000, 0.5, g)
     assert min(u) >= 0.1 and max(u) < 0.6 and abs(sum(u) / 1000 - 0.35) < 0.02
-    for bad in ("unmasked", "unmasked:2", "uniform:0.5:0.2", "uniform:0:1", "gauss:1", "none:3"):
+    for bad in ("unmasked", "unmasked:2", "uniform:0.5:0.2", "uniform:0:1", "gauss:1", "none:3", "none:x",
+                "uniform:a:b"):
         with pytest.raises(ValueError, match="--mask-ratio-dist"):
             ratio_distribution(bad)
+        with pytest.raises(ValueError, match="--mask-ratio-dist"):
+            highest_mask_ratio(0.5, bad)
+
+
+def test_highest_mask_ratio():
+    """The schedules' scale, or a uniform distribution's upper end (the schedule unused there)."""
+    assert highest_mask_ratio(0.5, "none") == 0.5
+    assert highest_mask_ratio(0.5, "unmasked:0.25") == 0.5
+    assert highest_mask_ratio(0.5, "uniform:0.1:0.8") == 0.8
