@@ -406,7 +406,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         raise ValueError(f"--out {run_dir!r} already holds checkpoints; continue it with --resume {run_dir} "
                          "or choose another --out")
     if env.is_main:
-        make_output_folder(run_dir, "--out" if args.out else "the run folder")
+        make_output_folder(run_dir, "--out" if args.out else "--resume" if args.resume else "the run folder")
         for path in remove_partial_files(run_dir):
             print(f"removed {path}, the partial file of a checkpoint write a kill interrupted", flush=True)
         if ckpt is not None:  # the steps after the checkpoint are trained again: their records go

@@ -258,9 +258,10 @@ def _fwd_fake(x, h, gate, shift, scale, seg, bias, eps, out_dtype):
 
 def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: torch.Tensor, h: torch.Tensor,
               gate: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's dtype), dh (h's dtype) and the fp32 per-sample sums dgate, dshift, dscale, (3, N, D), and given a
-    bias a fourth (N, D) slice whose row 0 is its gradient (dh's column sums); a None gradient is zeros."""
+              bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's dtype), dh (h's dtype), the fp32 per-sample sums dgate, dshift, dscale (3, N, D) and the bias's fp32
+    gradient, dh's column sums (D,), in a tensor of its own (a parameter's .grad, which a view would make keep
+    the whole sums buffer; empty without a bias); a None gradient is zeros."""
     t, d = x.shape
     n = gate.shape[0]
     det = deterministic(x.device)
@@ -286,9 +287,11 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
             HAS_BIAS=bias is not None, DETERMINISTIC=det, STAGES=BWD_STAGES,
             **backward_options(BWD_WARPS, BWD_STAGES, BWD_PROGRAMS))
     sums = per_sample_sums(sums, row_samples, n, det)
-    if det and bias is not None:  # the programs' bias sums landed in rows of several samples: added in a fixed order
-        sums[3, 0] = sums[3].sum(0)
-    return dx, dh, sums
+    if bias is None:
+        dbias = sums.new_empty(0)
+    else:  # deterministic: the programs' rows landed in several samples' rows, added here in a fixed order
+        dbias = sums[3].sum(0) if det else sums[3, 0].clone()
+    return dx, dh, sums[:3], dbias
 
 
 _bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_impl, mutates_args=())
@@ -298,7 +301,8 @@ _bwd = torch.library.custom_op("maskdit::gated_residual_ln_modulate_bwd", _bwd_i
 def _bwd_fake(dx_new, dy, x, h, gate, scale, seg, mean, rstd, bias):
     t, d = x.shape
     n = gate.shape[0]
-    return x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((3 if bias is None else 4, n, d), dtype=torch.float32)
+    return (x.new_empty((t, d)), h.new_empty((t, d)), x.new_empty((3, n, d), dtype=torch.float32),
+            x.new_empty(0 if bias is None else d, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -312,9 +316,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, bwd, dx_new, dy, _dmean, _drstd):
     x, h, gate, scale, seg, mean, rstd, bias = ctx.saved_tensors
-    dx, dh, sums = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd, bias)
-    dbias = None if bias is None else sums[3, 0].to(bias.dtype)
-    return dx, dh, *cast_sums(sums[:3], (gate.dtype, ctx.shift_dtype, scale.dtype)), None, dbias, None, None
+    dx, dh, sums, dbias = bwd(dx_new, dy, x, h, gate, scale, seg, mean, rstd, bias)
+    dbias = None if bias is None else dbias.to(bias.dtype)
+    return dx, dh, *cast_sums(sums, (gate.dtype, ctx.shift_dtype, scale.dtype)), None, dbias, None, None
 
 
 _call = autograd_op("GatedResidualLnModulate", _fwd, _fwd_impl, _bwd, _bwd_impl, _setup_context, _backward)

@@ -50,13 +50,16 @@ def grads(model):
                          ids=["MaskDiT", "DiT", "MaskDiT-zero-mask-token"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_forward_and_parameter_gradients_match(name, kw, masked):
-    """Outputs and every parameter gradient; also MaskDiT without a learnable mask token (zeros at the masked
-    positions: the fused insertion gets a zero buffer that needs no gradient)."""
+    """Outputs, without autograd too (sampling: the triton backend's branches take other code there), and every
+    parameter gradient; also MaskDiT without a learnable mask token (zeros at the masked positions: the fused
+    insertion gets a zero buffer that needs no gradient)."""
     ref, fused = pair(name, **kw)
     x, t, y = inputs()
     ids = random_mask(3, 16, 0.5, generator=torch.Generator().manual_seed(1)).ids_keep.to(DEVICE) if masked else None
     out_ref, out_fused = ref(x, t, y, ids), fused(x, t, y, ids)
     torch.testing.assert_close(out_fused, out_ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, y, ids), out_ref.detach(), atol=1e-4, rtol=1e-4)
     dout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     out_ref.backward(dout)
     out_fused.backward(dout)

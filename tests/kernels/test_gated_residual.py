@@ -100,6 +100,26 @@ def test_bias_gradient_is_dh_summed():
         torch.testing.assert_close(grads[5], grads[1].sum(0), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("det", [False, True])
+def test_bias_gradient_owns_its_storage(compiled, det, monkeypatch):
+    """The fp32 bias's .grad is D floats of its own, not a view into the backward's per-sample sums buffer (which
+    it would keep alive, 4 N D floats an op, until the next zero_grad), eager, compiled and deterministic."""
+    from kernels import _common
+
+    monkeypatch.setattr(_common, "FORCE_DETERMINISTIC", det)
+    x, h, gate, shift, scale, seg, bias = _inputs(72, [3, 1, 34], torch.float32, bias_dtype=torch.float32)
+    bias.requires_grad_()
+    f = gated_residual_ln_modulate
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    x_new, y = f(x.requires_grad_(), h, gate, shift, scale, seg, bias=bias)
+    (x_new.sum() + y.square().sum()).backward()
+    torch._dynamo.reset()
+    assert bias.grad.untyped_storage().nbytes() == 72 * 4
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 def test_several_rows_per_forward_program(rows, monkeypatch):
     """The forward's rows-per-program launch parameter (timed by bench/kernels.py), with a partial last tile."""
@@ -196,13 +216,13 @@ def test_bwd_op_without_gradients(with_bias):
     zero_dxn = _bwd(torch.zeros_like(dxn), dy, *saved)
     no_dy = _bwd(dxn, None, *saved)
     zero_dy = _bwd(dxn, torch.zeros_like(dy), *saved)
-    assert full[2].shape == (4 if with_bias else 3, 3, 72)
+    assert full[2].shape == (3, 3, 72) and full[3].shape == ((72,) if with_bias else (0,))
     for a, b in zip(no_dxn, zero_dxn):
         torch.testing.assert_close(a, b)
     for a, b in zip(no_dy, zero_dy):
         torch.testing.assert_close(a, b)
-    # linearity in the two cotangents (the op returns dx, dh and the stacked dgate, dshift, dscale[, dh sums])
-    for name, f, a, b in zip(("dx", "dh", "per-sample sums"), full, no_dxn, no_dy):
+    # linearity in the two cotangents (the op returns dx, dh, the stacked dgate, dshift, dscale and dbias)
+    for name, f, a, b in zip(("dx", "dh", "per-sample sums", "dbias"), full, no_dxn, no_dy):
         torch.testing.assert_close(f, a + b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
