@@ -108,21 +108,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts torch.distributed when launched by torchrun with more than one process."""
-    pick_device(device_arg)  # (a valid --device, CUDA only where there is CUDA)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu" if device_arg == "auto" else device_arg)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size(), device
-    device = torch.device("cuda" if cuda and device_arg == "auto" else "cpu" if device_arg == "auto" else device_arg)
-    return 0, 1, device
+    device = pick_device(device_arg)  # (a valid --device, CUDA only where there is CUDA)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if device.type == "cuda" and device.index is None:  # "auto" or "cuda": each process its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_reduce_stats(acc: StatsAccumulator, device: torch.device) -> None:
