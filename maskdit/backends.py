@@ -143,13 +143,17 @@ class TritonOps(_Ops):
     scatter_tokens = staticmethod(ops.scatter_tokens)
 
     def __init__(self, recompute: bool = True, keep_norm_outputs: bool = False):
+        self.keep_norm_outputs = keep_norm_outputs  # see _recomputed_from
+        super().__init__(recompute)
+
+    @property
+    def k(self):
+        """The ``kernels`` package, imported on first use: building these ops needs no triton."""
         try:
             import kernels
         except ImportError as e:  # triton missing
             raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
-        self.k = kernels
-        self.keep_norm_outputs = keep_norm_outputs  # see _recomputed_from
-        super().__init__(recompute)
+        return kernels
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
         return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
@@ -423,8 +427,10 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
         return dy, dw1, db1.to(ctx.dtypes[1]), dw2, *[None] * ctx.num_extra
 
 
+# Built once here, not on first use: a cache filled inside a forward that torch.compile traces becomes a guard
+# that the next call fails (one more whole compilation).
 _TORCH = TorchOps()
-_TRITON: dict[bool, TritonOps] = {}  # by keep_norm_outputs
+_TRITON = {keep: TritonOps(keep_norm_outputs=keep) for keep in (False, True)}  # by keep_norm_outputs
 
 
 def get_ops(backend: str, device: torch.device, keep_norm_outputs: bool = False):
@@ -435,6 +441,6 @@ def get_ops(backend: str, device: torch.device, keep_norm_outputs: bool = False)
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return _TORCH
-    if keep_norm_outputs not in _TRITON:
-        _TRITON[keep_norm_outputs] = TritonOps(keep_norm_outputs=keep_norm_outputs)
-    return _TRITON[keep_norm_outputs]
+    ops = _TRITON[bool(keep_norm_outputs)]
+    ops.k  # noqa: B018  (a RuntimeError here where triton is missing, not in the first op)
+    return ops

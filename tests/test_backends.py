@@ -4,6 +4,10 @@ On a CPU machine the kernels run under the Triton interpreter (TRITON_INTERPRET=
 here are small; on CUDA the same tests run the compiled kernels.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -102,6 +106,17 @@ def test_backends_share_state_dicts_and_auto_picks_by_device():
         create_model("MaskDiT-T/2", backend="cuda", **SMALL)
 
 
+def test_triton_backend_without_triton_says_so(monkeypatch):
+    """Where the kernels cannot be imported (no triton), asking for the triton ops names the missing package;
+    the torch backend still works."""
+    from maskdit.backends import get_ops
+
+    monkeypatch.setitem(sys.modules, "kernels", None)  # makes `import kernels` raise ImportError
+    with pytest.raises(RuntimeError, match="backend 'triton' needs the triton package"):
+        get_ops("triton", torch.device("cpu"))
+    assert get_ops("auto", torch.device("cpu")).name == "torch"
+
+
 @pytest.mark.parametrize("keep_norm_outputs", [False, True])
 def test_compile_fullgraph_triton_backend(keep_norm_outputs):
     """The custom ops trace without graph breaks (fullgraph=True); on CPU with a graph-only backend."""
@@ -116,6 +131,32 @@ def test_compile_fullgraph_triton_backend(keep_norm_outputs):
     torch.testing.assert_close(out, fused(x, t, y, ids), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in fused.parameters())
+
+
+_COMPILE_TWICE = """
+import sys, torch
+from maskdit import EDMLoss, EDMPrecond, create_model, random_mask
+from maskdit.masking import token_layout
+torch._dynamo.config.error_on_recompile = True  # a second compilation raises
+model = create_model("MaskDiT-T/2", input_size=8, num_classes=4, hidden_size=24, num_heads=2, decoder_hidden_size=16,
+                     decoder_num_heads=2, backend=sys.argv[1])
+net, loss_fn = EDMPrecond(model), EDMLoss()
+step = torch.compile(lambda x, y, layout: loss_fn(net, x, y, layout).mean(), backend="eager")
+for seed in range(3):  # new masks, noise and sigmas each step, as in training
+    ids = random_mask(2, model.num_tokens, 0.5, generator=torch.Generator().manual_seed(seed)).ids_keep
+    step(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), token_layout(ids, 2, model.num_tokens, ids.device)).backward()
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_whole_network_compiles_once_in_a_fresh_process(backend):
+    """A fresh process (nothing cached by earlier eager calls) compiles the training loss once over three steps:
+    a cache that the first traced forward filled (the triton ops, built on first use) used to become a guard
+    that the second step failed, compiling the whole network twice."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_TWICE, backend], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
