@@ -140,11 +140,13 @@ from maskdit.masking import token_layout
 torch._dynamo.config.error_on_recompile = True  # a second compilation raises
 model = create_model("MaskDiT-T/2", input_size=8, num_classes=4, hidden_size=24, num_heads=2, decoder_hidden_size=16,
                      decoder_num_heads=2, backend=sys.argv[1])
-net, loss_fn = EDMPrecond(model), EDMLoss()
+device = torch.device(sys.argv[2])
+net, loss_fn = EDMPrecond(model.to(device)), EDMLoss()
 step = torch.compile(lambda x, y, layout: loss_fn(net, x, y, layout).mean(), backend="eager")
 for seed in range(3):  # new masks, noise and sigmas each step, as in training
-    ids = random_mask(2, model.num_tokens, 0.5, generator=torch.Generator().manual_seed(seed)).ids_keep
-    step(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), token_layout(ids, 2, model.num_tokens, ids.device)).backward()
+    ids = random_mask(2, model.num_tokens, 0.5, generator=torch.Generator().manual_seed(seed)).ids_keep.to(device)
+    layout = token_layout(ids, 2, model.num_tokens, device)
+    step(torch.randn(2, 4, 8, 8, device=device), torch.tensor([1, 2], device=device), layout).backward()
 """
 
 
@@ -153,9 +155,12 @@ def test_whole_network_compiles_once_in_a_fresh_process(backend):
     """A fresh process (nothing cached by earlier eager calls) compiles the training loss once over three steps:
     a cache that the first traced forward filled (the triton ops, built on first use) used to become a guard
     that the second step failed, compiling the whole network twice."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_TWICE, backend], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _COMPILE_TWICE, backend, DEVICE], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
