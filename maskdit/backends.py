@@ -136,6 +136,16 @@ class BranchOutput(NamedTuple):
     bias: torch.Tensor
 
 
+def _kernels():
+    """The ``kernels`` package, imported on first use (building the triton ops needs no triton); a RuntimeError
+    naming the missing package where triton is not installed."""
+    try:
+        import kernels
+    except ImportError as e:
+        raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
+    return kernels
+
+
 class TritonOps(_Ops):
     """The fused Triton kernels."""
 
@@ -148,12 +158,8 @@ class TritonOps(_Ops):
 
     @property
     def k(self):
-        """The ``kernels`` package, imported on first use: building these ops needs no triton."""
-        try:
-            import kernels
-        except ImportError as e:  # triton missing
-            raise RuntimeError(f"backend 'triton' needs the triton package ({e}); use backend='torch'") from e
-        return kernels
+        """The ``kernels`` package (``_kernels``)."""
+        return _kernels()
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
         return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
@@ -441,6 +447,5 @@ def get_ops(backend: str, device: torch.device, keep_norm_outputs: bool = False)
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return _TORCH
-    ops = _TRITON[bool(keep_norm_outputs)]
-    ops.k  # noqa: B018  (a RuntimeError here where triton is missing, not in the first op)
-    return ops
+    _kernels()  # where triton is missing, the error comes here rather than from the first op
+    return _TRITON[bool(keep_norm_outputs)]
