@@ -1,4 +1,5 @@
-"""Generate images from a checkpoint with the EDM Heun sampler and classifier-free guidance.
+"""Generate images from a checkpoint with classifier-free guidance: the EDM Heun sampler (MaskDiT's), or for a
+DDPM noise predictor (converted facebookresearch/DiT weights) DiT's own ancestral sampler (--sampler ddpm).
 
     python sample.py --ckpt runs/NAME --num-per-class 8 --out samples/digits
     python sample.py --ckpt model.pt --labels 3 3 7 --cfg-scale 2 --out samples/three
@@ -10,8 +11,10 @@ results do not depend on --batch-size.
 A model trained on VAE latents (--dataset latents:DIR) samples latents; they are decoded to images with the
 VAE recorded in DIR/meta.json, or the one given by --vae (a local folder or a hub name; needs diffusers).
 --vae also decodes the samples of a checkpoint without a training config (e.g. converted official weights).
-The converted weights of facebookresearch/DiT (a DDPM noise predictor) sample through ``maskdit.edm.DDPMPrecond``
-(their checkpoint says so: ``parameterization``), on the same Heun steps rounded to DiT's 1000 noise levels.
+The converted weights of facebookresearch/DiT (a DDPM noise predictor; their checkpoint says so:
+``parameterization``) sample with DiT's protocol by default: ``maskdit.ddpm.ddpm_sample``, 250 respaced steps with
+the learned variance, guidance on the first 3 channels (--cfg-channels).  --sampler edm samples them with the Heun
+sampler instead, through ``maskdit.edm.DDPMPrecond``, on steps rounded to DiT's 1000 noise levels.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
     draw_images,
+    resolve_sampling,
     sampling_fill,
     sampling_network,
 )
@@ -42,7 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     who.add_argument("--num-per-class", type=int, default=None, help="images per class, every class (default 8)")
     who.add_argument("--labels", type=int, nargs="+", help="explicit class labels, one image each")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables guidance (default 1.5)")
-    p.add_argument("--steps", type=int, default=40, help="Heun steps (default 40: 79 network evaluations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to use (default ema)")
@@ -57,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> tuple[str, str]:
     args = parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_classes is not None and args.max_classes < 1:
         raise ValueError(f"--max-classes must be >= 1, got {args.max_classes}")
     png, npz = args.out + ".png", args.out + ".npz"
@@ -70,6 +73,7 @@ def main(argv=None) -> tuple[str, str]:
     device = pick_device(args.device)
     check_sampling_precision(args.precision, device)
     ckpt = load_checkpoint(args.ckpt, arg="--ckpt")
+    resolve_sampling(args, ckpt)
     net, decode = sampling_network(ckpt, args, device)
     model = net.model
 

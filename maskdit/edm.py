@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from . import ops
 from .backends import get_ops
+from .ddpm import DDPM_TRAIN_STEPS, ddpm_sample, linear_betas
 from .images import to_uint8
 from .masking import mask_from_ids_keep, token_layout
 from .training import COMPILE_MODES, compile_network
@@ -61,17 +62,16 @@ class DDPMPrecond(nn.Module):
     (EDM's variance-exploding x): D(x; sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), t(sigma) the step
     whose sigma_t is nearest (EDM's iDDPMPrecond, on DiT's schedule).  ``round_sigma`` gives those sigma_t, which
     ``edm_sample`` steps through; ``sigma_min``/``sigma_max`` bound them.  With ``learn_sigma`` networks the first
-    C output channels are the noise.  Computed in fp32 (the schedule in fp64, as DiT's).
+    C output channels are the noise.  Computed in fp32 (the schedule in fp64, as DiT's).  ``maskdit.ddpm.ddpm_sample``
+    samples it with DiT's own DDPM sampler instead.
     """
 
-    def __init__(self, model: nn.Module, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(self, model: nn.Module, num_steps: int = DDPM_TRAIN_STEPS, beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
         super().__init__()
-        if num_steps < 1 or not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"need num_steps >= 1 and 0 < beta_start <= beta_end < 1, got {num_steps}, "
-                             f"{beta_start}, {beta_end}")
         self.model = model
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
-        abar = torch.cumprod(1 - betas, 0)
+        self.betas = linear_betas(num_steps, beta_start, beta_end)  # (float64, for ddpm_sample too)
+        abar = torch.cumprod(1 - torch.from_numpy(self.betas), 0)
         sigmas = ((1 - abar) / abar).sqrt().float()  # increasing in t
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
         weight = next(model.parameters(), None)  # (the levels live where the network does: no copies per call)
@@ -302,9 +302,23 @@ def check_sampling_precision(name: str, device: torch.device) -> None:
         raise ValueError(f"--precision tf32 needs a CUDA device, got {device.type}")
 
 
+SAMPLERS = ("edm", "ddpm")
+
+
 def add_sampling_arguments(parser) -> None:
-    """``--precision`` (``sampling_precision``), ``--compile`` (``maskdit.training.compile_network`` of the
-    denoiser) and the stochastic sampler's options for a command line."""
+    """``--sampler``, ``--steps``, ``--cfg-channels`` (``resolve_sampling``), ``--precision``
+    (``sampling_precision``), ``--compile`` (``maskdit.training.compile_network`` of the network) and the
+    stochastic sampler's options for a command line."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="edm: EDM's Heun sampler (MaskDiT's); ddpm: facebookresearch/DiT's ancestral DDPM sampler "
+                             "with its learned variance, for DDPM noise predictors (converted DiT weights). Default: "
+                             "ddpm for a DDPM noise predictor (DiT's protocol, as its published FIDs), else edm")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: 40 with edm, 79 network evaluations; 250 with ddpm, of DiT's "
+                             "1000 training steps)")
+    parser.add_argument("--cfg-channels", type=int, default=None,
+                        help="with --sampler ddpm: guide the noise of the first N channels only (default 3, as DiT's "
+                             "sampler; the others take the conditional noise). EDM's sampler guides all channels")
     parser.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
                         help="the network's precision: fp32 (default, as the official sampler), tf32 (CUDA: TF32 "
                              "matrix products) or bf16 (autocast; several times faster on a GPU); the sampler's "
@@ -318,11 +332,48 @@ def add_sampling_arguments(parser) -> None:
     add_stochastic_arguments(parser)
 
 
+def resolve_sampling(args, ckpt: dict) -> None:
+    """Fills in the defaults of a sampling command line (``add_sampling_arguments``) that depend on the checkpoint
+    ``ckpt`` and checks them together: ``args.sampler`` (None: "ddpm" for a DDPM noise predictor, DiT's protocol;
+    else "edm"), ``args.steps`` (None: 40 Heun steps, or 250 DDPM steps) and ``args.cfg_channels`` (None: DiT's 3
+    with ddpm; all channels with edm).  ValueError naming the option for a combination that cannot run."""
+    from .config import ModelConfig
+
+    parameterization = checkpoint_parameterization(ckpt)
+    if args.sampler is None:
+        args.sampler = "ddpm" if parameterization == "ddpm-eps" else "edm"
+    if args.sampler == "edm":
+        if args.cfg_channels is not None:
+            raise ValueError("--cfg-channels applies to --sampler ddpm (DiT's guidance of some channels); EDM's "
+                             "sampler guides all channels")
+        args.steps = 40 if args.steps is None else args.steps
+    else:
+        if parameterization != "ddpm-eps":
+            raise ValueError(f"--sampler ddpm samples a DDPM noise predictor (a checkpoint with parameterization "
+                             f"'ddpm-eps', e.g. converted facebookresearch/DiT weights); this one is "
+                             f"{parameterization!r}")
+        if stochastic_options(args) != STOCHASTIC_DEFAULTS:
+            raise ValueError("--s-churn, --s-min, --s-max and --s-noise are options of EDM's sampler; --sampler ddpm "
+                             "draws its own noise at every step")
+        args.steps = 250 if args.steps is None else args.steps
+        if args.steps > DDPM_TRAIN_STEPS:
+            raise ValueError(f"--steps with --sampler ddpm must be at most {DDPM_TRAIN_STEPS} (the network's training "
+                             f"steps), got {args.steps}")
+        channels = ModelConfig.from_dict(ckpt["config"]["model"]).in_channels
+        args.cfg_channels = min(3, channels) if args.cfg_channels is None else args.cfg_channels
+        if not 1 <= args.cfg_channels <= channels:
+            raise ValueError(f"--cfg-channels must be in [1, {channels}] (the model's channels), "
+                             f"got {args.cfg_channels}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+
+
 def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None, args, device: torch.device,
                 decode=None, fill_to: int = 0):
     """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(
-    args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` with ``args.steps``,
-    ``args.cfg_scale``, the stochastic options and ``sampling_precision(args.precision)``; the samples decoded
+    args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` (or, ``args.sampler`` "ddpm",
+    ``ddpm_sample`` with ``args.cfg_channels``) with ``args.steps``, ``args.cfg_scale``, the stochastic options and
+    ``sampling_precision(args.precision)``; the samples decoded
     by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``.  Fewer images than
     ``fill_to`` are drawn as ``fill_to`` (the images after ``index[-1]`` too, then dropped; image i's draw does not
     depend on the others), so that a compiled ``net`` sees the same shapes in every batch (``sampling_fill``)."""
@@ -335,17 +386,22 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
     noise = draws.randn((model.in_channels, model.input_size, model.input_size)).to(device)
     y = labels.to(device) if labels is not None else None
     with sampling_precision(args.precision, device):
-        out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale, **stochastic_options(args),
-                         randn_like=draws.randn_like)[:n]
+        if args.sampler == "ddpm":
+            out = ddpm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                              guided_channels=args.cfg_channels, randn_like=draws.randn_like)[:n]
+        else:
+            out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                             **stochastic_options(args), randn_like=draws.randn_like)[:n]
     return to_uint8(decode(out) if decode is not None else out)
 
 
 def sampling_network(ckpt: dict, args, device: torch.device):
-    """(denoiser, decode) of a checkpoint for a sampling command line, shared by sample.py and ``maskdit.evaluate``:
-    its ``args.weights`` in the network on ``device`` (eval mode), wrapped as its parameterization says
-    (``make_denoiser``) and compiled as ``args.compile`` says; ``decode`` maps latents to images with its VAE
-    (``args.vae`` or the one it was trained with), None for an image model.  ValueError for missing weights or
-    latents that have no VAE to decode them."""
+    """(denoiser, decode) of a checkpoint for a sampling command line (``resolve_sampling`` done), shared by sample.py
+    and ``maskdit.evaluate``: its ``args.weights`` in the network on ``device`` (eval mode), wrapped as its
+    parameterization says (``make_denoiser``) and compiled as ``args.compile`` says (the denoiser; with
+    ``args.sampler`` "ddpm", which calls the network itself, the network inside it); ``decode`` maps latents to
+    images with its VAE (``args.vae`` or the one it was trained with), None for an image model.  ValueError for
+    missing weights or latents that have no VAE to decode them."""
     from .config import ModelConfig
     from .latents import latent_decoder
     from .models import DiT
@@ -355,7 +411,11 @@ def sampling_network(ckpt: dict, args, device: torch.device):
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
     model.load_state_dict(ckpt[args.weights])
     model.to(device).eval()
-    net = compile_network(make_denoiser(model, checkpoint_parameterization(ckpt)), args.compile)
+    parameterization = checkpoint_parameterization(ckpt)
+    if args.sampler == "ddpm":
+        net = make_denoiser(compile_network(model, args.compile), parameterization)
+    else:
+        net = compile_network(make_denoiser(model, parameterization), args.compile)
     decode = latent_decoder(ckpt, args.vae, device)
     if decode is None and model.in_channels not in (1, 3):
         raise ValueError(f"the model makes {model.in_channels}-channel samples (VAE latents?), which need decoding "
@@ -370,13 +430,18 @@ def sampling_fill(args, num_images: int) -> int:
     return min(args.batch_size, num_images) if args.compile != "none" else 0
 
 
+STOCHASTIC_DEFAULTS = dict(s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0)
+
+
 def add_stochastic_arguments(parser) -> None:
     """The stochastic sampler's options (``edm_sample``'s s_churn, s_min, s_max, s_noise) for a command line."""
     g = parser.add_argument_group("stochastic sampling (EDM's S_churn etc.; off by default, as for the paper's FIDs)")
-    g.add_argument("--s-churn", type=float, default=0.0, help="total noise added back over the steps (default 0)")
-    g.add_argument("--s-min", type=float, default=0.0, help="lowest sigma that gets noise added (default 0)")
-    g.add_argument("--s-max", type=float, default=float("inf"), help="highest such sigma (default inf)")
-    g.add_argument("--s-noise", type=float, default=1.0, help="scale of the added noise (default 1)")
+    d = STOCHASTIC_DEFAULTS
+    g.add_argument("--s-churn", type=float, default=d["s_churn"],
+                   help="total noise added back over the steps (default 0)")
+    g.add_argument("--s-min", type=float, default=d["s_min"], help="lowest sigma that gets noise added (default 0)")
+    g.add_argument("--s-max", type=float, default=d["s_max"], help="highest such sigma (default inf)")
+    g.add_argument("--s-noise", type=float, default=d["s_noise"], help="scale of the added noise (default 1)")
 
 
 def stochastic_options(args) -> dict:

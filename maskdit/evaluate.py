@@ -4,10 +4,12 @@
     torchrun --nproc-per-node 8 -m maskdit.evaluate --ckpt model.pt --ref REF.npz --cfg-scale 1.5 --outdir fid/
     python -m maskdit.evaluate --write-stats DIR_OF_IMAGES --out STATS.npz --resolution 256
 
-Samples with the EDM Heun sampler and classifier-free guidance. Sample i has the noise of ``maskdit.edm.ImageNoise``
-(seed, i), as in sample.py, and a class drawn uniformly at random from the seed, as the official sampling scripts
-draw them (``--class-labels balanced``: class i % num_classes, the same count for every class), so the samples do
-not depend on --batch-size or on the number of processes: under torchrun, rank r draws samples r, r+W, r+2W, ...
+Samples with classifier-free guidance and the EDM Heun sampler, or for a DDPM noise predictor (converted
+facebookresearch/DiT weights) DiT's own sampler (``maskdit.ddpm``; --sampler as in sample.py). Sample i has the noise
+of ``maskdit.edm.ImageNoise`` (seed, i), as in sample.py, and a class drawn uniformly at random from the seed, as the
+official sampling scripts draw them (``--class-labels balanced``: class i % num_classes, the same count for every
+class), so the samples do not depend on --batch-size or on the number of processes: under torchrun, rank r draws
+samples r, r+W, r+2W, ...
 Inception-v3 pool3 features (torch-fidelity, an optional dependency) are reduced to their mean and covariance; the
 per-process sums are added up with torch.distributed and rank 0 prints the FID and writes it as JSON. --outdir also
 keeps the samples, one uint8 npz per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in
@@ -42,6 +44,7 @@ from maskdit.edm import (
     add_sampling_arguments,
     check_sampling_precision,
     draw_images,
+    resolve_sampling,
     sampling_fill,
     sampling_network,
     stochastic_options,
@@ -77,7 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "written by --write-stats); without it only the samples are written (--outdir)")
     p.add_argument("--num-samples", type=int, default=50000, help="samples in all (default 50000)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 disables guidance (default 1.5)")
-    p.add_argument("--steps", type=int, default=40, help="Heun steps (default 40: 79 network evaluations)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch and process (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", choices=LABEL_MODES, default="random",
@@ -174,7 +176,8 @@ def stochastic_json(args) -> dict:
 def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
     """What a process's samples depend on: a rerun with other settings must not continue them."""
     return {"ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"), "weights": args.weights,
-            "num_samples": args.num_samples, "cfg_scale": args.cfg_scale, "steps": args.steps, "seed": args.seed,
+            "num_samples": args.num_samples, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
+            "cfg_channels": args.cfg_channels, "steps": args.steps, "seed": args.seed,
             "class_labels": args.class_labels,
             "precision": args.precision, "vae": args.vae, "world_size": world,
             **stochastic_json(args)}
@@ -190,6 +193,8 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
         with open(settings_file) as f:
             saved = json.load(f)
         saved.setdefault("class_labels", "balanced")  # (written before the mode existed: class i % classes)
+        saved.setdefault("sampler", "edm")  # (before there was a choice: every checkpoint sampled with EDM's)
+        saved.setdefault("cfg_channels", None)
     if saved is not None and saved != settings:
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose another "
@@ -215,7 +220,9 @@ def result_path(args, ckpt_file: str) -> str:
     if args.outdir:
         return os.path.join(args.outdir, "fid.json")
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
-    options = f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
+    options = "" if args.sampler == "edm" else f"-{args.sampler}"
+    options += "" if args.cfg_channels in (None, 3) else f"-cfgch{args.cfg_channels}"
+    options += f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
     options += "" if args.precision == "fp32" else f"-{args.precision}"
     options += "" if args.class_labels == "random" else f"-{args.class_labels}"
     name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{options}-{args.weights}.json"
@@ -234,8 +241,7 @@ def make_extractor(args, device: torch.device, ref_dim: int | None):
 def evaluate(args) -> dict | None:
     """Sample ``args.num_samples`` images across the processes; FID against ``args.ref`` (the result dict,
     on rank 0; None elsewhere or without --ref)."""
-    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--steps", args.steps, 1),
-                             ("--batch-size", args.batch_size, 1)):
+    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.ref is None and args.outdir is None:
@@ -251,6 +257,7 @@ def evaluate(args) -> dict | None:
     ckpt_file = resolve_checkpoint(args.ckpt, "--ckpt")
     ref = load_reference_stats(args.ref) if args.ref is not None else None  # fail before sampling
     ckpt = load_checkpoint(ckpt_file, arg="--ckpt")
+    resolve_sampling(args, ckpt)
     net, decode = sampling_network(ckpt, args, device)
     model, model_cfg = net.model, net.model.config
     extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
@@ -271,7 +278,8 @@ def evaluate(args) -> dict | None:
         if processed:
             log(rank, f"continuing in {args.outdir}: {processed} samples of this process were drawn earlier")
     log(rank, f"{model_cfg.name} ({args.weights}) from {ckpt_file}: {args.num_samples} samples, {world} process(es), "
-              f"cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, {args.class_labels} classes, "
+              f"{args.sampler} sampler, cfg {args.cfg_scale}, {args.steps} steps, seed {args.seed}, "
+              f"{args.class_labels} classes, "
               f"{args.precision}, device {device}")
     t0, part_start, resumed = time.perf_counter(), len(kept_images), processed
     fill_to = sampling_fill(args, len(indices))
@@ -313,7 +321,8 @@ def evaluate(args) -> dict | None:
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {
         "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
-        "model": model_cfg.name, "weights": args.weights, "cfg_scale": args.cfg_scale, "steps": args.steps,
+        "model": model_cfg.name, "weights": args.weights, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
+        "cfg_channels": args.cfg_channels, "steps": args.steps,
         "precision": args.precision,
         "seed": args.seed, "class_labels": args.class_labels, "ref": os.path.abspath(args.ref), "world_size": world,
         **stochastic_json(args),

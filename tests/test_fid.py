@@ -365,9 +365,19 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
 
 
 def test_result_file_name_records_the_settings():
+    from maskdit.config import model_config
+    from maskdit.edm import resolve_sampling
+
     args = evaluate.parse_args(["--ckpt", "x", "--s-churn", "2", "--precision", "bf16", "--cfg-scale", "1.5"])
+    resolve_sampling(args, {})  # (an EDM network's checkpoint)
     assert os.path.basename(evaluate.result_path(args, "/runs/r/checkpoint-0000010.pt")) == \
         "fid-checkpoint-0000010-n50000-cfg1.5-steps40-churn2-bf16-ema.json"
+    dit = {"parameterization": "ddpm-eps", "config": {"model": model_config("DiT-XL/2", learn_sigma=True).to_dict()}}
+    for extra, name in (([], "steps250-ddpm"), (["--cfg-channels", "4"], "steps250-ddpm-cfgch4"),
+                        (["--sampler", "edm", "--steps", "18"], "steps18")):
+        args = evaluate.parse_args(["--ckpt", "x", *extra])
+        resolve_sampling(args, dit)
+        assert os.path.basename(evaluate.result_path(args, "/runs/dit.pt")) == f"fid-dit-n50000-cfg1.5-{name}-ema.json"
 
 
 def _dist_worker(rank, world, port, argv):
@@ -454,9 +464,11 @@ def test_class_labels_random_from_the_seed_or_balanced(ckpt, tmp_path):
     np.testing.assert_array_equal(evaluate.load_samples(out)[1], [0, 1, 2])
     with pytest.raises(ValueError, match="class_labels"):
         evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, *SAMPLE])
-    # an outdir written before the mode existed holds balanced classes: continued as such
+    # an outdir written before the mode existed holds balanced classes, and before the sampler choice EDM's samples:
+    # continued as such
     settings = json.load(open(os.path.join(out, "sampling.json")))
-    del settings["class_labels"]
+    assert settings["sampler"] == "edm" and settings["cfg_channels"] is None
+    del settings["class_labels"], settings["sampler"], settings["cfg_channels"]
     json.dump(settings, open(os.path.join(out, "sampling.json"), "w"))
     evaluate.main(["--ckpt", ckpt, "--num-samples", "3", "--outdir", out, "--class-labels", "balanced", *SAMPLE])
 
