@@ -17,7 +17,6 @@ import torch.nn as nn
 DDPM_TRAIN_STEPS = 1000  # DiT's
 
 
-
 def linear_betas(num_steps: int = DDPM_TRAIN_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """DDPM's linear betas (float64, as numpy's ``linspace``, which DiT's schedule uses)."""
     if num_steps < 1 or not 0 < beta_start <= beta_end < 1:

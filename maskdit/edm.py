@@ -374,7 +374,8 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
     args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` (or, ``args.sampler`` "ddpm",
     ``ddpm_sample`` with ``args.cfg_channels``) with ``args.steps``, ``args.cfg_scale``, the stochastic options and
     ``sampling_precision(args.precision)``; the samples decoded
-    by ``decode`` (latents to images) when given.  Shared by sample.py and ``maskdit.evaluate``.  Fewer images than
+    by ``decode`` (latents to images) when given, and rounded to pixels as the sampler's protocol does
+    (``to_uint8``: DiT's rounds, MaskDiT's truncates).  Shared by sample.py and ``maskdit.evaluate``.  Fewer images than
     ``fill_to`` are drawn as ``fill_to`` (the images after ``index[-1]`` too, then dropped; image i's draw does not
     depend on the others), so that a compiled ``net`` sees the same shapes in every batch (``sampling_fill``)."""
     model = net.model
@@ -392,7 +393,8 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
         else:
             out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
                              **stochastic_options(args), randn_like=draws.randn_like)[:n]
-    return to_uint8(decode(out) if decode is not None else out)
+    # (pixels rounded as the protocol of the sampler: DiT's sample_ddp.py rounds, MaskDiT's script truncates)
+    return to_uint8(decode(out) if decode is not None else out, "round" if args.sampler == "ddpm" else "truncate")
 
 
 def sampling_network(ckpt: dict, args, device: torch.device):

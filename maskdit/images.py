@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+PIXEL_ROUNDINGS = ("truncate", "round")
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, truncating (x + 1) * 127.5 as the official MaskDiT
-    sampling script does before its FID (rounding, EDM's ``x * 127.5 + 128``, gives pixels half a level brighter
-    on average: a shift that can move FID against the paper's numbers)."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+def to_uint8(images: torch.Tensor, rounding: str = "truncate") -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] (values outside clamped) -> (N, H, W, C) uint8.  ``rounding`` "truncate": (x + 1) *
+    127.5 truncated, as the official MaskDiT sampling script does before its FID; "round": 127.5 x + 128 truncated,
+    i.e. rounded, as facebookresearch/DiT's sample_ddp.py (and EDM's) do: pixels half a level brighter on average,
+    a shift that can move FID, so each protocol keeps its own."""
+    if rounding not in PIXEL_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {PIXEL_ROUNDINGS}, got {rounding!r}")
+    x = images.float().clamp(-1, 1)
+    x = (x + 1) * 127.5 if rounding == "truncate" else (127.5 * x + 128.0).clamp(max=255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images_u8: np.ndarray, rows: int, path: str, scale: int = 1, pad: int = 1) -> None:

@@ -109,7 +109,16 @@ def test_train_defaults_follow_the_recipe():
 
 
 def test_sample_script_defaults():
+    """MaskDiT's (EDM's Heun sampler, 40 steps, guidance 1.5 on all channels); for DiT's weights DiT's sample_ddp.py
+    (250 DDPM steps, guidance 1.5 on 3 channels)."""
     import sample
+    from maskdit.config import model_config
+    from maskdit.edm import resolve_sampling
 
     args = sample.parse_args(["--ckpt", "x"])
-    assert (args.steps, args.cfg_scale) == (40, 1.5)
+    resolve_sampling(args, {})
+    assert (args.sampler, args.steps, args.cfg_scale, args.cfg_channels) == ("edm", 40, 1.5, None)
+    args = sample.parse_args(["--ckpt", "x"])
+    resolve_sampling(args, {"parameterization": "ddpm-eps",
+                            "config": {"model": model_config("DiT-XL/2", learn_sigma=True).to_dict()}})
+    assert (args.sampler, args.steps, args.cfg_scale, args.cfg_channels) == ("ddpm", 250, 1.5, 3)
