@@ -260,7 +260,8 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
         x_cur = x_next
         if gamma_max > 0:  # raise the noise level to t_hat, adding fresh noise (drawn at every step, as the
             # official sampler does, also where gamma is 0 outside [s_min, s_max])
-            t_hat = round_sigma(t_cur * (1 + (gamma_max if s_min <= t_cur <= s_max else 0.0)))
+            gamma = gamma_max if s_min <= t_cur <= s_max else 0.0
+            t_hat = round_sigma(t_cur + gamma * t_cur)  # (as the official sampler computes it, to the last bit)
             x_cur = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * s_noise * randn_like(x_cur)
             t_cur = t_hat
         d_cur = (x_cur - denoise(x_cur, t_cur)) / t_cur
