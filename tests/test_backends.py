@@ -540,22 +540,30 @@ def test_triton_attention_kernel_in_the_network(ids_kind, compiled, monkeypatch,
     assert compiled or (len(calls) == 3 and not {3 * 72, 3 * 32} & set(widths))
 
 
-@pytest.mark.parametrize("parameterization", ["edm", "ddpm-eps"])
-def test_sampling_runs_on_the_networks_device(parameterization):
-    """Both denoisers sample where their network is (DDPMPrecond's noise levels and step numbers too), with
-    guidance, and give the CPU's samples (fp32; TF32 off)."""
-    from maskdit.edm import edm_sample, make_denoiser
+@pytest.mark.parametrize("parameterization,sampler", [("edm", "edm"), ("ddpm-eps", "edm"), ("ddpm-eps", "ddpm")])
+def test_sampling_runs_on_the_networks_device(parameterization, sampler):
+    """Both denoisers sample where their network is (DDPMPrecond's noise levels and step numbers too, DiT's sampler's
+    coefficients), with guidance, and give the CPU's samples (fp32; TF32 off)."""
+    from maskdit.ddpm import ddpm_sample
+    from maskdit.edm import ImageNoise, edm_sample, make_denoiser
 
     torch.manual_seed(0)
     model = randomize(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3, learn_sigma=True,
                                    backend="torch"), std=0.05)
     noise, labels = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
-    on_cpu = edm_sample(make_denoiser(model.eval(), parameterization), noise, labels, num_steps=3)
+
+    def sample(net, noise, labels):
+        if sampler == "ddpm":
+            return ddpm_sample(net, noise, labels, num_steps=5, guided_channels=None,  # (1 channel: all)
+                               randn_like=ImageNoise(0, torch.arange(2)).randn_like)
+        return edm_sample(net, noise, labels, num_steps=3)
+
+    on_cpu = sample(make_denoiser(model.eval(), parameterization), noise, labels)
     net = make_denoiser(model.to(DEVICE), parameterization)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        on_device = edm_sample(net, noise.to(DEVICE), labels.to(DEVICE), num_steps=3)
+        on_device = sample(net, noise.to(DEVICE), labels.to(DEVICE))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert on_device.device.type == DEVICE
