@@ -3,6 +3,7 @@
     python -m maskdit.evaluate --ckpt runs/NAME --num-samples 50000 --ref VIRTUAL_imagenet256_labeled.npz
     torchrun --nproc-per-node 8 -m maskdit.evaluate --ckpt model.pt --ref REF.npz --cfg-scale 1.5 --outdir fid/
     python -m maskdit.evaluate --write-stats DIR_OF_IMAGES --out STATS.npz --resolution 256
+    python -m maskdit.evaluate --export-adm fid/ --out samples.npz   # for ADM's evaluator (IS, sFID, precision)
 
 Samples with classifier-free guidance and the EDM Heun sampler, or for a DDPM noise predictor (converted
 facebookresearch/DiT weights) DiT's own sampler (``maskdit.ddpm``; --sampler as in sample.py). Sample i has the noise
@@ -18,6 +19,9 @@ interrupted run can be continued: each process writes its samples as they come, 
 ``PART_IMAGES``, and the same command run again keeps them and draws only the rest (sampling.json records the
 settings the samples depend on; other settings are refused).
 
+--export-adm OUTDIR --out SAMPLES.npz writes the samples of a finished --outdir run as one npz for ADM's evaluator
+(``arr_0``, in sample order), which also reports the paper's Inception Score, sFID, precision and recall.
+
 --write-stats computes reference statistics from a folder of images (searched recursively; center-cropped and
 resized like training data, ``maskdit.data.center_crop_resize``) or from an npz of uint8 images (``arr_0`` or
 ``images``, used as they are: e.g. ADM's reference batch, to check its statistics against this extractor).
@@ -32,6 +36,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -93,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   "fid-<checkpoint>-n<N>-cfg<s>-steps<k>-<weights>.json)")
     p.add_argument("--write-stats", metavar="SRC", help="compute reference statistics of SRC (a folder of images or "
                                                         "an npz of uint8 images) into --out instead of evaluating")
-    p.add_argument("--out", help="with --write-stats: the statistics file to write (npz with mu, sigma)")
+    p.add_argument("--export-adm", metavar="OUTDIR", help="write the samples of a finished --outdir run as one npz "
+                   "for ADM's evaluator (arr_0: the images in sample order) into --out, instead of evaluating")
+    p.add_argument("--out", help="with --write-stats: the statistics file to write (npz with mu, sigma); with "
+                                 "--export-adm: the npz to write")
     p.add_argument("--resolution", type=int, default=256, help="with --write-stats from a folder: crop size (256)")
     p.add_argument("--num-workers", type=int, default=4, help="image loading processes for --write-stats (default 4)")
     p.add_argument("--inception-weights", help="a local copy of torch-fidelity's Inception-v3 weights "
@@ -101,8 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
     add_sampling_arguments(p)
     args = p.parse_args(argv)
-    if (args.ckpt is None) == (args.write_stats is None):
-        p.error("give --ckpt (evaluate a checkpoint) or --write-stats SRC --out STATS.npz (reference statistics)")
+    if sum(x is not None for x in (args.ckpt, args.write_stats, args.export_adm)) != 1:
+        p.error("give --ckpt (evaluate a checkpoint), --write-stats SRC --out STATS.npz (reference statistics) or "
+                "--export-adm OUTDIR --out SAMPLES.npz (samples for ADM's evaluator)")
     return args
 
 
@@ -140,13 +149,18 @@ def samples_path(outdir: str, rank: int, world: int) -> str:
     return os.path.join(outdir, f"samples-rank{rank:03d}-of-{world:03d}.npz")
 
 
-def load_samples(outdir: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of every ``samples-rank*-of-W.npz`` in ``outdir``, merged in sample order."""
+def sample_files(outdir: str) -> list[str]:
+    """The ``samples-rank<r>-of-<W>.npz`` files of a finished run in ``outdir`` (all W of them); ValueError else."""
     files = sorted(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")))
     worlds = {f.rsplit("-of-", 1)[1] for f in files}
     if not files or len(worlds) != 1 or len(files) != int(worlds.pop()[:-4]):
         raise ValueError(f"{outdir!r} does not hold one complete set of samples-rank<r>-of-<W>.npz files: {files}")
-    parts = [np.load(f) for f in files]
+    return files
+
+
+def load_samples(outdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of every ``samples-rank*-of-W.npz`` in ``outdir``, merged in sample order."""
+    parts = [np.load(f) for f in sample_files(outdir)]
     indices = np.concatenate([p["indices"] for p in parts])
     order = np.argsort(indices)
     images = np.concatenate([p["images"] for p in parts])[order]
@@ -410,9 +424,50 @@ def write_stats(args) -> tuple[np.ndarray, np.ndarray] | None:
     return mu, sigma
 
 
+# --- samples for ADM's evaluator ---------------------------------------------------------------------------------
+
+def export_adm(outdir: str, path: str | None, chunk: int = 1000) -> int:
+    """The samples of a finished ``--outdir`` run as one npz for ADM's evaluator (openai/guided-diffusion
+    ``evaluations/evaluator.py``: Inception Score, FID, sFID, precision and recall, the paper's metrics), the
+    format of DiT's and MaskDiT's sampling scripts: ``arr_0``, the (N, H, W, 3) uint8 images in sample order.
+    Written ``chunk`` images at a time (the images are held once, in the processes' files) into an uncompressed
+    npz, atomically.  Returns N.  ValueError for a run that is not finished or not of RGB images."""
+    if path is None:
+        raise ValueError("--export-adm needs --out SAMPLES.npz")
+    settings_file = os.path.join(outdir, "sampling.json")
+    if not os.path.exists(settings_file):
+        raise ValueError(f"--export-adm {outdir!r} holds no samples of maskdit.evaluate (no sampling.json)")
+    with open(settings_file) as f:
+        wanted = json.load(f)["num_samples"]
+    parts = [np.load(f) for f in sample_files(outdir)]
+    images = [p["images"] for p in parts]
+    where = np.concatenate([np.stack([np.full(len(p["indices"]), k), np.arange(len(p["indices"]))], 1)
+                            for k, p in enumerate(parts)])[np.argsort(np.concatenate([p["indices"] for p in parts]))]
+    if len(where) != wanted:
+        raise ValueError(f"{outdir!r} holds {len(where)} samples, its run was for {wanted}: finish it first")
+    shape = (len(where), *images[0].shape[1:])
+    if len(shape) != 4 or shape[-1] != 3 or images[0].dtype != np.uint8:
+        raise ValueError(f"ADM's evaluator takes RGB uint8 images (N, H, W, 3); these are {shape} {images[0].dtype}")
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, \
+                zf.open("arr_0.npy", "w", force_zip64=True) as out:
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                       "fortran_order": False, "shape": shape})
+            for start in range(0, len(where), chunk):
+                out.write(np.stack([images[k][i] for k, i in where[start:start + chunk]]).tobytes())
+
+    atomic_write(path, write)
+    print(f"wrote the {shape[0]} samples of {outdir} to {path} (arr_0 {shape} uint8, for ADM's evaluator)", flush=True)
+    return shape[0]
+
+
 def main(argv=None):
-    """Run the CLI; returns the result dict (evaluate) or (mu, sigma) (--write-stats) on rank 0."""
+    """Run the CLI; returns the result dict (evaluate), (mu, sigma) (--write-stats) on rank 0, or the number of
+    samples written (--export-adm)."""
     args = parse_args(argv)
+    if args.export_adm is not None:
+        return export_adm(args.export_adm, args.out)
     started_here = not dist.is_initialized()
     try:
         return write_stats(args) if args.write_stats is not None else evaluate(args)

@@ -495,3 +495,43 @@ def test_sampling_arguments_are_checked_before_any_sampling(ckpt, tmp_path, monk
         sample.main(["--ckpt", str(tmp_path / "junk.pt"), *SAMPLE])
     with pytest.raises(ValueError, match="--device 'tpu9' is not a valid device"):
         evaluate.main(["--ckpt", ckpt, "--outdir", str(tmp_path / "e"), *SAMPLE, "--device", "tpu9"])
+
+
+def test_export_for_adms_evaluator_writes_the_samples_in_order(tmp_path):
+    """--export-adm: one npz whose arr_0 holds a finished run's RGB samples in sample order (the processes' files
+    interleave them), readable by numpy's reader (ADM's evaluator reads arr_0 the same way); unfinished runs, runs
+    of other settings' sample counts and grayscale samples are refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (11, 5, 6, 3), dtype=np.uint8)
+    (out / "sampling.json").write_text(json.dumps({"num_samples": 11}))
+    for rank in range(3):  # rank r drew samples r, r + 3, ...
+        idx = np.arange(rank, 11, 3)
+        evaluate.save_samples(str(out / f"samples-rank{rank:03d}-of-003.npz"), [images[idx]], [idx % 10], [idx])
+    path = tmp_path / "adm" / "samples.npz"
+    assert evaluate.main(["--export-adm", str(out), "--out", str(path), "--device", "cpu"]) == 11
+    with np.load(path) as f:
+        assert f.files == ["arr_0"] and np.array_equal(f["arr_0"], images)
+    assert evaluate.export_adm(str(out), str(tmp_path / "small.npz"), chunk=4) == 11  # chunks across the files
+    assert np.array_equal(np.load(tmp_path / "small.npz")["arr_0"], images)
+
+    with pytest.raises(ValueError, match="--export-adm needs --out"):
+        evaluate.main(["--export-adm", str(out)])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--export-adm", str(out), "--ckpt", "x", "--out", "y.npz"])
+    (out / "sampling.json").write_text(json.dumps({"num_samples": 12}))
+    with pytest.raises(ValueError, match="holds 11 samples, its run was for 12: finish it first"):
+        evaluate.export_adm(str(out), str(path))
+    os.unlink(out / "samples-rank002-of-003.npz")
+    with pytest.raises(ValueError, match="does not hold one complete set"):
+        evaluate.export_adm(str(out), str(path))
+    with pytest.raises(ValueError, match="no sampling.json"):
+        evaluate.export_adm(str(tmp_path), str(path))
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    (gray / "sampling.json").write_text(json.dumps({"num_samples": 2}))
+    evaluate.save_samples(str(gray / "samples-rank000-of-001.npz"), [images[:2, :, :, :1]], [np.zeros(2)],
+                          [np.arange(2)])
+    with pytest.raises(ValueError, match=r"takes RGB uint8 images \(N, H, W, 3\); these are \(2, 5, 6, 1\)"):
+        evaluate.export_adm(str(gray), str(path))
