@@ -371,14 +371,14 @@ def resolve_sampling(args, ckpt: dict) -> None:
 
 def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None, args, device: torch.device,
                 decode=None, fill_to: int = 0):
-    """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(
-    args.seed, index)``, class ``labels`` (None: unconditional), ``edm_sample`` (or, ``args.sampler`` "ddpm",
-    ``ddpm_sample`` with ``args.cfg_channels``) with ``args.steps``, ``args.cfg_scale``, the stochastic options and
-    ``sampling_precision(args.precision)``; the samples decoded
-    by ``decode`` (latents to images) when given, and rounded to pixels as the sampler's protocol does
-    (``to_uint8``: DiT's rounds, MaskDiT's truncates).  Shared by sample.py and ``maskdit.evaluate``.  Fewer images than
-    ``fill_to`` are drawn as ``fill_to`` (the images after ``index[-1]`` too, then dropped; image i's draw does not
-    depend on the others), so that a compiled ``net`` sees the same shapes in every batch (``sampling_fill``)."""
+    """Images ``index`` of a sampling command line as (N, H, W, C) uint8: image i's noise from ``ImageNoise(args.seed,
+    index)``, class ``labels`` (None: unconditional), ``edm_sample`` (or, ``args.sampler`` "ddpm", ``ddpm_sample``
+    with ``args.cfg_channels``) with ``args.steps``, ``args.cfg_scale``, the stochastic options and
+    ``sampling_precision(args.precision)``; the samples decoded by ``decode`` (latents to images) when given, and
+    rounded to pixels as the sampler's protocol does (``to_uint8``: DiT's rounds, MaskDiT's truncates). Shared by
+    sample.py and ``maskdit.evaluate``. Fewer images than ``fill_to`` are drawn as ``fill_to`` (the images after
+    ``index[-1]`` too, then dropped; image i's draw does not depend on the others), so that a compiled ``net`` sees
+    the same shapes in every batch (``sampling_fill``)."""
     model = net.model
     n = len(index)
     if n < fill_to:
