@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 DDPM_TRAIN_STEPS = 1000  # DiT's
+DIT_GUIDED_CHANNELS = 3  # the noise channels DiT's sampler guides (its forward_with_cfg)
 
 
 def linear_betas(num_steps: int = DDPM_TRAIN_STEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -74,13 +75,31 @@ class RespacedSchedule:
                 for name in self.COEFFICIENTS}
 
 
+def uses_guidance(class_labels: torch.Tensor | None, cfg_scale: float | None) -> bool:
+    """Whether a sampler guides: labels given and a scale other than None or 1 (else the conditional network alone)."""
+    return class_labels is not None and cfg_scale is not None and cfg_scale != 1
+
+
+def checked_null_label(model: nn.Module, class_labels: torch.Tensor | None, null_label: int | None) -> int | None:
+    """A sampler's null class: ``null_label``, by default ``model.num_classes``; ValueError unless ``class_labels``
+    lie in [0, null class] (one read of the labels a sampling call).  Shared by both samplers."""
+    if null_label is None and class_labels is not None:
+        null_label = model.num_classes
+    if class_labels is not None and class_labels.numel():
+        lo, hi = int(class_labels.min()), int(class_labels.max())
+        if lo < 0 or hi > null_label:
+            raise ValueError(f"class_labels must be in [0, {null_label}] ({null_label}: the null class), got values "
+                             f"in [{lo}, {hi}]")
+    return null_label
+
+
 def guided_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None,
                  cfg_scale: float | None, guided_channels: int, null_label: int) -> torch.Tensor:
     """The network's output (N, C or 2C, H, W) in float32 at ``x``, step ``t`` (N,), with classifier-free guidance
     as DiT's ``forward_with_cfg``: the first ``guided_channels`` noise channels are eps_u + s (eps_c - eps_u), the
     other channels (the rest of the noise, the variance) the conditional output's.  The conditional and
     unconditional evaluations run as one batch.  Scale None (or 1, or no labels): the conditional output alone."""
-    if class_labels is None or cfg_scale is None or cfg_scale == 1:  # (as ddpm_sample's ``guided``)
+    if not uses_guidance(class_labels, cfg_scale):
         return model(x, t, class_labels).float()
     null = torch.full_like(class_labels, null_label)
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null])).float()
@@ -91,7 +110,8 @@ def guided_noise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, class_label
 
 @torch.no_grad()
 def ddpm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor | None = None, num_steps: int = 250,
-                cfg_scale: float | None = 1.5, guided_channels: int | None = 3, null_label: int | None = None,
+                cfg_scale: float | None = 1.5, guided_channels: int | None = DIT_GUIDED_CHANNELS,
+                null_label: int | None = None,
                 randn_like=torch.randn_like) -> torch.Tensor:
     """DiT's sampler: ancestral DDPM sampling from unit-variance ``noise`` (x_T) over ``num_steps`` respaced steps of
     the denoiser ``net``'s process (``net``: a ``maskdit.edm.DDPMPrecond``, whose ``model`` predicts the noise, one
@@ -111,17 +131,10 @@ def ddpm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor 
     model = net.model
     channels = noise.shape[1]
     guided_channels = channels if guided_channels is None else guided_channels
-    guided = class_labels is not None and cfg_scale is not None and cfg_scale != 1
-    if guided and not 1 <= guided_channels <= channels:
+    if uses_guidance(class_labels, cfg_scale) and not 1 <= guided_channels <= channels:
         raise ValueError(f"guided_channels must be in [1, {channels}] (the noise's channels) or None, "
                          f"got {guided_channels}")
-    if null_label is None and class_labels is not None:
-        null_label = model.num_classes
-    if class_labels is not None and class_labels.numel():
-        lo, hi = int(class_labels.min()), int(class_labels.max())
-        if lo < 0 or hi > null_label:
-            raise ValueError(f"class_labels must be in [0, {null_label}] ({null_label}: the null class), got values "
-                             f"in [{lo}, {hi}]")
+    null_label = checked_null_label(model, class_labels, null_label)
     schedule = RespacedSchedule(betas, respaced_steps(len(betas), num_steps))
     x = noise.float()
     n = x.shape[0]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import ops
 from .backends import get_ops
-from .ddpm import DDPM_TRAIN_STEPS, ddpm_sample, linear_betas
+from .ddpm import DDPM_TRAIN_STEPS, DIT_GUIDED_CHANNELS, checked_null_label, ddpm_sample, linear_betas, uses_guidance
 from .images import to_uint8
 from .masking import mask_from_ids_keep, token_layout
 from .training import COMPILE_MODES, compile_network
@@ -207,7 +207,7 @@ def guided_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_l
     ``sigma``: a scalar or one per sample.  The conditional and unconditional evaluations run as one batch.
     Scale None (or 1, or no labels): the conditional denoiser alone.
     """
-    if class_labels is None or cfg_scale is None or cfg_scale == 1:
+    if not uses_guidance(class_labels, cfg_scale):
         return net(x, sigma, class_labels)
     null = torch.full_like(class_labels, null_label)
     sigma = per_sample_sigma(sigma, x).repeat(2)  # for both halves
@@ -237,13 +237,7 @@ def edm_sample(net: nn.Module, noise: torch.Tensor, class_labels: torch.Tensor |
     if not s_churn >= 0 or not s_noise >= 0 or not s_min <= s_max:
         raise ValueError(f"need s_churn >= 0, s_noise >= 0 and s_min <= s_max, got s_churn={s_churn}, "
                          f"s_noise={s_noise}, s_min={s_min}, s_max={s_max}")
-    if null_label is None and class_labels is not None:
-        null_label = net.model.num_classes
-    if class_labels is not None and class_labels.numel():  # (one read of the labels a sampling call)
-        lo, hi = int(class_labels.min()), int(class_labels.max())
-        if lo < 0 or hi > null_label:
-            raise ValueError(f"class_labels must be in [0, {null_label}] ({null_label}: the null class), got values "
-                             f"in [{lo}, {hi}]")
+    null_label = checked_null_label(net.model, class_labels, null_label)
     # the noise levels the denoiser takes (a discrete-time one: its own, EDM's iDDPM sampling)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
     sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
@@ -361,7 +355,7 @@ def resolve_sampling(args, ckpt: dict) -> None:
             raise ValueError(f"--steps with --sampler ddpm must be at most {DDPM_TRAIN_STEPS} (the network's training "
                              f"steps), got {args.steps}")
         channels = ModelConfig.from_dict(ckpt["config"]["model"]).in_channels
-        args.cfg_channels = min(3, channels) if args.cfg_channels is None else args.cfg_channels
+        args.cfg_channels = min(DIT_GUIDED_CHANNELS, channels) if args.cfg_channels is None else args.cfg_channels
         if not 1 <= args.cfg_channels <= channels:
             raise ValueError(f"--cfg-channels must be in [1, {channels}] (the model's channels), "
                              f"got {args.cfg_channels}")
@@ -391,11 +385,12 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
         if args.sampler == "ddpm":
             out = ddpm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
                               guided_channels=args.cfg_channels, randn_like=draws.randn_like)[:n]
+            rounding = "round"  # (as DiT's sample_ddp.py)
         else:
             out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
                              **stochastic_options(args), randn_like=draws.randn_like)[:n]
-    # (pixels rounded as the protocol of the sampler: DiT's sample_ddp.py rounds, MaskDiT's script truncates)
-    return to_uint8(decode(out) if decode is not None else out, "round" if args.sampler == "ddpm" else "truncate")
+            rounding = "truncate"  # (as MaskDiT's sampling script)
+    return to_uint8(decode(out) if decode is not None else out, rounding)
 
 
 def sampling_network(ckpt: dict, args, device: torch.device):

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from maskdit.checkpoint import atomic_write, load_checkpoint, make_output_folder, resolve_checkpoint
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
+from maskdit.ddpm import DIT_GUIDED_CHANNELS
 from maskdit.distributed import pick_device
 from maskdit.edm import (
     add_sampling_arguments,
@@ -235,7 +236,7 @@ def result_path(args, ckpt_file: str) -> str:
         return os.path.join(args.outdir, "fid.json")
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
     options = "" if args.sampler == "edm" else f"-{args.sampler}"
-    options += "" if args.cfg_channels in (None, 3) else f"-cfgch{args.cfg_channels}"
+    options += "" if args.cfg_channels in (None, DIT_GUIDED_CHANNELS) else f"-cfgch{args.cfg_channels}"
     options += f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
     options += "" if args.precision == "fp32" else f"-{args.precision}"
     options += "" if args.class_labels == "random" else f"-{args.class_labels}"
@@ -441,8 +442,10 @@ def export_adm(outdir: str, path: str | None, chunk: int = 1000) -> int:
         wanted = json.load(f)["num_samples"]
     parts = [np.load(f) for f in sample_files(outdir)]
     images = [p["images"] for p in parts]
-    where = np.concatenate([np.stack([np.full(len(p["indices"]), k), np.arange(len(p["indices"]))], 1)
-                            for k, p in enumerate(parts)])[np.argsort(np.concatenate([p["indices"] for p in parts]))]
+    indices = [p["indices"] for p in parts]  # (each read from its file once)
+    # (file, row) of every sample, in sample order
+    where = np.concatenate([np.stack([np.full(len(i), k), np.arange(len(i))], 1) for k, i in enumerate(indices)])
+    where = where[np.argsort(np.concatenate(indices))]
     if len(where) != wanted:
         raise ValueError(f"{outdir!r} holds {len(where)} samples, its run was for {wanted}: finish it first")
     shape = (len(where), *images[0].shape[1:])
