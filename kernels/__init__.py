@@ -7,7 +7,7 @@ same function.  Token-wise ops take (T, D) tokens with an explicit token->sample
 so samples may keep different numbers of tokens.
 """
 
-from ._common import token_samples
+from ._common import refuse_double_backward, token_samples
 from .attention import flash_attention, flash_attention_reference, qkv_attention
 from .bias import bias_grad, bias_grad_reference
 from .edm_loss import edm_loss, edm_loss_reference
@@ -26,7 +26,7 @@ from .qkv_grad import stack_qkv_grad, stack_qkv_grad_reference
 from .unmask import insert_mask_tokens, insert_mask_tokens_reference
 
 __all__ = [
-    "token_samples", "flash_attention", "flash_attention_reference", "qkv_attention",
+    "refuse_double_backward", "token_samples", "flash_attention", "flash_attention_reference", "qkv_attention",
     "bias_grad", "bias_grad_reference", "edm_loss", "edm_loss_reference", "gated_residual_ln_modulate",
     "gated_residual_ln_modulate_reference", "ln_modulate", "ln_modulate_recompute", "ln_modulate_reference",
     "embed_kept_patches", "embed_kept_patches_reference", "insert_mask_tokens", "insert_mask_tokens_reference",

@@ -81,6 +81,16 @@ def check_samples(seg: torch.Tensor, num_samples: int) -> None:
                              f"[{lo}, {hi}]")
 
 
+def check_ordered_samples(seg: torch.Tensor) -> None:
+    """ValueError unless ``seg`` never decreases (the samples in order, each one's tokens together, as the packed
+    layout has them): what a deterministic backward over ``per_sample_sums_buffer`` needs.  Reads ``seg`` on the
+    host, a synchronisation on CUDA; called in deterministic mode only."""
+    if seg.numel() > 1 and bool((seg[1:] < seg[:-1]).any()):
+        raise ValueError("seg must not decrease in deterministic mode (the samples in order, each one's tokens "
+                         "together, as maskdit.masking packs them): the deterministic backward's per-sample sums "
+                         "need it; the atomic backward does not")
+
+
 def same_samples(**tensors) -> int:
     """The number of samples (rows) the per-sample tensors share; ValueError naming each count if they differ."""
     counts = {name: t.shape[0] for name, t in tensors.items()}
@@ -185,7 +195,8 @@ def per_sample_sums_buffer(programs: int, num_samples: int, width: int, device, 
     """The zeroed fp32 buffer, (count, rows, D), that a backward kernel over consecutive token rows flushes
     ``count`` per-sample partial sums into (one allocation and one zeroing for all of them): rows = N for
     atomic adds; deterministic, programs + N, program p storing its sum for sample s in row p + s (distinct
-    for every pair, as both grow along the tokens), unwritten rows zero."""
+    for every pair, as both grow along the tokens: ``seg`` must not decrease, ``check_ordered_samples``),
+    unwritten rows zero."""
     rows = programs + num_samples if det else num_samples
     return torch.zeros((count, rows, width), device=device, dtype=torch.float32)
 
@@ -250,6 +261,16 @@ def alert_nondeterministic(op: str, device: torch.device) -> None:
         raise RuntimeError(msg)
 
 
+def refuse_double_backward(name: str) -> None:
+    """RuntimeError inside the backward of autograd Function ``name`` when it runs with grad mode on, i.e. under
+    ``backward(create_graph=True)``: its kernels' gradients are not differentiable, and a higher-order gradient
+    through them (a gradient penalty) would silently lose its terms.  Nothing while ``torch.compile`` traces the
+    backward (it refuses double backward itself)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name}: the fused kernels have no double backward (create_graph=True through them); "
+                           "use the torch backend, with SDPA's math attention, for higher-order gradients")
+
+
 def autograd_op(name: str, fwd_op, fwd_impl, bwd_op, bwd_impl, setup_context, backward):
     """Give the custom op pair (``fwd_op``, ``bwd_op``) with Python implementations (``fwd_impl``,
     ``bwd_impl``) its autograd: ``setup_context(ctx, inputs, output)`` and ``backward(ctx, bwd, *grads)``.
@@ -265,6 +286,7 @@ def autograd_op(name: str, fwd_op, fwd_impl, bwd_op, bwd_impl, setup_context, ba
         return output
 
     def eager_backward(ctx, *grads):
+        refuse_double_backward(name)
         return backward(ctx, bwd_impl, *grads)
 
     eager = type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward),

@@ -62,6 +62,7 @@ BWD_WARPS = 8
 FP32_FWD = (64, 16, 16)
 FP32_BWD = (16, 16, 8)
 MAX_HEAD_DIM = 256
+MAX_SAMPLES = 65535  # CUDA's limit on a launch grid's second axis, which holds the samples
 LOG2E = 1.4426950408889634
 
 
@@ -293,8 +294,9 @@ def _validate(q, k, v, cu_seqlens, max_len):
     for name, x in (("k", k), ("v", v)):
         check_tensor(name, x, shape=tuple(q.shape), dtypes=(q.dtype,), device=q.device, last_stride_one=True)
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device, contiguous=True)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if not 2 <= cu_seqlens.numel() <= MAX_SAMPLES + 1:
+        raise ValueError(f"cu_seqlens must hold N + 1 offsets with 1 <= N <= {MAX_SAMPLES} (the samples go on a "
+                         f"launch grid axis), got {cu_seqlens.numel()}")
     if isinstance(max_len, bool) or not isinstance(max_len, (int, torch.SymInt)) or max_len < 1:
         raise ValueError(f"max_len must be a positive int (the longest sample's length or more), got {max_len!r}")
     if not 0 < q.shape[2] <= MAX_HEAD_DIM:

@@ -63,11 +63,35 @@ def _lerp_kernel(BASE, DST_OFFS, SRC_OFFS, SIZES, CHUNKS, W, w_value, CHUNK: tl.
             tl.store(BASE + dst_off + offs, (e + w * (s - e)).to(BASE.dtype.element_ty), mask=m)
 
 
+def _check_no_overlap(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """ValueError if a tensor of ``dst`` shares memory with another of ``dst`` or with a tensor of ``src`` other
+    than its own pair's (which may be the same tensor): the kernel's programs would update it twice or read
+    values another program is writing."""
+    spans = []  # (first byte, end, is dst, name)
+    for i, (d, s) in enumerate(zip(dst, src)):
+        size = d.numel() * d.element_size()
+        if size:
+            spans.append((d.data_ptr(), d.data_ptr() + size, True, f"dst[{i}]"))
+            if s.data_ptr() != d.data_ptr():
+                spans.append((s.data_ptr(), s.data_ptr() + size, False, f"src[{i}]"))
+    spans.sort()
+    last_any = last_dst = (0, "")  # (end, name) of the earlier span reaching furthest, of any kind / of dst
+    for start, end, is_dst, name in spans:
+        other = last_any if is_dst else last_dst
+        if start < other[0]:
+            raise ValueError(f"{name} overlaps {other[1]} in memory: dst tensors must not share memory with each "
+                             "other or with another pair's src")
+        last_any = max(last_any, (end, name))
+        if is_dst:
+            last_dst = max(last_dst, (end, name))
+
+
 class MultiTensorLerp:
     """``dst[i] += weight * (src[i] - dst[i])`` for all i in one kernel launch (see the module doc).
 
     ``dst`` and ``src``: equally long sequences of contiguous tensors, pairwise of the same shape, all of one
-    float dtype and on one device.  Call with ``weight`` a float or a 0-dim float tensor on that device.
+    float dtype and on one device; no two dst tensors share memory, nor a dst tensor with another pair's src.
+    Call with ``weight`` a float or a 0-dim float tensor on that device.
     """
 
     def __init__(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]):
@@ -79,6 +103,7 @@ class MultiTensorLerp:
             check_tensor(f"dst[{i}]", d, dtypes=(dtype,) if dtype in FLOAT_DTYPES else FLOAT_DTYPES, device=device,
                          contiguous=True)
             check_tensor(f"src[{i}]", s, shape=tuple(d.shape), dtypes=(dtype,), device=device, contiguous=True)
+        _check_no_overlap(dst, src)
         self.dst, self.src, self.device = dst, src, device
         self._storages = self._addresses()
         self.aligned = all(a % 16 == 0 and b % 16 == 0 for a, b in self._storages)

@@ -32,6 +32,7 @@ from ._common import (
     block_size,
     cast_sums,
     cdiv,
+    check_ordered_samples,
     check_out_dtype,
     check_samples,
     check_tensor,
@@ -265,6 +266,8 @@ def _bwd_impl(dx_new: Optional[torch.Tensor], dy: Optional[torch.Tensor], x: tor
     t, d = x.shape
     n = gate.shape[0]
     det = deterministic(x.device)
+    if det:
+        check_ordered_samples(seg)
     if dx_new is not None and dx_new.stride(-1) != 1:
         dx_new = dx_new.contiguous()
     if dy is not None and dy.stride(-1) != 1:

@@ -5,7 +5,8 @@ free, unit column stride, e.g. chunks of the adaLN GEMM output).  Statistics in 
 saves x and the per-token mean/rstd (2 floats a token); the backward recomputes x_hat and gives dx and
 the per-sample dshift, dscale (fp32 partial sums in registers over runs of same-sample tokens, one
 atomic add per run and program; in deterministic mode, ``_common.deterministic``, each run's sum is
-stored in its own row and the rows are added per sample in a fixed order).
+stored in its own row and the rows are added per sample in a fixed order: that mode needs the samples in
+order, ``seg`` never decreasing, as the packed layout has them, and checks it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._common import (
     block_size,
     cast_sums,
     cdiv,
+    check_ordered_samples,
     check_out_dtype,
     check_samples,
     check_tensor,
@@ -232,6 +234,8 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, seg: torch
     """dx (x's dtype) and the fp32 (2, N, D) per-sample sums dshift, dscale."""
     t, d = x.shape
     det = deterministic(x.device)
+    if det:
+        check_ordered_samples(seg)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = new_output((t, d), x.dtype, x.device)
     rows = rows_per_program(t, x.device, BWD_ROWS)

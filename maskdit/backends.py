@@ -314,6 +314,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dout):
         import kernels
 
+        kernels.refuse_double_backward("_Linear")
         w, *kept = ctx.saved_tensors
         x = _saved_input(kept, ctx.x_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])
@@ -337,6 +338,7 @@ class _SplitQkv(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         import kernels
 
+        kernels.refuse_double_backward("_SplitQkv")
         t, heads, head_dim = dq.shape  # (an unused output's gradient comes as zeros: materialized by autograd)
         dqkv, dbias = kernels.stack_qkv_grad(*(g.reshape(t, heads * head_dim) for g in (dq, dk, dv)))
         return dqkv, dbias.to(ctx.bias_dtype), None
@@ -421,6 +423,7 @@ class _MlpOnRecomputedLN(torch.autograd.Function):
     def backward(ctx, dout):
         import kernels
 
+        kernels.refuse_double_backward("_MlpOnRecomputedLN")
         w1, w2, a, *kept = ctx.saved_tensors
         y = _saved_input(kept, ctx.y_dtype)
         dout2 = dout.reshape(-1, dout.shape[-1])

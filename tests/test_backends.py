@@ -94,6 +94,36 @@ def test_fused_loss_and_gradients_match(masked):
         torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
 
 
+def test_double_backward_is_refused_by_the_triton_backend_only():
+    """A gradient penalty (backward with create_graph=True) through the torch backend works (with SDPA's math
+    attention); through the fused
+    kernels, whose gradients are not differentiable, it is refused instead of silently losing terms."""
+    ref, fused = pair("MaskDiT-T/2")
+    x, t, y = inputs()
+    x.requires_grad_()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # (the others' have no double backward)
+        (gx,) = torch.autograd.grad(ref(x, t, y).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fused(x, t, y).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("function", ["_Linear", "_SplitQkv", "_MlpOnRecomputedLN"])
+def test_triton_backend_functions_refuse_double_backward(function):
+    from maskdit import backends
+
+    g = torch.Generator().manual_seed(4)
+    x, w, b, w2 = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((6, 8), (12, 8), (12,), (8, 12)))
+    call = {"_Linear": lambda: backends._Linear.apply(x, w, b),
+            "_SplitQkv": lambda: torch.stack(backends._SplitQkv.apply(x @ w.t(), b, 2)),
+            "_MlpOnRecomputedLN": lambda: backends._MlpOnRecomputedLN.apply(x, w, b, w2)}[function]
+    out = call()
+    torch.autograd.grad(out.square().sum(), x)  # first order: fine
+    with pytest.raises(RuntimeError, match=f"{function}: the fused kernels have no double backward"):
+        torch.autograd.grad(call().square().sum(), x, create_graph=True)
+
+
 def test_backends_share_state_dicts_and_auto_picks_by_device():
     ref, fused = pair("MaskDiT-T/2")
     assert ref.state_dict().keys() == fused.state_dict().keys()

@@ -224,6 +224,8 @@ def test_bad_inputs_are_named():
                       ("k must have unit stride", (q, k.transpose(1, 2).contiguous().transpose(1, 2), v, cu, max_len)),
                       ("cu_seqlens must have dtype", (q, k, v, cu.long(), max_len)),
                       ("cu_seqlens must hold", (q, k, v, cu[:1], max_len)),
+                      (r"1 <= N <= 65535 \(the samples go on a launch grid axis\), got 65537",
+                       (q, k, v, torch.cat([cu, cu.new_full((65534,), 7)]), max_len)),
                       ("max_len must be a positive int", (q, k, v, cu, 0)),
                       ("max_len must be a positive int", (q, k, v, cu, True)),
                       ("head dim must be in", tuple(torch.randn(3, 7, 1, 300, device=DEVICE).unbind(0)) + (cu, 4))]:

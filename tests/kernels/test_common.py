@@ -49,3 +49,19 @@ def test_atomic_backward_alerts_only_in_deterministic_mode_on_cuda(deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)
     with pytest.warns(UserWarning, match="maskdit::op backward"):
         alert_nondeterministic("maskdit::op backward", cuda)
+
+
+def test_double_backward_through_a_kernel_is_refused():
+    """create_graph=True through a fused op: its gradients are not differentiable, so a higher-order gradient
+    would silently miss terms; refused.  First-order gradients, with create_graph or not, are unaffected."""
+    from kernels import ln_modulate
+    from tests.kernels.conftest import DEVICE, segments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 17, generator=g).to(DEVICE).requires_grad_()
+    shift, scale = (torch.randn(2, 17, generator=g).to(DEVICE) for _ in range(2))
+    seg = segments([2, 3])
+    with pytest.raises(RuntimeError, match="LnModulate: the fused kernels have no double backward"):
+        torch.autograd.grad(ln_modulate(x, shift, scale, seg).square().sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad(ln_modulate(x, shift, scale, seg).square().sum(), x)
+    assert torch.isfinite(dx).all() and bool(dx.abs().sum() > 0)

@@ -74,3 +74,25 @@ def test_deterministic_backward_in_two_column_blocks(op, module, monkeypatch, de
     for got, want, again in zip(first, expected, second):
         torch.testing.assert_close(got, want, **TOL[torch.float32]["grad"])
         assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("op", ["ln_modulate", "gated_residual_ln_modulate"])
+def test_interleaved_samples_atomic_only(op, monkeypatch, deterministic_mode):
+    """Tokens of different samples interleaved (``seg`` decreasing here and there): the atomic backward sums
+    each sample's runs right; the deterministic one, whose partial-sum rows need the samples in order (as the
+    packed layout has them), refuses them with a ValueError instead of mixing samples' sums."""
+    g = torch.Generator().manual_seed(2)
+    n, t = len(LENGTHS), sum(LENGTHS)
+    seg = segments(LENGTHS)[torch.randperm(t, generator=g).to(DEVICE)]
+    x, h = _rand(g, t, D), _rand(g, t, D)
+    gate, shift, scale = (_rand(g, n, D) for _ in range(3))
+    leaves, call = {"ln_modulate": ((x, shift, scale), lambda f: f(x, shift, scale, seg)),
+                    "gated_residual_ln_modulate": ((x, h, gate, shift, scale),
+                                                   lambda f: f(x, h, gate, shift, scale, seg))}[op]
+    fused, reference = getattr(kernels, op), getattr(kernels, op + "_reference")
+    for got, want in zip(_grads(lambda: call(fused), leaves), _grads(lambda: call(reference), leaves)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32]["grad"])
+    monkeypatch.setattr(_common, "FORCE_DETERMINISTIC", True)
+    torch.use_deterministic_algorithms(True)
+    with pytest.raises(ValueError, match="seg must not decrease in deterministic mode"):
+        _grads(lambda: call(fused), leaves)

@@ -112,6 +112,28 @@ def test_bad_inputs_are_named():
         lerp("0.5")
 
 
+def test_shared_memory_is_refused():
+    """A dst tensor sharing memory with another dst, or with another pair's src, would be updated twice or read
+    while written (a race on a GPU); a pair that is one tensor, and src tensors sharing memory, are fine."""
+    flat = torch.randn(190, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    a, b, c, d, e = flat[:40], flat[30:70], flat[70:110], flat[110:150], flat[150:]
+    cases = [
+        ("dst\\[1\\] overlaps dst\\[0\\]", ([a, a], [d, d])),
+        ("dst\\[1\\] overlaps dst\\[0\\]", ([a, b], [d, d])),
+        ("src\\[0\\] overlaps dst\\[1\\]|dst\\[1\\] overlaps src\\[0\\]", ([a, c], [c, d])),
+    ]
+    for msg, args in cases:
+        with pytest.raises(ValueError, match=msg):
+            MultiTensorLerp(*args)
+    ref = [a.clone(), c.clone()]
+    MultiTensorLerp([a, c], [d, d])(0.5)  # src tensors sharing memory
+    lerp_reference(ref, [d, d], 0.5)
+    _close([a, c], ref, torch.float32)
+    before = e.clone()
+    MultiTensorLerp([e], [e])(0.5)  # a pair that is one tensor: unchanged
+    assert torch.equal(e, before)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
 def test_captured_in_a_cuda_graph_reads_the_current_weight():
     dst, src = _tensors(torch.float32)
