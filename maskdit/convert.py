@@ -118,11 +118,18 @@ def infer_config(state_dict: dict, source: str) -> ModelConfig:
     grid = int(round(sd["pos_embed"].shape[-2] ** 0.5))
     out_dim = sd["final_layer.linear.weight"].shape[0]
     table = sd.get("y_embedder.embedding_table.weight")
+    use_decoder = "decoder_layer.linear.weight" in sd
     if table is None:
         num_classes = 0
-    else:
+    else:  # MaskDiT's Linear(num_classes, D) weight is (D, num_classes); DiT's Embedding(num_classes + 1, D) table
+        if (table.shape[0] if source == "maskdit" else table.shape[1]) != d:
+            other = "dit" if source == "maskdit" else "maskdit"
+            raise ValueError(f"the label embedding has shape {tuple(table.shape)} at width {d}: not a {source} state "
+                             f"dict; is it --source {other}?")
         num_classes = table.shape[1] if source == "maskdit" else table.shape[0] - 1
-    use_decoder = "decoder_layer.linear.weight" in sd
+    if use_decoder and source == "dit":
+        raise ValueError("the state dict has MaskDiT's decoder, which facebookresearch/DiT has not: is it --source "
+                         "maskdit?")
     overrides = dict(learn_sigma=out_dim == 2 * in_channels * patch * patch,
                      null_class="zero" if source == "maskdit" else "learned")
     if use_decoder:
@@ -164,6 +171,19 @@ def load_official_file(path: str) -> dict:
     return obj
 
 
+def _check_loads(state: dict, config: ModelConfig) -> None:
+    """ValueError unless the converted ``state`` loads with strict=True into the network of ``config`` (built on
+    the meta device: no memory, no initialisation)."""
+    from .models import DiT
+
+    with torch.device("meta"):
+        model = DiT(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"the converted weights do not fit {config.name}: {e}") from None
+
+
 def convert_file(src: str, dst: str, source: str, key: str | None = None) -> ModelConfig:
     """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads (with its
     ``parameterization``: "edm" for MaskDiT's, "ddpm-eps" for DiT's)."""
@@ -171,6 +191,7 @@ def convert_file(src: str, dst: str, source: str, key: str | None = None) -> Mod
     official = select_state_dict(obj, key)
     state = convert_official_state_dict(official, source)
     config = infer_config(official, source)
+    _check_loads(state, config)
     # what the network predicts: DiT's weights are a DDPM noise predictor (sampled through edm.DDPMPrecond)
     parameterization = "ddpm-eps" if source == "dit" else "edm"
     atomic_save({"model": state, "ema": state, "config": {"model": config.to_dict()}, "step": 0,

@@ -10,6 +10,8 @@ the updates in float32, as DiT's ``gaussian_diffusion`` does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -76,7 +78,10 @@ class RespacedSchedule:
 
 
 def uses_guidance(class_labels: torch.Tensor | None, cfg_scale: float | None) -> bool:
-    """Whether a sampler guides: labels given and a scale other than None or 1 (else the conditional network alone)."""
+    """Whether a sampler guides: labels given and a scale other than None or 1 (else the conditional network alone);
+    ValueError for a scale that is not finite."""
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number or None, got {cfg_scale}")
     return class_labels is not None and cfg_scale is not None and cfg_scale != 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -193,7 +194,11 @@ class EDMLoss:
 
 def edm_sigma_steps(num_steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                     device=None) -> torch.Tensor:
-    """The EDM discretisation sigma_0 > ... > sigma_{num_steps-1}, followed by 0 (float64)."""
+    """The EDM discretisation sigma_0 > ... > sigma_{num_steps-1}, followed by 0 (float64); ValueError unless
+    0 < sigma_min <= sigma_max < inf and rho > 0."""
+    if not (0 < sigma_min <= sigma_max < math.inf and 0 < rho < math.inf):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf and 0 < rho < inf (the denoiser's own sigma range "
+                         f"applied), got sigma_min={sigma_min}, sigma_max={sigma_max}, rho={rho}")
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     steps = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
@@ -334,6 +339,7 @@ def resolve_sampling(args, ckpt: dict) -> None:
     with ddpm; all channels with edm).  ValueError naming the option for a combination that cannot run."""
     from .config import ModelConfig
 
+    check_finite_options(args)
     parameterization = checkpoint_parameterization(ckpt)
     if args.sampler is None:
         args.sampler = "ddpm" if parameterization == "ddpm-eps" else "edm"
@@ -372,7 +378,8 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
     rounded to pixels as the sampler's protocol does (``to_uint8``: DiT's rounds, MaskDiT's truncates). Shared by
     sample.py and ``maskdit.evaluate``. Fewer images than ``fill_to`` are drawn as ``fill_to`` (the images after
     ``index[-1]`` too, then dropped; image i's draw does not depend on the others), so that a compiled ``net`` sees
-    the same shapes in every batch (``sampling_fill``)."""
+    the same shapes in every batch (``sampling_fill``).  ValueError naming the images that came out
+    non-finite."""
     model = net.model
     n = len(index)
     if n < fill_to:
@@ -390,6 +397,10 @@ def draw_images(net: nn.Module, index: torch.Tensor, labels: torch.Tensor | None
             out = edm_sample(net, noise, y, num_steps=args.steps, cfg_scale=args.cfg_scale,
                              **stochastic_options(args), randn_like=draws.randn_like)[:n]
             rounding = "truncate"  # (as MaskDiT's sampling script)
+    bad = ~torch.isfinite(out.flatten(1)).all(1)
+    if bad.any():  # (to_uint8 would turn them into black pixels, and an FID would count them)
+        raise ValueError(f"the sampler gave non-finite values (NaN or inf) for images {index[:n][bad.cpu()].tolist()}"
+                         ": the checkpoint's weights or the sampling settings are broken")
     return to_uint8(decode(out) if decode is not None else out, rounding)
 
 
@@ -399,7 +410,7 @@ def sampling_network(ckpt: dict, args, device: torch.device):
     parameterization says (``make_denoiser``) and compiled as ``args.compile`` says (the denoiser; with
     ``args.sampler`` "ddpm", which calls the network itself, the network inside it); ``decode`` maps latents to
     images with its VAE (``args.vae`` or the one it was trained with), None for an image model.  ValueError for
-    missing weights or latents that have no VAE to decode them."""
+    missing weights, weights that do not fit the config, or latents that have no VAE to decode them."""
     from .config import ModelConfig
     from .latents import latent_decoder
     from .models import DiT
@@ -407,7 +418,11 @@ def sampling_network(ckpt: dict, args, device: torch.device):
     if args.weights not in ckpt:
         raise ValueError(f"the checkpoint has no {args.weights!r} weights")
     model = DiT(ModelConfig.from_dict(ckpt["config"]["model"]))
-    model.load_state_dict(ckpt[args.weights])
+    try:
+        model.load_state_dict(ckpt[args.weights])
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's {args.weights!r} weights do not fit its model config "
+                         f"({model.config.name}): {e}") from None
     model.to(device).eval()
     parameterization = checkpoint_parameterization(ckpt)
     if args.sampler == "ddpm":
@@ -440,6 +455,18 @@ def add_stochastic_arguments(parser) -> None:
     g.add_argument("--s-min", type=float, default=d["s_min"], help="lowest sigma that gets noise added (default 0)")
     g.add_argument("--s-max", type=float, default=d["s_max"], help="highest such sigma (default inf)")
     g.add_argument("--s-noise", type=float, default=d["s_noise"], help="scale of the added noise (default 1)")
+
+
+def check_finite_options(args) -> None:
+    """ValueError naming the option unless ``--cfg-scale`` is finite and the stochastic options are in range
+    (checked before anything is sampled or written: a run refused later would leave its settings behind)."""
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    for flag, value in (("--s-churn", args.s_churn), ("--s-noise", args.s_noise), ("--s-min", args.s_min)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    if not args.s_min <= args.s_max:  # (--s-max may be inf: no upper bound)
+        raise ValueError(f"--s-max must be >= --s-min, got --s-min {args.s_min} and --s-max {args.s_max}")
 
 
 def stochastic_options(args) -> dict:

@@ -47,6 +47,7 @@ from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.ddpm import DIT_GUIDED_CHANNELS
 from maskdit.distributed import pick_device
 from maskdit.edm import (
+    STOCHASTIC_DEFAULTS,
     add_sampling_arguments,
     check_sampling_precision,
     draw_images,
@@ -96,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "VAE of the latent folder the model was trained on (see sample.py)")
     p.add_argument("--outdir", help="write the samples (samples-rank<r>-of-<W>.npz), their stats.npz and fid.json here")
     p.add_argument("--json", help="where to write the result (default: OUTDIR/fid.json, else next to the checkpoint: "
-                                  "fid-<checkpoint>-n<N>-cfg<s>-steps<k>-<weights>.json)")
+                                  "fid-<checkpoint>-n<N>-cfg<s>-steps<k>[-<other settings>]-<weights>-ref-<REF>.json)")
     p.add_argument("--write-stats", metavar="SRC", help="compute reference statistics of SRC (a folder of images or "
                                                         "an npz of uint8 images) into --out instead of evaluating")
     p.add_argument("--export-adm", metavar="OUTDIR", help="write the samples of a finished --outdir run as one npz "
@@ -198,10 +199,20 @@ def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
             **stochastic_json(args)}
 
 
+SETTING_NAMES = {"step": "the checkpoint's step", "world_size": "processes"}  # the others: --<key>
+
+
+def holds_samples(outdir: str) -> bool:
+    """Whether ``outdir`` holds samples of a run: finished (``samples_path``) or part files (``part_path``)."""
+    return any(glob.glob(os.path.join(outdir, pattern)) for pattern in ("samples-rank*-of-*.npz",
+                                                                        "part-rank*-of-*-*.npz"))
+
+
 def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[list, list, list]:
     """(images, labels, indices) of the samples this process wrote to ``outdir`` in an earlier run with the same
     ``settings`` (its part files, or its finished samples file), as lists of arrays; ValueError if ``outdir``
-    holds samples of other settings.  Writes the settings (rank 0) into a new ``outdir``."""
+    holds samples of other settings.  Writes the settings (rank 0) into a new ``outdir``, or one whose settings
+    no samples were written with."""
     settings_file = os.path.join(outdir, "sampling.json")
     saved = None
     if os.path.exists(settings_file):
@@ -211,9 +222,13 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
         saved.setdefault("sampler", "edm")  # (before there was a choice: every checkpoint sampled with EDM's)
         saved.setdefault("cfg_channels", None)
     if saved is not None and saved != settings:
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose another "
-                         "--outdir or remove that one")
+        if not holds_samples(outdir):  # a run that failed or stopped before its first batch: nothing to continue
+            saved = None
+        else:
+            diff = {SETTING_NAMES.get(k, "--" + k.replace("_", "-")): (saved.get(k), v) for k, v in settings.items()
+                    if saved.get(k) != v}
+            raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose "
+                             "another --outdir or remove that one")
     if dist.is_initialized():
         dist.barrier()  # every process has read the settings before rank 0 may write them
     if saved is None:
@@ -229,7 +244,8 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
 
 
 def result_path(args, ckpt_file: str) -> str:
-    """--json, else OUTDIR/fid.json, else a name that records the settings, next to the checkpoint."""
+    """--json, else OUTDIR/fid.json, else a name that records every setting the result depends on (those not at
+    their defaults; the reference statistics' file name last), next to the checkpoint."""
     if args.json:
         return args.json
     if args.outdir:
@@ -237,10 +253,17 @@ def result_path(args, ckpt_file: str) -> str:
     stem = os.path.splitext(os.path.basename(ckpt_file))[0]
     options = "" if args.sampler == "edm" else f"-{args.sampler}"
     options += "" if args.cfg_channels in (None, DIT_GUIDED_CHANNELS) else f"-cfgch{args.cfg_channels}"
-    options += f"-churn{args.s_churn:g}" if args.s_churn > 0 else ""
+    if args.s_churn > 0:
+        options += f"-churn{args.s_churn:g}" + "".join(
+            f"-{key.replace('_', '')}{getattr(args, key):g}" for key in ("s_min", "s_max", "s_noise")
+            if getattr(args, key) != STOCHASTIC_DEFAULTS[key])
     options += "" if args.precision == "fp32" else f"-{args.precision}"
     options += "" if args.class_labels == "random" else f"-{args.class_labels}"
-    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{options}-{args.weights}.json"
+    options += "" if args.seed == 0 else f"-seed{args.seed}"
+    options += "" if args.vae is None else f"-vae-{os.path.basename(os.path.normpath(args.vae))}"
+    options += f"-{args.weights}"
+    options += "" if args.ref is None else f"-ref-{os.path.splitext(os.path.basename(args.ref))[0]}"
+    name = f"fid-{stem}-n{args.num_samples}-cfg{args.cfg_scale:g}-steps{args.steps}{options}.json"
     return os.path.join(os.path.dirname(os.path.abspath(ckpt_file)), name)
 
 
@@ -339,15 +362,15 @@ def evaluate(args) -> dict | None:
         "model": model_cfg.name, "weights": args.weights, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
         "cfg_channels": args.cfg_channels, "steps": args.steps,
         "precision": args.precision,
-        "seed": args.seed, "class_labels": args.class_labels, "ref": os.path.abspath(args.ref), "world_size": world,
+        "seed": args.seed, "class_labels": args.class_labels, "vae": args.vae, "ref": os.path.abspath(args.ref),
+        "world_size": world,
         **stochastic_json(args),
         "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path = result_path(args, ckpt_file)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(json.dumps(result), flush=True)
     print(f"FID {fid:.4f} ({acc.count} samples) -> {path}", flush=True)
     return result

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdit import convert_official_state_dict, create_model, random_mask
-from maskdit.convert import infer_config, load_official_file
+from maskdit.convert import convert_file, infer_config, load_official_file
 
 D, DEPTH, HEADS = 192, 6, 3  # the "T" size, so the converted model is a named one
 DEC_D, DEC_DEPTH, DEC_HEADS = 512, 2, 16
@@ -221,6 +221,31 @@ def test_bad_inputs():
         convert_official_state_dict({"foo": torch.zeros(1)}, "dit")
     with pytest.raises(ValueError, match="not a tensor"):
         convert_official_state_dict({"ema": {"a": torch.zeros(1)}}, "dit")
+
+
+def test_the_wrong_source_is_refused_not_converted(tmp_path):
+    """Each kind of file converted as the other: refused, naming the right --source, and nothing written."""
+    for source, other in (("dit", "maskdit"), ("maskdit", "dit")):
+        src, dst = tmp_path / f"{source}.pt", tmp_path / f"{source}-as-{other}.pt"
+        torch.save({"ema": official_state_dict(source)}, src)
+        with pytest.raises(ValueError, match=f"not a {other} state dict; is it --source {source}"):
+            convert_file(str(src), str(dst), other)
+        assert not dst.exists()
+    # a MaskDiT file whose label table would pass: its decoder still tells
+    sd = {k: v for k, v in official_state_dict("maskdit").items() if "y_embedder" not in k}
+    torch.save({"ema": sd}, src)
+    with pytest.raises(ValueError, match="MaskDiT's decoder, .*: is it --source maskdit"):
+        convert_file(str(src), str(dst), "dit")
+
+
+def test_weights_that_do_not_fit_the_inferred_network_are_refused(tmp_path):
+    sd = official_state_dict("dit")
+    sd["blocks.0.mlp.fc1.weight"] = sd["blocks.0.mlp.fc1.weight"][:-1]  # one hidden unit short
+    torch.save({"ema": sd}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="(?s)the converted weights do not fit DiT-T/2: .*size mismatch for "
+                                         "blocks.0.mlp.fc1.weight"):
+        convert_file(str(tmp_path / "bad.pt"), str(tmp_path / "out.pt"), "dit")
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_cli_converts_a_training_checkpoint_file(tmp_path):

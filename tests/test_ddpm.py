@@ -230,10 +230,43 @@ def test_sampler_options_that_cannot_run_are_refused_before_sampling(tmp_path, m
         (dit, ["--cfg-channels", "5"], r"--cfg-channels must be in \[1, 4\]"),
         (dit, ["--steps", "0"], "--steps must be >= 1"),
         (edm_ckpt, ["--steps", "0"], "--steps must be >= 1"),
+        (edm_ckpt, ["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+        (dit, ["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+        (edm_ckpt, ["--s-churn", "-1"], "--s-churn must be a finite number >= 0, got -1"),
+        (edm_ckpt, ["--s-churn", "inf"], "--s-churn must be a finite number >= 0, got inf"),
+        (edm_ckpt, ["--s-noise", "nan"], "--s-noise must be a finite number >= 0, got nan"),
+        (edm_ckpt, ["--s-min", "-0.5"], "--s-min must be a finite number >= 0"),
+        (edm_ckpt, ["--s-min", "2", "--s-max", "1"], "--s-max must be >= --s-min, got --s-min 2.0 and --s-max 1.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             sample.main(["--ckpt", str(ckpt), "--labels", "1", "--device", "cpu", "--out", str(tmp_path / "x"),
                          *extra])
+
+
+def test_non_finite_samples_are_refused_not_made_black(tmp_path):
+    import sample
+
+    model = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["final_layer.bias"][0] = float("nan")  # one output channel of every token
+    ckpt = tmp_path / "broken.pt"
+    torch.save({"model": state, "ema": state, "config": {"model": model.config.to_dict()}}, ckpt)
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) for images \[0, 1\]"):
+        sample.main(["--ckpt", str(ckpt), "--labels", "1", "2", "--steps", "2", "--device", "cpu",
+                     "--out", str(tmp_path / "x")])
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    import sample
+
+    model = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3)
+    other = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=4)
+    ckpt = tmp_path / "mixed.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": {"model": other.config.to_dict()}},
+               ckpt)
+    with pytest.raises(ValueError, match="(?s)the checkpoint's 'ema' weights do not fit its model config .*mismatch"):
+        sample.main(["--ckpt", str(ckpt), "--labels", "1", "--steps", "2", "--device", "cpu",
+                     "--out", str(tmp_path / "x")])
 
 
 def test_evaluate_records_the_sampler_of_its_samples(tmp_path, monkeypatch):

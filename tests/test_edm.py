@@ -237,6 +237,11 @@ def test_stochastic_sampler_rejects_bad_options_and_is_batch_independent():
     for bad in (dict(s_churn=-1), dict(s_noise=-0.5), dict(s_min=2.0, s_max=1.0)):
         with pytest.raises(ValueError, match="s_churn >= 0"):
             edm_sample(den, noise, None, num_steps=3, **bad)
+    for bad in (dict(sigma_min=0.0), dict(sigma_min=2.0, sigma_max=1.0), dict(rho=0.0), dict(sigma_max=float("inf"))):
+        with pytest.raises(ValueError, match="need 0 < sigma_min <= sigma_max < inf and 0 < rho < inf"):
+            edm_sample(den, noise, None, num_steps=3, **bad)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number or None, got nan"):
+        edm_sample(den, noise, torch.zeros(2, dtype=torch.long), num_steps=3, cfg_scale=float("nan"), null_label=1)
     with pytest.raises(ValueError, match="x holds 2 images, these generators 3"):
         ImageNoise(0, torch.arange(3)).randn_like(noise)
 

@@ -360,8 +360,23 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
     calls.clear()
     assert evaluate.main(common + ["--outdir", str(out)])["fid"] == pytest.approx(whole["fid"], rel=1e-9)
     assert calls == []
-    with pytest.raises(ValueError, match=r"--outdir .* holds samples of other settings .*'cfg_scale': \(1.5, 2.0\)"):
+    with pytest.raises(ValueError, match=r"--outdir .* holds samples of other settings .*'--cfg-scale': \(1.5, 2.0\)"):
         evaluate.main(common + ["--outdir", str(out), "--cfg-scale", "2"])
+
+
+def test_settings_no_samples_were_written_with_are_replaced(tmp_path):
+    """A run that wrote its settings and failed or was stopped before its first batch leaves nothing to continue:
+    a rerun with other settings replaces them (where samples exist it is refused: the test above)."""
+    settings = {"cfg_scale": 1.5, "step": 10}
+    evaluate.samples_done(str(tmp_path), settings, 0, 1)
+    assert evaluate.samples_done(str(tmp_path), {**settings, "cfg_scale": 2.0}, 0, 1) == ([], [], [])
+    with open(tmp_path / "sampling.json") as f:
+        assert json.load(f)["cfg_scale"] == 2.0
+    evaluate.save_samples(evaluate.part_path(str(tmp_path), 0, 1, 0), [np.zeros((1, 2, 2, 3), np.uint8)],
+                          [np.zeros(1, np.int64)], [np.zeros(1, np.int64)])
+    with pytest.raises(ValueError, match=r"other settings .*'--cfg-scale': \(2.0, 1.5\), \"the checkpoint's step\": "
+                                         r"\(10, 11\)"):
+        evaluate.samples_done(str(tmp_path), {"cfg_scale": 1.5, "step": 11}, 0, 1)
 
 
 def test_result_file_name_records_the_settings():
@@ -378,6 +393,12 @@ def test_result_file_name_records_the_settings():
         args = evaluate.parse_args(["--ckpt", "x", *extra])
         resolve_sampling(args, dit)
         assert os.path.basename(evaluate.result_path(args, "/runs/dit.pt")) == f"fid-dit-n50000-cfg1.5-{name}-ema.json"
+    # every other setting the FID depends on, when not at its default; the reference statistics last
+    args = evaluate.parse_args(["--ckpt", "x", "--s-churn", "40", "--s-min", "0.05", "--s-max", "50", "--seed", "3",
+                                "--vae", "stabilityai/sd-vae-ft-mse/", "--weights", "model", "--ref", "/d/ref256.npz"])
+    resolve_sampling(args, {})
+    assert os.path.basename(evaluate.result_path(args, "/runs/r/last.pt")) == \
+        "fid-last-n50000-cfg1.5-steps40-churn40-smin0.05-smax50-seed3-vae-sd-vae-ft-mse-model-ref-ref256.json"
 
 
 def _dist_worker(rank, world, port, argv):
