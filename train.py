@@ -38,6 +38,7 @@ from maskdit.checkpoint import (
     prune_checkpoints,
     remove_partial_files,
     resolve_checkpoint,
+    set_aside_later_checkpoints,
 )
 from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.cuda_graphs import GraphedStep
@@ -209,6 +210,9 @@ def validate(cfg: dict) -> None:
         (cfg["ckpt_every"] >= 1 and cfg["log_every"] >= 1, "--ckpt-every and --log-every must be >= 1"),
         (cfg["keep_checkpoints"] >= 0 and cfg["keep_every"] >= 0,
          f"--keep-checkpoints and --keep-every must be >= 0, got {cfg['keep_checkpoints']} and {cfg['keep_every']}"),
+        (cfg["keep_checkpoints"] > 0 or cfg["keep_every"] == 0,
+         "--keep-every keeps checkpoints that --keep-checkpoints N would delete: give --keep-checkpoints N too "
+         "(without it every checkpoint is kept)"),
         (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
         (all(0 <= b < 1 for b in cfg["betas"]), f"--betas must be in [0, 1), got {cfg['betas']}"),
         (cfg["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {cfg['weight_decay']}"),
@@ -292,7 +296,11 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     """The training run of ``main``; ``stop_requests``: the stop signals received so far (``stop_signals``)."""
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint's weights: give one")
-    ckpt = load_checkpoint(resolve_checkpoint(args.resume)) if args.resume else None
+    resume_file = resolve_checkpoint(args.resume) if args.resume else None
+    ckpt = load_checkpoint(resume_file) if resume_file else None
+    if ckpt is not None and ("train" not in ckpt["config"] or not {"optimizer", "rng", "data"} <= ckpt.keys()):
+        raise ValueError(f"--resume: {resume_file!r} holds weights without a run's training state (a converted "
+                         "official checkpoint?); start a run from its weights with --init-from")
     init_file = resolve_checkpoint(args.init_from, "--init-from") if args.init_from else None
     init = load_checkpoint(init_file, arg="--init-from") if init_file else None
     cfg = resolve_config(args, ckpt, init)
@@ -399,21 +407,32 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         distributed.load_full_state_dict(model, init["model"])
         distributed.load_full_state_dict(ema_model, init.get("ema", init["model"]))
 
-    run_dir = args.out or (os.path.dirname(os.path.abspath(resolve_checkpoint(args.resume))) if args.resume else
-                           os.path.join("runs", time.strftime("%Y%m%d-%H%M%S-") + cfg["model"].replace("/", "_")))
-    run_dir = distributed.broadcast_object(run_dir)  # rank 0's clock names the folder
-    if not args.resume and latest_checkpoint(run_dir):
-        raise ValueError(f"--out {run_dir!r} already holds checkpoints; continue it with --resume {run_dir} "
-                         "or choose another --out")
+    resume_dir = os.path.dirname(os.path.abspath(resume_file)) if resume_file else None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = args.out or resume_dir or os.path.join("runs", f"{stamp}-" + cfg["model"].replace("/", "_"))
+    run_dir, stamp = distributed.broadcast_object((run_dir, stamp))  # rank 0's clock names the folder
+    if latest_checkpoint(run_dir) and (resume_dir is None or not os.path.samefile(run_dir, resume_dir)):
+        raise ValueError(f"--out {run_dir!r} already holds checkpoints of a run; continue that one with --resume "
+                         f"{run_dir}, or choose another --out")
     if env.is_main:
         make_output_folder(run_dir, "--out" if args.out else "--resume" if args.resume else "the run folder")
         for path in remove_partial_files(run_dir):
             print(f"removed {path}, the partial file of a checkpoint write a kill interrupted", flush=True)
+        log_path = os.path.join(run_dir, "log.jsonl")
         if ckpt is not None:  # the steps after the checkpoint are trained again: their records go
-            dropped = drop_log_records_after(os.path.join(run_dir, "log.jsonl"), ckpt["step"])
-            if dropped:
+            # (a resume from an earlier checkpoint than the folder's latest: the later ones and their records are a
+            # branch this run abandons, set aside so that the folder's latest checkpoint is this branch's)
+            aside = set_aside_later_checkpoints(run_dir, ckpt["step"], stamp)
+            dropped = drop_log_records_after(log_path, ckpt["step"], keep_in=aside and os.path.join(aside, "log.jsonl"))
+            if aside:
+                print(f"moved the checkpoints of steps after {ckpt['step']} (a branch this resume abandons) and their "
+                      f"log records to {aside}", flush=True)
+            elif dropped:
                 print(f"log.jsonl: dropped {dropped} record(s) of the steps after {ckpt['step']}, trained again now",
                       flush=True)
+        elif drop_log_records_after(log_path, -1):  # an earlier attempt that saved no checkpoint: trained again now
+            print(f"log.jsonl: dropped the records of an earlier attempt in {run_dir} that saved no checkpoint",
+                  flush=True)
     say(f"run folder: {run_dir}")
     if init is not None:
         say(f"initialised from {cfg['init_from']} (its step {init.get('step')}): model and EMA weights")
@@ -474,7 +493,7 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     if cfg["tensorboard"] and env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(run_dir, purge_step=step + 1 if ckpt is not None else None)  # (as log.jsonl's records)
+        tb = SummaryWriter(run_dir, purge_step=step + 1 if ckpt is not None else 0)  # (as log.jsonl's records)
     # (a captured step must not keep autocast's cast cache, which would outlive the capture)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
                               cache_enabled=not cfg["cuda_graph"])

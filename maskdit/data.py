@@ -240,7 +240,10 @@ def batch_iterator(dataset, batch_size: int, seed: int, start_batch: int = 0, nu
             idx = torch.tensor(idx)
             yield dataset.images[idx], dataset.labels[idx]
     else:
+        # (its own generator for the workers' seeds: drawn from torch's global one, they would change that state,
+        # which checkpoints save and a resume restores)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                              persistent_workers=num_workers > 0,
-                                             worker_init_fn=default_signal_handlers if num_workers else None)
+                                             worker_init_fn=default_signal_handlers if num_workers else None,
+                                             generator=torch.Generator().manual_seed(seed))
         yield from loader

@@ -285,7 +285,7 @@ def test_evaluate_records_the_sampler_of_its_samples(tmp_path, monkeypatch):
     assert (settings["sampler"], settings["cfg_channels"], settings["steps"]) == ("ddpm", 3, 3)
     _, npz = sample.main(common + ["--labels", "0", "1", "2", "--out", str(tmp_path / "s")])
     np.testing.assert_array_equal(evaluate.load_samples(out)[0], np.load(npz)["images"])
-    with pytest.raises(ValueError, match=r"other settings .*'sampler': \('ddpm', 'edm'\)"):
+    with pytest.raises(ValueError, match=r"other settings .*'--sampler': \('ddpm', 'edm'\)"):
         evaluate.main(common + ["--num-samples", "3", "--class-labels", "balanced", "--outdir", out,
                                 "--sampler", "edm"])
 

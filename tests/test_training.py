@@ -15,6 +15,7 @@ import train
 from maskdit import EDMLoss, EDMPrecond, create_model
 from maskdit.checkpoint import (
     atomic_save,
+    checkpoint_files,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -277,6 +278,7 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints and --keep-every must be >= 0"),
     (["--keep-every", "-5"], "--keep-checkpoints and --keep-every must be >= 0"),
+    (["--keep-every", "100"], "--keep-every keeps checkpoints that --keep-checkpoints N would delete"),
     (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
     (["--device", "cpu", "--sdpa-backend", "flex"], "--sdpa-backend flex needs a CUDA device"),
     (["--device", "tpu9"], "--device 'tpu9' is not a valid device"),
@@ -356,6 +358,63 @@ def test_resume_removes_partial_files_and_the_log_records_it_trains_again(tmp_pa
     assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path))
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def _logged_steps(run_dir):
+    return [r["step"] for r in map(json.loads, open(os.path.join(run_dir, "log.jsonl"))) if "loss" in r]
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """A resume from a checkpoint earlier than the folder's latest starts another branch: the later checkpoints and
+    their log records move to a subfolder (nothing deleted), so that resuming the folder continues this branch."""
+    run(tmp_path, "--steps", "6", "--ckpt-every", "2", "--log-every", "1")
+    old_six = load_checkpoint(checkpoint_path(str(tmp_path), 6))["model"]
+    train.main(["--resume", checkpoint_path(str(tmp_path), 2), "--steps", "3", "--lr", "1e-4"])
+    (aside,) = [d for d in os.listdir(tmp_path) if d.startswith("abandoned-after-2-")]
+    assert sorted(os.listdir(tmp_path / aside)) == ["checkpoint-0000004.pt", "checkpoint-0000006.pt", "log.jsonl"]
+    assert _logged_steps(tmp_path / aside) == [3, 4, 5, 6]
+    assert all(torch.equal(a, b) for a, b in zip(load_checkpoint(str(tmp_path / aside))["model"].values(),
+                                                 old_six.values()))
+    assert latest_checkpoint(str(tmp_path)) == checkpoint_path(str(tmp_path), 3)
+    train.main(["--resume", str(tmp_path), "--steps", "5"])  # the folder: this branch, at its step 3
+    assert _logged_steps(tmp_path) == [1, 2, 3, 4, 5]
+    assert load_checkpoint(str(tmp_path))["config"]["train"]["lr"] == 1e-4
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path):
+    run(tmp_path / "a", "--steps", "2", "--ckpt-every", "2")
+    run(tmp_path / "b", "--steps", "4", "--ckpt-every", "2")
+    with pytest.raises(ValueError, match="--out .* already holds checkpoints of a run; continue that one with"):
+        train.main(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--steps", "4"])
+    assert [s for s, _ in checkpoint_files(str(tmp_path / "b"))] == [2, 4]
+    train.main(["--resume", str(tmp_path / "a"), "--out", str(tmp_path / "c"), "--steps", "3"])  # a new folder: fine
+    assert latest_checkpoint(str(tmp_path / "c")) == checkpoint_path(str(tmp_path / "c"), 3)
+
+
+def test_a_new_run_drops_the_log_of_an_attempt_that_saved_no_checkpoint(tmp_path):
+    run(tmp_path, "--steps", "2", "--ckpt-every", "100", "--log-every", "1")
+    for path in checkpoint_files(str(tmp_path)):  # (the final checkpoint: as if killed before it)
+        os.unlink(path[1])
+    run(tmp_path, "--steps", "3", "--log-every", "1")
+    assert _logged_steps(tmp_path) == [1, 2, 3]
+
+
+def test_resume_of_weights_without_a_training_state_points_to_init_from(tmp_path):
+    run(tmp_path / "a", "--steps", "1")
+    a = load_checkpoint(str(tmp_path / "a"))
+    atomic_save({"model": a["ema"], "ema": a["ema"], "config": {"model": a["config"]["model"]}, "step": 0},
+                str(tmp_path / "converted.pt"))
+    with pytest.raises(ValueError, match="--resume: .* holds weights without a run's training state .* --init-from"):
+        train.main(["--resume", str(tmp_path / "converted.pt")])
+
+
+def test_an_unreadable_latest_checkpoint_names_the_one_before(tmp_path):
+    run(tmp_path, "--steps", "4", "--ckpt-every", "2")
+    with open(checkpoint_path(str(tmp_path), 4), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"cannot read .*checkpoint-0000004.pt.*; the folder's checkpoint before it "
+                                         r"is .*checkpoint-0000002.pt"):
+        train.main(["--resume", str(tmp_path)])
 
 
 def test_triton_attention_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch):
