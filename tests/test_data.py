@@ -71,8 +71,10 @@ def test_image_folder(tmp_path):
     x, y = d[4]
     assert x.shape == (3, 8, 8) and y.item() == 1
     assert x.min() >= -1 and x.max() <= 1
+    before = torch.get_rng_state()
     xb, yb = next(batch_iterator(d, 4, seed=0))
     assert xb.shape == (4, 3, 8, 8)
+    assert torch.equal(torch.get_rng_state(), before)  # (checkpoints save that state: the loader leaves it alone)
 
 
 def test_center_crop_keeps_the_centre(tmp_path):
