@@ -180,6 +180,9 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
             # a new schedule (e.g. unmasking tuning) starts now; the same flags again (a rerun of the command that
             # set it, after an interruption) continue it
             cfg["mask_schedule_start"] = ckpt["step"]
+        if "batch_size" in given and given["batch_size"] != saved["batch_size"]:
+            # a new batch size says the global batch (batch x processes) anew: the run's accumulation is not kept
+            cfg["grad_accum"] = DEFAULTS["grad_accum"]
     cfg.update(given)
     cfg["betas"] = tuple(cfg["betas"])
     if isinstance(cfg["compile"], bool):  # checkpoints written before the compile modes
@@ -210,9 +213,6 @@ def validate(cfg: dict) -> None:
         (cfg["ckpt_every"] >= 1 and cfg["log_every"] >= 1, "--ckpt-every and --log-every must be >= 1"),
         (cfg["keep_checkpoints"] >= 0 and cfg["keep_every"] >= 0,
          f"--keep-checkpoints and --keep-every must be >= 0, got {cfg['keep_checkpoints']} and {cfg['keep_every']}"),
-        (cfg["keep_checkpoints"] > 0 or cfg["keep_every"] == 0,
-         "--keep-every keeps checkpoints that --keep-checkpoints N would delete: give --keep-checkpoints N too "
-         "(without it every checkpoint is kept)"),
         (cfg["max_nonfinite"] >= 1, f"--max-nonfinite must be >= 1, got {cfg['max_nonfinite']}"),
         (all(0 <= b < 1 for b in cfg["betas"]), f"--betas must be in [0, 1), got {cfg['betas']}"),
         (cfg["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {cfg['weight_decay']}"),

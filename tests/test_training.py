@@ -278,7 +278,6 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     (["--resume", "/nonexistent/run"], "neither a checkpoint file nor a run folder"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints and --keep-every must be >= 0"),
     (["--keep-every", "-5"], "--keep-checkpoints and --keep-every must be >= 0"),
-    (["--keep-every", "100"], "--keep-every keeps checkpoints that --keep-checkpoints N would delete"),
     (["--device", "cpu", "--sdpa-backend", "cudnn"], "--sdpa-backend cudnn needs a CUDA device"),
     (["--device", "cpu", "--sdpa-backend", "flex"], "--sdpa-backend flex needs a CUDA device"),
     (["--device", "tpu9"], "--device 'tpu9' is not a valid device"),
@@ -397,6 +396,17 @@ def test_a_new_run_drops_the_log_of_an_attempt_that_saved_no_checkpoint(tmp_path
         os.unlink(path[1])
     run(tmp_path, "--steps", "3", "--log-every", "1")
     assert _logged_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_new_batch_size_on_resume_does_not_inherit_the_accumulation(tmp_path):
+    """Unmasking tuning at "batch 64 on 8 GPUs" is a global batch of 512 even if pretraining accumulated."""
+    run(tmp_path, "--steps", "1", "--grad-accum", "2")
+    train.main(["--resume", str(tmp_path), "--steps", "2"])  # nothing new: the run's global batch
+    assert load_checkpoint(str(tmp_path))["data"]["batch_size"] == 32
+    train.main(["--resume", str(tmp_path), "--steps", "3", "--batch-size", "8"])
+    assert load_checkpoint(str(tmp_path))["data"]["batch_size"] == 8
+    train.main(["--resume", str(tmp_path), "--steps", "4", "--batch-size", "4", "--grad-accum", "3"])
+    assert load_checkpoint(str(tmp_path))["data"]["batch_size"] == 12
 
 
 def test_resume_of_weights_without_a_training_state_points_to_init_from(tmp_path):
