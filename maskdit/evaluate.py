@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -189,9 +190,22 @@ def stochastic_json(args) -> dict:
     return {k: (None if v == float("inf") else v) for k, v in stochastic_options(args).items()}
 
 
-def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
-    """What a process's samples depend on: a rerun with other settings must not continue them."""
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order): which weights sampled,
+    whatever the file is called (converted checkpoints all have step 0)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def sampling_settings(args, ckpt_file: str, ckpt: dict, digest: str, world: int) -> dict:
+    """What a process's samples depend on (``digest``: ``weights_digest`` of the weights sampled): a rerun with
+    other settings must not continue them."""
     return {"ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"), "weights": args.weights,
+            "weights_sha256": digest,
             "num_samples": args.num_samples, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
             "cfg_channels": args.cfg_channels, "steps": args.steps, "seed": args.seed,
             "class_labels": args.class_labels,
@@ -199,7 +213,8 @@ def sampling_settings(args, ckpt_file: str, ckpt: dict, world: int) -> dict:
             **stochastic_json(args)}
 
 
-SETTING_NAMES = {"step": "the checkpoint's step", "world_size": "processes"}  # the others: --<key>
+# names of the settings in messages; the others are --<key>
+SETTING_NAMES = {"step": "the checkpoint's step", "weights_sha256": "the weights' SHA-256", "world_size": "processes"}
 
 
 def holds_samples(outdir: str) -> bool:
@@ -221,6 +236,7 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
         saved.setdefault("class_labels", "balanced")  # (written before the mode existed: class i % classes)
         saved.setdefault("sampler", "edm")  # (before there was a choice: every checkpoint sampled with EDM's)
         saved.setdefault("cfg_channels", None)
+        saved.setdefault("weights_sha256", settings.get("weights_sha256"))  # (written before it was recorded)
     if saved is not None and saved != settings:
         if not holds_samples(outdir):  # a run that failed or stopped before its first batch: nothing to continue
             saved = None
@@ -297,6 +313,7 @@ def evaluate(args) -> dict | None:
     ckpt = load_checkpoint(ckpt_file, arg="--ckpt")
     resolve_sampling(args, ckpt)
     net, decode = sampling_network(ckpt, args, device)
+    digest = weights_digest(ckpt[args.weights])
     model, model_cfg = net.model, net.model.config
     extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
 
@@ -304,7 +321,7 @@ def evaluate(args) -> dict | None:
     acc = StatsAccumulator(extractor.dim) if extractor is not None else None
     kept_images, kept_labels, kept_indices, processed = [], [], [], 0
     if args.outdir is not None:  # continue an interrupted run: its samples are not drawn again
-        settings = sampling_settings(args, ckpt_file, ckpt, world)
+        settings = sampling_settings(args, ckpt_file, ckpt, digest, world)
         kept_images, kept_labels, kept_indices = samples_done(args.outdir, settings, rank, world)
         drawn = torch.from_numpy(np.concatenate(kept_indices)) if kept_indices else torch.zeros(0, dtype=torch.int64)
         indices = indices[~torch.isin(indices, drawn)]
@@ -359,6 +376,7 @@ def evaluate(args) -> dict | None:
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {
         "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
+        "weights_sha256": digest,
         "model": model_cfg.name, "weights": args.weights, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
         "cfg_channels": args.cfg_channels, "steps": args.steps,
         "precision": args.precision,

@@ -364,6 +364,21 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
         evaluate.main(common + ["--outdir", str(out), "--cfg-scale", "2"])
 
 
+def test_other_weights_under_the_same_file_name_are_not_continued(ckpt, tmp_path, monkeypatch):
+    """A converted checkpoint converted again from another file: the same path and step (0), other weights."""
+    monkeypatch.setattr(evaluate, "InceptionFeatures", StubFeatures)
+    state = torch.load(evaluate.resolve_checkpoint(ckpt), weights_only=False)
+    copy = str(tmp_path / "converted.pt")
+    torch.save(state, copy)
+    common = ["--ckpt", copy, "--num-samples", "2", "--batch-size", "2", "--outdir", str(tmp_path / "out"), *SAMPLE]
+    evaluate.main(common)
+    state["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    torch.save(state, copy)
+    with pytest.raises(ValueError, match=r"other settings .*\"the weights' SHA-256\": \('[0-9a-f]{64}', "
+                                         r"'[0-9a-f]{64}'\)"):
+        evaluate.main(common)
+
+
 def test_settings_no_samples_were_written_with_are_replaced(tmp_path):
     """A run that wrote its settings and failed or was stopped before its first batch leaves nothing to continue:
     a rerun with other settings replaces them (where samples exist it is refused: the test above)."""
