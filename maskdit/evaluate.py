@@ -288,7 +288,7 @@ def make_extractor(args, device: torch.device, ref_dim: int | None):
     weights file fails at once; its dimension must match the reference statistics."""
     extractor = InceptionFeatures(device=device, weights_path=args.inception_weights)
     if ref_dim is not None and extractor.dim != ref_dim:
-        raise ValueError(f"the reference statistics have dimension {ref_dim}, the features {extractor.dim}")
+        raise ValueError(f"--ref: the reference statistics have dimension {ref_dim}, the features {extractor.dim}")
     return extractor
 
 
