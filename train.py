@@ -14,6 +14,7 @@ the random draws, so N processes train like one process with the same global bat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -32,6 +33,7 @@ from maskdit.checkpoint import (
     atomic_save,
     checkpoint_path,
     drop_log_records_after,
+    folder_lock,
     latest_checkpoint,
     load_checkpoint,
     make_output_folder,
@@ -42,9 +44,10 @@ from maskdit.checkpoint import (
 )
 from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.cuda_graphs import GraphedStep
-from maskdit.data import ImageFolderDataset, batch_iterator, make_dataset
+from maskdit.data import ImageFolderDataset, absolute_dataset_spec, batch_iterator, make_dataset
 from maskdit.edm import EDMLoss, EDMPrecond, checkpoint_parameterization, edm_sample
 from maskdit.images import save_grid, to_uint8
+from maskdit.latents import LATENT_PREFIX, read_meta
 from maskdit.masking import num_kept, random_mask, token_layout
 from maskdit.models import CHECKPOINTING, DiT
 from maskdit.schedules import SCHEDULES, highest_mask_ratio, mask_ratio_schedule, ratio_distribution
@@ -160,6 +163,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
     """Defaults, then the resumed run's settings (or the network of the ``--init-from`` checkpoint ``init``: its
     model name and input size), then the flags given on this command line."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
+    if "dataset" in given:
+        given["dataset"] = absolute_dataset_spec(given["dataset"])
     cfg = dict(DEFAULTS)
     if init is not None:
         net = init["config"]["model"]
@@ -169,7 +174,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
         # (a warm-up would all but reset it: its first decays are 0.1, 0.18, 0.25, ...)
         cfg.update(model=net["name"], image_size=net["input_size"], ema_warmup=False)
     if ckpt is not None:
-        saved = ckpt["config"]["train"]
+        saved = dict(ckpt["config"]["train"])
+        saved["dataset"] = absolute_dataset_spec(saved["dataset"])  # (relative in checkpoints of earlier versions)
         for key in FIXED_ON_RESUME:
             if key in given and given[key] != saved[key]:
                 raise ValueError(f"--{key.replace('_', '-')} {given[key]!r} differs from the resumed run's "
@@ -184,6 +190,8 @@ def resolve_config(args: argparse.Namespace, ckpt: dict | None, init: dict | Non
             # a new batch size says the global batch (batch x processes) anew: the run's accumulation is not kept
             cfg["grad_accum"] = DEFAULTS["grad_accum"]
     cfg.update(given)
+    if ckpt is None and init is None and "image_size" not in given and cfg["dataset"].startswith(LATENT_PREFIX):
+        cfg["image_size"] = read_meta(cfg["dataset"][len(LATENT_PREFIX):])["latent_size"]  # the latents' grid
     cfg["betas"] = tuple(cfg["betas"])
     if isinstance(cfg["compile"], bool):  # checkpoints written before the compile modes
         cfg["compile"] = "full" if cfg["compile"] else "none"
@@ -289,11 +297,13 @@ def main(argv=None) -> str:
     it kills the job) makes the run write a checkpoint at its next log step and exit with status 128 + the
     signal's number."""
     with stop_signals() as stop_requests:
-        return run(parse_args(argv), stop_requests)
+        with contextlib.ExitStack() as held:
+            return run(parse_args(argv), stop_requests, held)
 
 
-def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
-    """The training run of ``main``; ``stop_requests``: the stop signals received so far (``stop_signals``)."""
+def run(args: argparse.Namespace, stop_requests: list[int], held: contextlib.ExitStack) -> str:
+    """The training run of ``main``; ``stop_requests``: the stop signals received so far (``stop_signals``);
+    ``held``: where the run folder's lock is kept until ``main`` returns."""
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint's weights: give one")
     resume_file = resolve_checkpoint(args.resume) if args.resume else None
@@ -337,6 +347,8 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
     torch.manual_seed(cfg["seed"])
     dataset = make_dataset(cfg["dataset"], cfg["image_size"])
     latent = getattr(dataset, "is_latent", False)  # VAE moments, resampled into latents every step
+    if latent:  # what decodes the model's samples, should the latent folder be gone when they are drawn
+        cfg["latents"] = {"vae": dataset.vae, "scale": dataset.scale}
     periodic_eval = cfg["eval_every"] > 0 or cfg["eval_every_seconds"] > 0
     # digits runs report the metric at the end, with the sample grid, and periodically when asked
     evaluate = cfg["dataset"] == "digits" and (periodic_eval or cfg["grid_per_class"] > 0)
@@ -415,7 +427,9 @@ def run(args: argparse.Namespace, stop_requests: list[int]) -> str:
         raise ValueError(f"--out {run_dir!r} already holds checkpoints of a run; continue that one with --resume "
                          f"{run_dir}, or choose another --out")
     if env.is_main:
-        make_output_folder(run_dir, "--out" if args.out else "--resume" if args.resume else "the run folder")
+        folder_arg = "--out" if args.out else "--resume" if args.resume else "the run folder"
+        make_output_folder(run_dir, folder_arg)
+        held.enter_context(folder_lock(run_dir, folder_arg))  # one run a folder (e.g. not a job and its requeue)
         for path in remove_partial_files(run_dir):
             print(f"removed {path}, the partial file of a checkpoint write a kill interrupted", flush=True)
         log_path = os.path.join(run_dir, "log.jsonl")

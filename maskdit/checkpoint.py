@@ -1,8 +1,9 @@
-"""Crash-safe checkpoint files: atomic writes, output folders checked up front and finding the latest checkpoint
-of a run folder."""
+"""Crash-safe checkpoint files: atomic writes, output folders checked up front (and locked), and finding the latest
+checkpoint of a run folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,28 @@ def make_output_folder(folder: str, arg: str) -> None:
         raise ValueError(f"{arg}: cannot create the folder {folder!r} ({e})") from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{arg}: the folder {folder!r} is not writable")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, arg: str):
+    """Hold an exclusive lock on ``folder`` (``flock`` of ``folder/.lock``, released when the process ends, however
+    it ends) for the ``with`` block; ValueError naming the argument ``arg`` if another process holds it.  Where
+    ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{arg}: {folder!r} is in use by another process (it holds {folder}/.lock); wait for "
+                             "it to finish or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: str, write) -> None:

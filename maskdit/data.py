@@ -59,7 +59,8 @@ def center_crop_resize(img, size: int) -> np.ndarray:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images in ``root/<class name>/*.png|jpg|...``, RGB, center-cropped and resized, scaled to [-1, 1].
 
-    Every file is opened and verified on construction, so a corrupt file fails at start, by name.
+    Every file's header is verified on construction, so most corrupt files fail at start, by name; data that only
+    decoding finds broken (a truncated JPEG) fails when its item is read, by name too.
     """
 
     channels = 3
@@ -106,8 +107,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            arr = center_crop_resize(im, self.image_size)
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = center_crop_resize(im, self.image_size)
+        except Exception as e:  # (e.g. "image file is truncated", which Image.verify does not see)
+            raise ValueError(f"corrupt or unreadable image file {self.files[i]!r}: {e}") from None
         x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
         return x, self.labels[i]
 
@@ -178,6 +182,16 @@ class LatentDataset(torch.utils.data.Dataset):
         """Moments (N, 2C, h, w) -> latents z (N, C, h, w) = (mean + exp(logvar/2) * eps) * scale, on their device
         (``eps`` given, or drawn from ``generator``)."""
         return sample_latents(moments, generator, self.scale, eps)
+
+
+def absolute_dataset_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute ("digits" as it is): a checkpoint then names its data wherever it is
+    read (a resume, sample.py's VAE lookup) from."""
+    if spec == "digits":
+        return spec
+    if spec.startswith(LATENT_PREFIX):
+        return LATENT_PREFIX + os.path.abspath(spec[len(LATENT_PREFIX):])
+    return os.path.abspath(spec)
 
 
 def make_dataset(spec: str, image_size: int | None):

@@ -121,14 +121,17 @@ def read_meta(root: str) -> dict:
 def latent_decoder(ckpt: dict, vae: str | None, device: torch.device):
     """A function latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1] when the checkpoint was trained on
     latents (dataset ``latents:DIR``) or ``vae`` is given; None for pixel models.  The VAE defaults to the one
-    in DIR/meta.json, the scale to the one the latents were made with (else the VAE's own, 0.18215 for SD)."""
-    spec = str(ckpt["config"].get("train", {}).get("dataset") or "")
+    in DIR/meta.json (or, that folder gone, the one the checkpoint recorded), the scale to the one the latents were
+    made with (else the VAE's own, 0.18215 for SD)."""
+    train_cfg = ckpt["config"].get("train", {})
+    spec = str(train_cfg.get("dataset") or "")
     meta = None
     if spec.startswith(LATENT_PREFIX):
         try:
             meta = read_meta(spec[len(LATENT_PREFIX):])
         except ValueError as e:
-            if vae is None:
+            meta = train_cfg.get("latents")  # the VAE and scale the run recorded (train.py since it records them)
+            if meta is None and vae is None:
                 raise ValueError(f"the checkpoint was trained on {spec!r}, whose meta.json names the VAE, but {e}: "
                                  "pass --vae PATH_OR_HUB_NAME (the VAE that encoded those latents)") from None
     elif vae is None:

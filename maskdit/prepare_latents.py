@@ -7,7 +7,8 @@ Images are read like ``ImageFolderDataset`` (root/<class>/<images>, classes sort
 --resolution), encoded by a diffusers ``AutoencoderKL`` (default: the hub's stabilityai/sd-vae-ft-ema; offline,
 pass a local folder), and their moments (mean, logvar) written in shards of --shard-size images; see
 ``maskdit.latents`` for the format.  Resumable: each shard is written atomically and recorded in meta.json,
-so a rerun with the same arguments keeps the finished shards and encodes only the missing ones.
+so a rerun with the same arguments keeps the finished shards and encodes only the missing ones.  One run at a
+time per --out (a lock file, OUT/.lock: a second run is refused).
 Needs the optional dependency diffusers: pip install 'maskdit[latents]'.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maskdit.checkpoint import atomic_write, make_output_folder, remove_partial_files
+from maskdit.checkpoint import atomic_write, folder_lock, make_output_folder, remove_partial_files
 from maskdit.data import ImageFolderDataset
 from maskdit.distributed import pick_device
 from maskdit.latents import (
@@ -146,55 +147,56 @@ def prepare_latents(images: str, out: str, resolution: int = 256, vae: str = DEF
     except ValueError as e:
         raise ValueError(f"--images: {e}") from None
     make_output_folder(out, "--out")
-    remove_partial_files(out)  # (atomic_write's temporary shards and meta.json of a killed run)
-    n = len(dataset)
-    settings = {"format": FORMAT, "resolution": resolution, "vae": resolve_vae_name(vae), "dtype": dtype,
-                "shard_size": shard_size, "classes": dataset.class_names, "num_images": n,
-                "files_sha1": files_fingerprint(dataset, images)}
-    meta = start_or_resume(out, settings)
-    meta["num_shards"] = -(-n // shard_size)
-    done = {e["index"] for e in meta["shards"]}
-    todo = [k for k in range(meta["num_shards"]) if k not in done]
-    meta["complete"] = not todo
-    if not todo:
-        write_meta(out, meta)
-        print(f"{out}: all {meta['num_shards']} shards already encoded ({n} images)")
+    with folder_lock(out, "--out"):  # one run a folder: another would delete this one's partial shards
+        remove_partial_files(out)  # (atomic_write's temporary shards and meta.json of a killed run)
+        n = len(dataset)
+        settings = {"format": FORMAT, "resolution": resolution, "vae": resolve_vae_name(vae), "dtype": dtype,
+                    "shard_size": shard_size, "classes": dataset.class_names, "num_images": n,
+                    "files_sha1": files_fingerprint(dataset, images)}
+        meta = start_or_resume(out, settings)
+        meta["num_shards"] = -(-n // shard_size)
+        done = {e["index"] for e in meta["shards"]}
+        todo = [k for k in range(meta["num_shards"]) if k not in done]
+        meta["complete"] = not todo
+        if not todo:
+            write_meta(out, meta)
+            print(f"{out}: all {meta['num_shards']} shards already encoded ({n} images)")
+            return meta
+
+        dev = pick_device(device)
+        model = load_vae(vae, dev)
+        factor = 2 ** (len(model.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
+        meta["scale"] = vae_scale(model)
+        write_meta(out, meta)  # (only now: a run that cannot load its VAE leaves no settings to hold --out to)
+
+        batches, ends = plan_batches(todo, n, shard_size, batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+        bar = tqdm(total=n, initial=sum(e["count"] for e in meta["shards"]), unit="img", desc="encode",
+                   dynamic_ncols=True, disable=None if progress else True)
+        parts, labels = [], []
+        for (x, y), end in zip(loader, ends):
+            moments = encode_moments(model, x.to(dev))
+            if meta["channels"] is None:
+                meta["channels"], meta["latent_size"] = moments.shape[1] // 2, moments.shape[-1]
+                meta["downsample"] = resolution // moments.shape[-1]
+            elif moments.shape[1:] != (2 * meta["channels"], meta["latent_size"], meta["latent_size"]):
+                raise ValueError(f"the VAE gives moments of shape {tuple(moments.shape[1:])}, the existing shards in "
+                                 f"{out!r} hold {2 * meta['channels']}x{meta['latent_size']}x{meta['latent_size']}")
+            parts.append(moments.cpu().numpy().astype(dtype))
+            labels.append(y.numpy().astype(np.int64))
+            bar.update(len(y))
+            if end is not None:  # the shard is complete
+                write_shard(out, meta, end, np.concatenate(parts), np.concatenate(labels))
+                parts, labels = [], []
+                if bar.disable:  # not a terminal: a log line per shard instead of the bar
+                    written = sum(e["count"] for e in meta["shards"])
+                    print(f"shard {end + 1}/{meta['num_shards']} written ({written}/{n} images encoded)", flush=True)
+        bar.close()
+        print(f"{out}: encoded {len(todo)} shard(s); {len(meta['shards'])}/{meta['num_shards']} shards, {n} images, "
+              f"latents {meta['channels']}x{meta['latent_size']}x{meta['latent_size']}")
         return meta
-
-    dev = pick_device(device)
-    model = load_vae(vae, dev)
-    factor = 2 ** (len(model.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
-    meta["scale"] = vae_scale(model)
-    write_meta(out, meta)  # (only now: a run that cannot load its VAE leaves no settings to hold --out to)
-
-    batches, ends = plan_batches(todo, n, shard_size, batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    bar = tqdm(total=n, initial=sum(e["count"] for e in meta["shards"]), unit="img", desc="encode",
-               dynamic_ncols=True, disable=None if progress else True)
-    parts, labels = [], []
-    for (x, y), end in zip(loader, ends):
-        moments = encode_moments(model, x.to(dev))
-        if meta["channels"] is None:
-            meta["channels"], meta["latent_size"] = moments.shape[1] // 2, moments.shape[-1]
-            meta["downsample"] = resolution // moments.shape[-1]
-        elif moments.shape[1:] != (2 * meta["channels"], meta["latent_size"], meta["latent_size"]):
-            raise ValueError(f"the VAE gives moments of shape {tuple(moments.shape[1:])}, the existing shards in "
-                             f"{out!r} hold {2 * meta['channels']}x{meta['latent_size']}x{meta['latent_size']}")
-        parts.append(moments.cpu().numpy().astype(dtype))
-        labels.append(y.numpy().astype(np.int64))
-        bar.update(len(y))
-        if end is not None:  # the shard is complete
-            write_shard(out, meta, end, np.concatenate(parts), np.concatenate(labels))
-            parts, labels = [], []
-            if bar.disable:  # not a terminal: a log line per shard instead of the bar
-                written = sum(e["count"] for e in meta["shards"])
-                print(f"shard {end + 1}/{meta['num_shards']} written ({written}/{n} images encoded)", flush=True)
-    bar.close()
-    print(f"{out}: encoded {len(todo)} shard(s); {len(meta['shards'])}/{meta['num_shards']} shards, {n} images, "
-          f"latents {meta['channels']}x{meta['latent_size']}x{meta['latent_size']}")
-    return meta
 
 
 def main(argv=None) -> dict:

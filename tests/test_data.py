@@ -97,6 +97,19 @@ def test_image_folder_errors(tmp_path):
         make_dataset(str(tmp_path), 8)
 
 
+def test_a_truncated_image_fails_by_name_when_read(tmp_path):
+    """A JPEG cut short passes the header check at start; reading its item names it (a ValueError, not PIL's bare
+    OSError from inside a loader)."""
+    _write_images(tmp_path)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "dog" / "z.jpg", quality=95)
+    data = (tmp_path / "dog" / "z.jpg").read_bytes()
+    (tmp_path / "dog" / "z.jpg").write_bytes(data[:len(data) // 2])
+    d = make_dataset(str(tmp_path), 8)
+    with pytest.raises(ValueError, match=r"corrupt or unreadable image file .*z.jpg.*truncated"):
+        d[d.files.index(str(tmp_path / "dog" / "z.jpg"))]
+
+
 def test_center_crop_box_downsamples_at_exactly_twice_the_size():
     """ADM's crop halves with a box filter while the short side is >= 2 x size: 80x64 at 32 is halved to 40x32
     (the bicubic step is then a no-op), then cropped in the middle."""

@@ -14,7 +14,7 @@ from PIL import Image
 diffusers = pytest.importorskip("diffusers")
 
 import sample  # noqa: E402
-from maskdit.checkpoint import atomic_save  # noqa: E402
+from maskdit.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from maskdit.config import model_config  # noqa: E402
 from maskdit.data import ImageFolderDataset, LatentDataset, batch_iterator, make_dataset  # noqa: E402
 from maskdit.latents import SD_SCALE, decode_latents, latent_decoder, load_vae, sample_latents  # noqa: E402
@@ -308,6 +308,39 @@ def test_train_on_latents_end_to_end(tmp_path, image_dir, vae_dir, monkeypatch):
     png, npz = sample.main(["--ckpt", str(run), "--num-per-class", "1", "--steps", "2", "--device", "cpu",
                             "--out", str(tmp_path / "s")])
     assert np.load(npz)["images"].shape == (2, RES, RES, 3)
+
+
+def test_latent_runs_record_their_data_wherever_they_are_read(tmp_path, image_dir, vae_dir, monkeypatch):
+    """A relative latents:DIR is recorded absolute, --image-size defaults to the latents' grid, and the VAE and
+    scale go into the checkpoint too: sample.py decodes from another directory, or with the folder gone."""
+    import shutil
+
+    import train
+
+    _prepare(image_dir, tmp_path / "lat", vae_dir, resolution=24)  # 12x12 latents: not the default --image-size
+    monkeypatch.chdir(tmp_path)
+    train.main(["--dataset", "latents:lat", "--batch-size", "2", "--steps", "1", "--grid-per-class", "0",
+                "--device", "cpu", "--out", "run"])
+    monkeypatch.chdir(image_dir)
+    cfg = load_checkpoint(str(tmp_path / "run"))["config"]
+    assert cfg["train"]["dataset"] == f"latents:{tmp_path / 'lat'}" and cfg["model"]["input_size"] == 12
+    with open(tmp_path / "lat" / "meta.json") as f:
+        meta = json.load(f)
+    assert cfg["train"]["latents"] == {"vae": meta["vae"], "scale": meta["scale"]}
+    shutil.rmtree(tmp_path / "lat")
+    _, npz = sample.main(["--ckpt", str(tmp_path / "run"), "--num-per-class", "1", "--steps", "2", "--device", "cpu",
+                          "--out", str(tmp_path / "s")])
+    assert np.load(npz)["images"].shape == (2, 24, 24, 3)
+
+
+def test_one_preparation_a_folder_at_a_time(tmp_path, image_dir, vae_dir):
+    from maskdit.checkpoint import folder_lock
+
+    os.makedirs(tmp_path / "lat")
+    with folder_lock(str(tmp_path / "lat"), "--out"):  # another process's run, as far as flock is concerned
+        with pytest.raises(ValueError, match="--out: .* is in use by another process .*.lock"):
+            _prepare(image_dir, tmp_path / "lat", vae_dir)
+    assert _prepare(image_dir, tmp_path / "lat", vae_dir)["complete"]
 
 
 def test_latent_batches_are_resampled_every_step():

@@ -409,6 +409,19 @@ def test_a_new_batch_size_on_resume_does_not_inherit_the_accumulation(tmp_path):
     assert load_checkpoint(str(tmp_path))["data"]["batch_size"] == 12
 
 
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """A run folder is held (flock) while a run trains in it: another launch into it, e.g. a scheduler's requeue
+    of a job still running, is refused before it touches anything."""
+    from maskdit.checkpoint import folder_lock
+
+    run(tmp_path, "--steps", "2", "--ckpt-every", "2")
+    with folder_lock(str(tmp_path), "--out"):
+        with pytest.raises(ValueError, match="--resume: .* is in use by another process"):
+            train.main(["--resume", str(tmp_path), "--steps", "4"])
+    train.main(["--resume", str(tmp_path), "--steps", "3"])  # released: fine
+    assert latest_checkpoint(str(tmp_path)) == checkpoint_path(str(tmp_path), 3)
+
+
 def test_resume_of_weights_without_a_training_state_points_to_init_from(tmp_path):
     run(tmp_path / "a", "--steps", "1")
     a = load_checkpoint(str(tmp_path / "a"))
@@ -518,7 +531,7 @@ def test_stop_signal_checkpoints_at_the_next_log_step_and_resumes_exactly(tmp_pa
     with pytest.raises(SystemExit) as stop:
         run(tmp_path / "b", "--steps", "50", "--ckpt-every", "100")
     assert stop.value.code == 128 + signal.SIGUSR1
-    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-0000004.pt", "log.jsonl"]  # log steps: 2, 4
+    assert sorted(set(os.listdir(tmp_path / "b")) - {".lock"}) == ["checkpoint-0000004.pt", "log.jsonl"]
     monkeypatch.setattr(train, "ema_decay_at", decay_at)
     train.main(["--resume", str(tmp_path / "b"), "--steps", "6"])
     run(tmp_path / "a", "--steps", "6", "--ckpt-every", "100")
