@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_arguments, write_results  # noqa: E402
+from bench.common import check_arguments, environment, write_results  # noqa: E402
 from maskdit.config import PATCH_SIZES  # noqa: E402
 from maskdit.flops import count_parameters, forward_gmacs, train_gflops  # noqa: E402
 
@@ -81,9 +81,9 @@ def main(argv=None):
     }
     md = "\n\n".join(markdown(table, title) for title, table in tables.items())
     print(md)
-    write_results(args.out, "compute", {"gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's "
-                                   "'Gflops')", "dit": "learn_sigma=True (the DiT paper's models)",
-                                   "tables": tables}, md)
+    payload = {**environment(), "gmacs": "multiply-accumulates of one forward at batch 1 (the DiT paper's 'Gflops')",
+               "dit": "learn_sigma=True (the DiT paper's models)", "tables": tables}
+    write_results(args.out, "compute", payload, md)
 
 
 if __name__ == "__main__":

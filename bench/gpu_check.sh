@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # make gpu-check: the CUDA checks, on an NVIDIA machine with torch and triton preinstalled and no network
-# (nothing is installed), within 8 minutes.  Runs the kernel, backend and varlen tests on CUDA (bf16
+# (nothing is installed).  Runs the kernel, backend and varlen tests on CUDA (bf16
 # included), the kernel benchmark, attention per SDPA backend, the variable-length benchmark and a reduced
 # training-step benchmark; results (device.txt, tests.txt with the failures' tracebacks, tests-log.txt with
 # every test's result, kernels.*, attention.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
 # bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
-# after every part, so a run cut short keeps what it measured.  GPU_CHECK_PARTS picks parts (default: "tests
-# kernels attention varlen train_step", within 8 minutes: the kernel benchmark without its launch-parameter
-# rows).  Optional parts: "ksweep" (the kernel benchmark with its launch-parameter rows, into
+# after every part, so a run cut short keeps what it measured; on a lent machine whose $OUT alone comes back,
+# RESULTS_DIR=$OUT/results (and an archive outside it).  Each part runs under a time limit of its own.
+# GPU_CHECK_PARTS picks parts (default: "tests kernels attention varlen train_step", the kernel benchmark without
+# its launch-parameter rows; their limits add up to 12.8 minutes, more than one 10-minute device command:
+# split them over two).  Optional parts: "ksweep" (the kernel benchmark with its launch-parameter rows, into
 # $RESULTS_DIR/ksweep: about 3.5 minutes on an H100), "profile", "sampling", "sdpa" (the step with each
 # attention kernel, into $RESULTS_DIR/sdpa-*), "asweep" (the Triton attention kernel's launch settings,
 # attention_sweep.*), "tattn" (the step with the project's Triton attention kernel alone, into
@@ -82,7 +84,7 @@ fi
 if [[ $PARTS == *" sdpa "* ]]; then
   for k in cudnn flash efficient flex triton; do
     timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
-      --steps 10 --sdpa-backend $k --out "$RESULTS_DIR/sdpa-$k" || status=1; pack
+      --steps 20 --sdpa-backend $k --out "$RESULTS_DIR/sdpa-$k" || status=1; pack
   done
 fi
 # the Triton attention kernel's launch settings at the MaskDiT encoder and decoder shapes (attention_sweep.*)
@@ -92,17 +94,17 @@ fi
 # the triton step at batch 256 with the project's Triton attention kernel (kernels/attention.py) for every layer
 if [[ $PARTS == *" tattn "* ]]; then
   timeout 120 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
-    --steps 10 --sdpa-backend triton --out "$RESULTS_DIR/tattn" || status=1; pack
+    --steps 20 --sdpa-backend triton --out "$RESULTS_DIR/tattn" || status=1; pack
 fi
 # the triton step at batch 256 with the modulated LayerNorm outputs kept (DiT.set_keep_norm_outputs)
 if [[ $PARTS == *" keep "* ]]; then
   timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
-    --steps 10 --keep-norm-outputs --out "$RESULTS_DIR/keep" || status=1; pack
+    --steps 20 --keep-norm-outputs --out "$RESULTS_DIR/keep" || status=1; pack
 fi
 # the triton step at batch 256 with the LayerNorm backwards' rows in two column blocks (BWD_SPLIT_COLUMNS)
 if [[ $PARTS == *" split "* ]]; then
   timeout 90 $PY bench/train_step.py --models MaskDiT-XL/2 DiT-XL/2 --impls triton --batches 256 --warmup 3 \
-    --steps 10 --kernel-constant ln_modulate.BWD_SPLIT_COLUMNS=True gated_residual.BWD_SPLIT_COLUMNS=True \
+    --steps 20 --kernel-constant ln_modulate.BWD_SPLIT_COLUMNS=True gated_residual.BWD_SPLIT_COLUMNS=True \
     --out "$RESULTS_DIR/split" || status=1; pack
 fi
 # the Triton attention kernel, the kept LayerNorm outputs and the split LayerNorm backwards against the defaults,
@@ -116,13 +118,16 @@ if [[ $PARTS == *" res512 "* ]]; then
     triton+regional --batches 64 --input-size 64 --warmup 3 --steps 20 --out "$RESULTS_DIR/res512" || status=1; pack
 fi
 # whole-network torch.compile at batch 256 of each model of GPU_CHECK_COMPILE_MODELS (default MaskDiT-XL/2;
-# "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows) with each backend of GPU_CHECK_COMPILE_BACKENDS (default "triton
-# torch"): about 2.5 minutes a row, the first step compiling
+# "MaskDiT-XL/2 DiT-XL/2" adds DiT's rows, which the MaskDiT rows' speed-up over DiT needs: the JSON then holds
+# it in neither run, compute it from the two files) with each backend of GPU_CHECK_COMPILE_BACKENDS (default
+# "triton torch"), each beside an eager torch row (its speed-up over eager torch, measured in the same run):
+# about 2.5 minutes a compiled row (estimated: no whole-network compile has finished on a GPU yet), the first
+# step compiling
 # (each model and backend in its own run and time limit: a compile that overruns leaves the others their rows)
 if [[ $PARTS == *" compile "* ]]; then
   for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
     for impl in ${GPU_CHECK_COMPILE_BACKENDS:-triton torch}; do
-      timeout 280 $PY bench/train_step.py --models "$model" --impls $impl+compile --batches 256 \
+      timeout 280 $PY bench/train_step.py --models "$model" --impls torch $impl+compile --batches 256 \
         --warmup 2 --steps 20 --out "$RESULTS_DIR/compile-$(echo "$model" | tr 'A-Z/' 'a-z-')-$impl" || status=1; pack
     done
   done

@@ -503,11 +503,16 @@ def main(argv=None):
     env = environment()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    tiny = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
+    if args.ops:  # the names checked on tiny CPU tensors, before any GPU time is spent
+        names = [spec["name"] for spec in op_specs(**tiny, device=torch.device("cpu"))]
+        if set(args.ops) - set(names):
+            parser.error(f"--ops: unknown op(s) {sorted(set(args.ops) - set(names))}; expected some of {names}")
     if cuda:
         shapes = dict(n=args.batch, L=256, k=128, d=1152, dd=512, c=4, p=2)
     else:  # a smoke run of the harness on the references (the fused kernels need CUDA to be timed)
         print("no CUDA: timing the PyTorch references at tiny shapes only")
-        shapes = dict(n=2, L=16, k=8, d=72, dd=32, c=4, p=2)
+        shapes = tiny
     bandwidth = copy_bandwidth_gbs()
     out = results_folder(args.out, env)
     results = dict(rows=[], step_rows=[], config_rows=[])
@@ -520,9 +525,6 @@ def main(argv=None):
 
     specs = op_specs(**shapes, device=device)
     if args.ops:
-        unknown = set(args.ops) - {spec["name"] for spec in specs}
-        if unknown:
-            parser.error(f"--ops: unknown op(s) {sorted(unknown)}; expected some of {[s['name'] for s in specs]}")
         specs = [spec for spec in specs if spec["name"] in args.ops]
     for spec in specs:
         results["rows"] += kernel_rows([spec], bandwidth, with_fused=cuda)

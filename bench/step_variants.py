@@ -112,8 +112,9 @@ def applied(variant: dict, model):
         yield
 
 
-def compare(name: str, variants: list[dict], args, device: torch.device) -> list[dict]:
-    """The rows of one model: every variant warmed up, then timed in rotated rounds."""
+def compare(name: str, variants: list[dict], args, device: torch.device, on_round=None) -> list[dict]:
+    """The rows of one model: every variant warmed up, then timed in rotated rounds (``on_round(rows)``, the rows
+    summarized so far, after each: results saved as they come)."""
     torch.manual_seed(0)
     shape = CPU_MODEL if device.type != "cuda" else dict(input_size=args.input_size)
     with device:
@@ -153,6 +154,9 @@ def compare(name: str, variants: list[dict], args, device: torch.device) -> list
         done = [row for row in rows if row["error"] is None]
         print(f"{name} round {r + 1}/{args.rounds}: " +
               ", ".join(f"{row['variant']} {row['round_ms'][-1]:.1f} ms" for row in done), flush=True)
+        summarize(rows)
+        if on_round is not None:
+            on_round(rows)
     summarize(rows)
     return rows
 
@@ -230,21 +234,27 @@ def main(argv=None) -> dict:
               "nothing).", flush=True)
     args.batch = args.batch or (256 if device.type == "cuda" else 2)
     env = environment()
+    settings = dict(batch=args.batch, input_size=args.input_size if device.type == "cuda" else CPU_MODEL,
+                    rounds=args.rounds, steps=args.steps, warmup=args.warmup, variants=args.variants)
     rows = []
+
+    def save(current: list[dict], final: bool = False) -> dict:
+        """Write the rows so far (a run cut short keeps every round it finished)."""
+        done = [{k: v for k, v in r.items() if k != "times"} for r in rows + current]
+        md = markdown(env, args, done)
+        payload = dict(env, settings=settings, rows=done)
+        paths = write_results(results_folder(args.out, env), "step_variants", payload, md)
+        if final:
+            print(md)
+            print("wrote", *paths)
+        return payload
+
     for name in args.models:
-        rows += compare(name, args.parsed, args, device)
+        rows += compare(name, args.parsed, args, device, on_round=save)
         gc.collect()  # the model and its step, before the next model is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for r in rows:
-        del r["times"]
-    settings = dict(batch=args.batch, input_size=args.input_size if device.type == "cuda" else CPU_MODEL,
-                    rounds=args.rounds, steps=args.steps, warmup=args.warmup, variants=args.variants)
-    md = markdown(env, args, rows)
-    print(md)
-    payload = dict(env, settings=settings, rows=rows)
-    print("wrote", *write_results(results_folder(args.out, env), "step_variants", payload, md))
-    return payload
+    return save([], final=True)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="launch parameters of the triton rows' kernels for the whole run, e.g. "
                         "ln_modulate.BWD_SPLIT_COLUMNS=True (an existing upper-case constant of kernels.MODULE, "
                         "a value of its type)")
-    p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, "
-                                                        "batch 256, 10 steps")
+    p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, and "
+                                                        "triton+graph, batch 256, 20 steps")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -166,12 +166,25 @@ def kernel_constants(assignments: list[str]) -> dict[str, dict]:
 
 
 def matmul_rate(device: torch.device) -> tuple[float, str]:
-    """(TFLOP/s, description) of a large dense matmul: bf16 8192^3 on CUDA, fp32 1024^3 on the CPU."""
+    """(TFLOP/s, description) of a large dense matmul: bf16 8192^3 on CUDA (median, ``bench_ms``), fp32 1024^3 on
+    the CPU (the fastest of 30 calls: a CPU's rate swings with the machine's other load, and a slow reference
+    would put MFU above 100%)."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = bench_ms(lambda: a @ b)
+    if device.type == "cuda":
+        ms = bench_ms(lambda: a @ b)
+    else:
+        for _ in range(3):
+            a @ b
+        ms = min(_timed_ms(lambda: a @ b) for _ in range(30))
     return 2 * n ** 3 / (ms * 1e-3) / 1e12, f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} matmul on {device.type}"
+
+
+def _timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: bool):
@@ -398,6 +411,9 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
                      f"{r['tflops']:.3g} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
                      f"{_fmt(r['speedup_vs_dit'], '.2f', 'x')} | {_fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} | "
                      f"{_fmt(r['first_step_s'], '.1f')} |")
+    if any(r["mfu"] is not None and r["mfu"] > 1 for r in rows):
+        lines += ["", "MFU above 100%: the matmul reference ran slower than the model's products (a machine busy with "
+                  "other work while it was measured?); take these MFU figures as unreliable."]
     errors = [r for r in rows if r["error"] and not r["oom"]]
     if errors:
         lines += ["", "Errors:"] + [f"- {r['model']} {r['impl']} batch {r['batch']}: {r['error'][:200]}"

@@ -70,3 +70,10 @@ def test_graph_cells_of_ops_that_fit_in_l2_are_marked():
                bwd_graph_ms=0.2, bwd_graph_pct_copy_bw=80.0, bwd_graph_fits_l2=False)
     line = [ln for ln in bench_kernels.markdown(env, 3000.0, [row], []).splitlines() if ln.startswith("| edm_loss")][0]
     assert "| 120% L2 |" in line and "| 80% |" in line
+
+
+def test_unknown_ops_are_refused_before_anything_is_measured(monkeypatch, capsys):
+    monkeypatch.setattr(bench_kernels, "copy_bandwidth_gbs", lambda: pytest.fail("measured before checking --ops"))
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--ops", "ln_modulate", "no_such_op"])
+    assert "--ops: unknown op(s) ['no_such_op']" in capsys.readouterr().err

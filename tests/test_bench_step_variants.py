@@ -94,6 +94,9 @@ def test_tiny_cpu_run(tmp_path, monkeypatch):
         return time_steps(step, steps, device)
 
     monkeypatch.setattr(step_variants, "time_steps", spy)
+    writes, write_results = [], step_variants.write_results  # saved after each round: a run cut short keeps them
+    monkeypatch.setattr(step_variants, "write_results", lambda folder, name, payload, md: writes.append(
+        [len(r["round_ms"]) for r in payload["rows"]]) or write_results(folder, name, payload, md))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -104,6 +107,7 @@ def test_tiny_cpu_run(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     default_stages = GATED.BWD_STAGES
     assert seen == [(None, default_stages), (None, 1), (None, 1), (None, default_stages)]  # rotated in round 2
+    assert writes == [[1, 1], [2, 2], [2, 2]]
     saved = json.loads((tmp_path / "step_variants.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(payload["rows"]))
     assert saved["settings"]["batch"] == 2 and saved["settings"]["rounds"] == 2
