@@ -37,16 +37,18 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def select_state_dict(obj: dict, key: str | None = None) -> dict:
-    """The network's state dict inside an official file: ``obj[key]``, else ``obj["ema"]`` when present
-    (the released checkpoints' weights), else ``obj`` itself."""
+def select_state_dicts(obj: dict, key: str | None = None) -> tuple[dict, dict]:
+    """The (model, ema) state dicts inside an official file: ``obj[key]`` for both; else, in a training file with
+    both, ``obj["model"]`` (the trained weights: what a tuning run goes on training, as the official tuning loads
+    them) and ``obj["ema"]`` (the released checkpoints' averaged weights, which sampling uses); else
+    ``obj["ema"]`` or ``obj`` itself for both."""
     if key is not None:
         if key not in obj:
             raise ValueError(f"checkpoint has no entry {key!r}; entries: {sorted(obj)[:10]}")
-        return obj[key]
-    if "ema" in obj and isinstance(obj["ema"], dict):
-        return obj["ema"]
-    return obj
+        return obj[key], obj[key]
+    if isinstance(obj.get("ema"), dict):
+        return (obj["model"] if isinstance(obj.get("model"), dict) else obj["ema"]), obj["ema"]
+    return obj, obj
 
 
 def convert_official_state_dict(state_dict: dict, source: str) -> dict:
@@ -188,13 +190,15 @@ def convert_file(src: str, dst: str, source: str, key: str | None = None) -> Mod
     """Convert an official checkpoint file into a checkpoint that ``sample.py`` loads (with its
     ``parameterization``: "edm" for MaskDiT's, "ddpm-eps" for DiT's)."""
     obj = load_official_file(src)
-    official = select_state_dict(obj, key)
-    state = convert_official_state_dict(official, source)
-    config = infer_config(official, source)
-    _check_loads(state, config)
+    official_model, official_ema = select_state_dicts(obj, key)
+    config = infer_config(official_ema, source)
+    ema = convert_official_state_dict(official_ema, source)
+    model = ema if official_model is official_ema else convert_official_state_dict(official_model, source)
+    for state in (ema,) if model is ema else (ema, model):  # (one dict, stored once, when they are the same)
+        _check_loads(state, config)
     # what the network predicts: DiT's weights are a DDPM noise predictor (sampled through edm.DDPMPrecond)
     parameterization = "ddpm-eps" if source == "dit" else "edm"
-    atomic_save({"model": state, "ema": state, "config": {"model": config.to_dict()}, "step": 0,
+    atomic_save({"model": model, "ema": ema, "config": {"model": config.to_dict()}, "step": 0,
                  "parameterization": parameterization, "source": {"file": src, "format": source}}, dst)
     return config
 
@@ -204,7 +208,9 @@ def main(argv=None) -> None:
     parser.add_argument("src", help="official checkpoint (.pt)")
     parser.add_argument("dst", help="output checkpoint (.pt)")
     parser.add_argument("--source", choices=SOURCES, required=True)
-    parser.add_argument("--key", default=None, help="entry of the file holding the weights (default: 'ema' if present)")
+    parser.add_argument("--key", default=None, help="entry of the file holding the weights, for both the model and "
+                        "the EMA (default: a training file's 'model' and 'ema' each in its place; else 'ema' if "
+                        "present, else the whole file)")
     args = parser.parse_args(argv)
     config = convert_file(args.src, args.dst, args.source, args.key)
     print(f"wrote {args.dst}: {config.name} (input {config.input_size}, {config.in_channels} channels, "

@@ -223,6 +223,22 @@ def test_bad_inputs():
         convert_official_state_dict({"ema": {"a": torch.zeros(1)}}, "dit")
 
 
+def test_a_training_file_keeps_its_model_and_ema_weights_apart(tmp_path):
+    """The official training file holds the trained weights ("model") and their average ("ema"): a tuning run
+    goes on training the first and averaging into the second, as the official tuning loads them."""
+    model_sd, ema_sd = official_state_dict("maskdit", seed=1), official_state_dict("maskdit", seed=2)
+    torch.save({"model": model_sd, "ema": ema_sd, "opt": {}}, tmp_path / "official.pt")
+    convert_file(str(tmp_path / "official.pt"), str(tmp_path / "both.pt"), "maskdit")
+    both = torch.load(tmp_path / "both.pt", weights_only=False)
+    for slot, sd in (("model", model_sd), ("ema", ema_sd)):
+        want = convert_official_state_dict(sd, "maskdit")
+        assert both[slot].keys() == want.keys() and all(torch.equal(both[slot][k], want[k]) for k in want), slot
+    convert_file(str(tmp_path / "official.pt"), str(tmp_path / "ema.pt"), "maskdit", key="ema")
+    ema_only = torch.load(tmp_path / "ema.pt", weights_only=False)
+    assert ema_only["model"] is ema_only["ema"]  # one set of weights, stored once
+    assert all(torch.equal(ema_only["model"][k], both["ema"][k]) for k in both["ema"])
+
+
 def test_the_wrong_source_is_refused_not_converted(tmp_path):
     """Each kind of file converted as the other: refused, naming the right --source, and nothing written."""
     for source, other in (("dit", "maskdit"), ("maskdit", "dit")):
