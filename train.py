@@ -476,8 +476,10 @@ def run(args: argparse.Namespace, stop_requests: list[int], held: contextlib.Exi
     else:
         say(f"the global batch changes from {data_state['batch_size']} to {global_batch}: the data stream "
             "continues at the next epoch boundary")
-        epoch_images = (len(dataset) // data_state["batch_size"]) * data_state["batch_size"]
-        start_batch = math.ceil(data_state["images_done"] / epoch_images) * (len(dataset) // global_batch)
+        # (the epochs the stream has begun, from its position: images_done leaves out the images an earlier
+        # change of the global batch skipped to reach its epoch boundary)
+        epochs_begun = math.ceil(data_state["batches_done"] / (len(dataset) // data_state["batch_size"]))
+        start_batch = epochs_begun * (len(dataset) // global_batch)
     data = batch_iterator(dataset, global_batch, cfg["seed"], start_batch, num_workers=cfg["num_workers"],
                           num_parts=env.world_size * accum, parts=env.parts(accum))
     batches_done, images_done = start_batch, data_state["images_done"]

@@ -422,6 +422,16 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
     assert latest_checkpoint(str(tmp_path)) == checkpoint_path(str(tmp_path), 3)
 
 
+def test_changes_of_the_global_batch_never_replay_a_begun_epoch(tmp_path):
+    """Each change of the global batch continues the stream at the next epoch boundary, counted from the stream's
+    position (1797 digits: 3 batches of 512 an epoch, 7 of 256)."""
+    run(tmp_path, "--steps", "4", "--batch-size", "512")  # batches 0-3: epoch 1 begun
+    train.main(["--resume", str(tmp_path), "--steps", "5", "--batch-size", "256"])
+    assert load_checkpoint(str(tmp_path))["data"]["batches_done"] == 15  # epoch 2 (batch 14 of 256), one batch
+    train.main(["--resume", str(tmp_path), "--steps", "6", "--batch-size", "512"])
+    assert load_checkpoint(str(tmp_path))["data"]["batches_done"] == 10  # epoch 3 (batch 9 of 512), not epoch 2 again
+
+
 def test_resume_of_weights_without_a_training_state_points_to_init_from(tmp_path):
     run(tmp_path / "a", "--steps", "1")
     a = load_checkpoint(str(tmp_path / "a"))
