@@ -691,7 +691,7 @@ def run(args: argparse.Namespace, stop_requests: list[int], held: contextlib.Exi
                 distributed.cleanup()
                 raise SystemExit(f"stopping at step {step}: {int(worst)} non-finite losses in a row "
                                  f"({nonfinite_total} in all); their updates were skipped. Checkpoint: {path}. "
-                                 "Try a lower --lr or --precision fp32/bf16.")
+                                 "Try a lower --lr or --precision fp32/bf16." if env.is_main else 1)  # (said once)
         if evaluate and cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0 and not last:
             run_eval()
         if step % cfg["ckpt_every"] == 0 or last:
