@@ -30,6 +30,7 @@ resized like training data, ``maskdit.data.center_crop_resize``) or from an npz 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -43,10 +44,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from maskdit.checkpoint import atomic_write, load_checkpoint, make_output_folder, resolve_checkpoint
+from maskdit.checkpoint import atomic_write, folder_lock, load_checkpoint, make_output_folder, resolve_checkpoint
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.ddpm import DIT_GUIDED_CHANNELS
-from maskdit.distributed import pick_device
+from maskdit.distributed import broadcast_object, pick_device
 from maskdit.edm import (
     STOCHASTIC_DEFAULTS,
     add_sampling_arguments,
@@ -292,9 +293,24 @@ def make_extractor(args, device: torch.device, ref_dim: int | None):
     return extractor
 
 
-def evaluate(args) -> dict | None:
+def lock_outdir(outdir: str, rank: int, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks ``outdir`` (``folder_lock``, kept in ``held``) for this evaluation; every process raises the
+    same ValueError if another evaluation holds it (two writing one folder would mix their samples)."""
+    refused = None
+    if rank == 0:
+        try:
+            held.enter_context(folder_lock(outdir, "--outdir"))
+        except ValueError as e:
+            refused = str(e)
+    refused = broadcast_object(refused)
+    if refused is not None:
+        raise ValueError(refused)
+
+
+def evaluate(args, held: contextlib.ExitStack) -> dict | None:
     """Sample ``args.num_samples`` images across the processes; FID against ``args.ref`` (the result dict,
-    on rank 0; None elsewhere or without --ref)."""
+    on rank 0; None elsewhere or without --ref).  ``held`` keeps the lock of ``args.outdir`` until the caller
+    closes it."""
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -305,6 +321,8 @@ def evaluate(args) -> dict | None:
     if args.outdir is not None:  # before the sampling, whose work a bad --outdir would lose
         make_output_folder(args.outdir, "--outdir")
     rank, world, device = setup_distributed(args.device)
+    if args.outdir is not None:
+        lock_outdir(args.outdir, rank, held)
     check_sampling_precision(args.precision, device)
     if args.num_samples < world:
         raise ValueError(f"--num-samples {args.num_samples} is smaller than the number of processes ({world})")
@@ -514,7 +532,8 @@ def main(argv=None):
         return export_adm(args.export_adm, args.out)
     started_here = not dist.is_initialized()
     try:
-        return write_stats(args) if args.write_stats is not None else evaluate(args)
+        with contextlib.ExitStack() as held:
+            return write_stats(args) if args.write_stats is not None else evaluate(args, held)
     finally:
         if started_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -349,11 +349,13 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate.main(common + ["--outdir", str(out)])
-    assert sorted(os.listdir(out)) == ["part-rank000-of-001-0000000.npz", "sampling.json"]  # samples 0-3
+    files = sorted(set(os.listdir(out)) - {".lock"})  # (.lock: the evaluation's lock on its --outdir)
+    assert files == ["part-rank000-of-001-0000000.npz", "sampling.json"]  # samples 0-3
     calls.clear()
     resumed = evaluate.main(common + ["--outdir", str(out)])
     assert calls == [2, 2, 2, 1]  # samples 4-10
-    assert sorted(os.listdir(out)) == ["fid.json", "samples-rank000-of-001.npz", "sampling.json", "stats.npz"]
+    files = sorted(set(os.listdir(out)) - {".lock"})
+    assert files == ["fid.json", "samples-rank000-of-001.npz", "sampling.json", "stats.npz"]
     for a, b in zip(evaluate.load_samples(str(out)), evaluate.load_samples(str(tmp_path / "whole"))):
         np.testing.assert_array_equal(a, b)
     assert resumed["fid"] == pytest.approx(whole["fid"], rel=1e-9) and resumed["num_samples"] == 11
@@ -377,6 +379,20 @@ def test_other_weights_under_the_same_file_name_are_not_continued(ckpt, tmp_path
     with pytest.raises(ValueError, match=r"other settings .*\"the weights' SHA-256\": \('[0-9a-f]{64}', "
                                          r"'[0-9a-f]{64}'\)"):
         evaluate.main(common)
+
+
+def test_an_outdir_in_use_is_refused(ckpt, tmp_path, monkeypatch):
+    from maskdit.checkpoint import folder_lock
+
+    monkeypatch.setattr(evaluate, "InceptionFeatures", StubFeatures)
+    out = tmp_path / "out"
+    os.makedirs(out)
+    common = ["--ckpt", ckpt, "--num-samples", "2", "--batch-size", "2", "--outdir", str(out), *SAMPLE]
+    with folder_lock(str(out), "--outdir"):  # another evaluation writing there
+        with pytest.raises(ValueError, match="--outdir: .* is in use by another process"):
+            evaluate.main(common)
+    evaluate.main(common)  # released: fine
+    assert evaluate.holds_samples(str(out))
 
 
 def test_settings_no_samples_were_written_with_are_replaced(tmp_path):
@@ -435,7 +451,7 @@ def test_two_processes_match_one(ckpt, tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_dist_worker, args=(2, port, common + ["--outdir", str(tmp_path / "two")]), nprocs=2)
-    assert sorted(os.listdir(tmp_path / "two")) == ["fid.json", "samples-rank000-of-002.npz",
+    assert sorted(set(os.listdir(tmp_path / "two")) - {".lock"}) == ["fid.json", "samples-rank000-of-002.npz",
                                                     "samples-rank001-of-002.npz", "sampling.json", "stats.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "samples-rank001-of-002.npz")["indices"], [1, 3, 5, 7])
     for a, b in zip(evaluate.load_samples(str(tmp_path / "one")), evaluate.load_samples(str(tmp_path / "two"))):
