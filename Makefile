@@ -50,6 +50,8 @@ bench: install
 	$(PY) bench/sampling.py
 	$(PY) bench/kernels.py
 	$(PY) bench/attention.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) bench/varlen.py; \
+	else echo "bench/varlen.py: the variable-length benchmark needs CUDA (skipped)"; fi
 
 # Time to quality on the digits: DiT vs MaskDiT, same wall-clock budget, the digits metric over time.
 quality: install

@@ -1,7 +1,7 @@
 """Memory of a training step compiled whole (``train.py --compile``), from its compiled graphs, on any machine.
 
     python bench/compiled_backward.py [--models DiT-T/2 MaskDiT-T/2] [--backends torch triton]
-                                      [--checkpointing none decoder all] [--batch 2] [--out DIR]
+                                      [--checkpointing none decoder all] [--batch 8] [--out DIR]
 
 ``torch.compile`` decides itself what a step keeps for its backward and what its backward recomputes
 (AOTAutograd's partitioner, which also honours activation checkpointing inside compiled code).  This script

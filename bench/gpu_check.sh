@@ -15,7 +15,8 @@
 # attention_sweep.*), "tattn" (the step with the project's Triton attention kernel alone, into
 # $RESULTS_DIR/tattn), "keep" (the triton step with the LayerNorm outputs kept, into $RESULTS_DIR/keep),
 # "split" (the triton step with the LayerNorm backwards' rows in two column blocks, into $RESULTS_DIR/split),
-# "variants" (tattn, keep and split against the defaults in one run, interleaved: step_variants.*), "res512"
+# "variants" (bench/step_variants.py's default variants against the base step in one run, interleaved: the
+# gelu_gemm forward/backward/both, the kept LayerNorm outputs, and both of those: step_variants.*), "res512"
 # (XL/2 at 512x512, batch 64, into $RESULTS_DIR/res512), "compile" (whole-network compiled steps, into
 # $RESULTS_DIR/compile-<model>-<backend>) and "gemm" (the MLP's GELU in its products' epilogues, kernels.gelu_gemm: its CUDA tests, its
 # kernel rows with their launch settings, the step and eager sampling with and without it, into
@@ -107,8 +108,8 @@ if [[ $PARTS == *" split "* ]]; then
     --steps 20 --kernel-constant ln_modulate.BWD_SPLIT_COLUMNS=True gated_residual.BWD_SPLIT_COLUMNS=True \
     --out "$RESULTS_DIR/split" || status=1; pack
 fi
-# the Triton attention kernel, the kept LayerNorm outputs and the split LayerNorm backwards against the defaults,
-# MaskDiT-XL/2 and DiT-XL/2 at batch 256, timed in rotated rounds within one run (bench/step_variants.py)
+# bench/step_variants.py's default variants (gelu_gemm forward/backward/both, the kept LayerNorm outputs, both)
+# against the defaults, MaskDiT-XL/2 and DiT-XL/2 at batch 256, timed in rotated rounds within one run
 if [[ $PARTS == *" variants "* ]]; then
   timeout 300 $PY bench/step_variants.py --out "$RESULTS_DIR" || status=1; pack
 fi

@@ -1,11 +1,11 @@
 """Token-layout operations of the networks, in plain PyTorch (the "torch" backend).
 
-The fused Triton kernels (``kernels/``) replace them one for one.  Conventions (``shared/design.md``):
-tokens are row-major over the (H/p, W/p) patch grid; a patch's p*p*C values are ordered (row in patch,
-column in patch, channel); the kept tokens of a batch are packed as (T, D) with a ``TokenLayout``
-(``maskdit.masking``); per-sample conditioning tensors (shift, scale, gate) are (N, D).  When every sample
-keeps the same number of tokens, per-sample tensors broadcast over an (N, K, D) view; otherwise they are
-indexed per token.  No N x K x D index tensor is built.
+The fused Triton kernels (``kernels/``) replace them one for one.  Conventions, shared by the kernels, the
+packed encoder and the model: tokens are row-major over the (H/p, W/p) patch grid; a patch's p*p*C values
+are ordered (row in patch, column in patch, channel); the kept tokens of a batch are packed as (T, D) with
+a ``TokenLayout`` (``maskdit.masking``); per-sample conditioning tensors (shift, scale, gate) are (N, D).
+When every sample keeps the same number of tokens, per-sample tensors broadcast over an (N, K, D) view;
+otherwise they are indexed per token.  No N x K x D index tensor is built.
 """
 
 from __future__ import annotations
