@@ -180,6 +180,12 @@ def part_path(outdir: str, rank: int, world: int, first: int) -> str:
     return os.path.join(outdir, f"part-rank{rank:03d}-of-{world:03d}-{first:07d}.npz")
 
 
+def part_files(outdir: str, rank: int | None = None, world: int | None = None) -> list[str]:
+    """The part files (``part_path``) in ``outdir`` of rank ``rank`` of ``world`` processes (None: any), sorted."""
+    r, w = ("*" if v is None else f"{v:03d}" for v in (rank, world))
+    return sorted(glob.glob(os.path.join(outdir, f"part-rank{r}-of-{w}-*.npz")))
+
+
 def save_samples(path: str, images: list, labels: list, indices: list) -> None:
     """images, labels and sample indices as one npz, written atomically."""
     atomic_write(path, lambda f: np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels),
@@ -220,8 +226,7 @@ SETTING_NAMES = {"step": "the checkpoint's step", "weights_sha256": "the weights
 
 def holds_samples(outdir: str) -> bool:
     """Whether ``outdir`` holds samples of a run: finished (``samples_path``) or part files (``part_path``)."""
-    return any(glob.glob(os.path.join(outdir, pattern)) for pattern in ("samples-rank*-of-*.npz",
-                                                                        "part-rank*-of-*-*.npz"))
+    return bool(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")) or part_files(outdir))
 
 
 def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[list, list, list]:
@@ -254,8 +259,7 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
             atomic_write(settings_file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
         return [], [], []
     finished = samples_path(outdir, rank, world)
-    files = [finished] if os.path.exists(finished) else \
-        sorted(glob.glob(os.path.join(outdir, f"part-rank{rank:03d}-of-{world:03d}-*.npz")))
+    files = [finished] if os.path.exists(finished) else part_files(outdir, rank, world)
     parts = [np.load(f) for f in files]
     return [p["images"] for p in parts], [p["labels"] for p in parts], [p["indices"] for p in parts]
 
@@ -380,7 +384,7 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
 
     if args.outdir is not None:
         save_samples(samples_path(args.outdir, rank, world), kept_images, kept_labels, kept_indices)
-        for part in glob.glob(os.path.join(args.outdir, f"part-rank{rank:03d}-of-{world:03d}-*.npz")):
+        for part in part_files(args.outdir, rank, world):
             os.unlink(part)  # (after the whole file is safely written)
         log(rank, f"wrote the samples to {args.outdir}")
     if acc is None:
