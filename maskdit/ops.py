@@ -34,11 +34,15 @@ def unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
 
 def per_token(v: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, v) shaped so that x op v applies the per-sample (N, D) ``v`` to every token of (T, D) ``x``:
-    (N, K, D) and (N, 1, D) views for equal lengths, else (T, D) and the rows v[seg]."""
+    (N, K, D) and (N, 1, D) views for equal lengths, else (T, D) and the rows v[seg].
+
+    The rows' backward sums each sample's T_i gradients: on CUDA ``v[seg]``'s (sorted, deterministic), elsewhere
+    ``index_select``'s (``v[seg]``'s adds them with CPU atomics, in a different order from run to run)."""
     k = layout.uniform_len
     if k is not None:
         return x.view(layout.num_samples, k, x.shape[-1]), v.unsqueeze(1)
-    return x, v[layout.seg.long()]
+    seg = layout.seg.long()
+    return x, (v[seg] if v.is_cuda else v.index_select(0, seg))
 
 
 def embed_patches(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
