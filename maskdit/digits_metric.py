@@ -29,6 +29,7 @@ BATCH_SIZE = 64
 LR = 2e-3
 MAX_SHIFT = 2  # pixels (of 16) of random translation during training
 HELDOUT_FRACTION = 0.2
+RANGE_TOLERANCE = 1.5  # images beyond [-1.5, 1.5] are taken for another scale and refused
 
 
 class DigitsClassifier(nn.Module):
@@ -185,11 +186,23 @@ def load_classifier(cache_dir: str | None = None) -> DigitsClassifier:
 # features, predictions, statistics
 
 def _prepare(images) -> torch.Tensor:
-    """(N, 1, H, W) tensor or array in [-1, 1] -> float32 CPU (N, 1, 16, 16), clamped to [-1, 1]."""
+    """(N, 1, H, W) float tensor or array in [-1, 1] -> float32 CPU (N, 1, 16, 16), clamped to [-1, 1].
+
+    Refused: integer images (0..255 pixels score as garbage, not as digits), values outside [-1.5, 1.5] (another
+    scale) and non-finite values (``argmax`` would read NaN images as class 0)."""
     x = torch.as_tensor(images).detach()
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"expected single-channel images of shape (N, 1, H, W) in [-1, 1], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [-1, 1], got {x.dtype} (for 0..255 pixels: x / 127.5 - 1)")
     x = x.to("cpu", torch.float32)
+    if x.numel():
+        bad = (~x.isfinite()).sum().item()
+        if bad:
+            raise ValueError(f"the images hold {bad} non-finite values")
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -RANGE_TOLERANCE or hi > RANGE_TOLERANCE:
+            raise ValueError(f"expected images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
         x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     return x.clamp(-1, 1)
@@ -226,8 +239,12 @@ def digits_fd(images, cache_dir: str | None = None) -> float:
 
 
 def class_accuracy(images, labels, cache_dir: str | None = None) -> float:
-    """Fraction of ``images`` that the classifier assigns to ``labels``."""
+    """Fraction of ``images`` that the classifier assigns to ``labels`` (N,)."""
     labels = torch.as_tensor(labels).cpu().long()
+    n = len(images)
+    if n == 0 or labels.shape != (n,):
+        raise ValueError(f"class_accuracy needs at least one image and labels of shape ({n},), "
+                         f"got {tuple(labels.shape)}")
     return (predict(images, cache_dir) == labels).float().mean().item()
 
 
@@ -267,6 +284,11 @@ def digits_quality(model: nn.Module, device="cpu", num_per_class: int = 50, cfg_
                 for i in range(0, len(labels), batch_size)])
     finally:
         model.train(was_training)
+    bad = (~samples.isfinite()).flatten(1).any(1).sum().item()
+    if bad:
+        raise ValueError(f"digits_quality: {bad} of {len(samples)} samples hold non-finite values "
+                         "(the model's weights diverged?)")
+    samples = samples.clamp(-1, 1)  # as when written as images
     feats = features(samples, cache_dir)
     mu, sigma = feature_statistics(feats)
     clf = load_classifier(cache_dir)

@@ -165,8 +165,33 @@ def test_training_shifts_cover_the_range_and_fill_with_background():
     assert (shifted == -1.0).any() and ((shifted == -1.0) | (shifted.abs() <= 0.9)).all()
 
 
-def test_images_outside_the_range_are_clamped(cache_dir, heldout):
-    images, _ = heldout
-    loud = images[:50] * 5
+def test_images_slightly_outside_the_range_are_clamped_other_scales_refused(cache_dir, heldout):
+    """Samples a little beyond [-1, 1] are clamped as when written as images; 0..255 pixels (integer or float),
+    non-finite values and labels of another shape are refused instead of scored as garbage (NaN images used
+    to count as class 0, (N, 1) labels to broadcast)."""
+    images, labels = heldout
+    loud = images[:50] * 1.3
     torch.testing.assert_close(dm.features(loud), dm.features(loud.clamp(-1, 1)))
     assert not torch.allclose(dm.features(loud), dm.features(images[:50]))
+    pixels = ((images + 1) * 127.5).round()
+    with pytest.raises(ValueError, match=r"expected float images in \[-1, 1\], got torch.uint8"):
+        dm.predict(pixels.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"expected images in \[-1, 1\], got values in \[0, 255\]"):
+        dm.digits_fd(pixels)
+    nan = images[:4].clone()
+    nan[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="the images hold 1 non-finite values"):
+        dm.class_accuracy(nan, labels[:4])
+    for bad in (labels[:, None], labels[:1], labels[:-1]):
+        with pytest.raises(ValueError, match=rf"labels of shape \({len(images)},\)"):
+            dm.class_accuracy(images, bad)
+    with pytest.raises(ValueError, match="at least one image"):
+        dm.class_accuracy(images[:0], labels[:0])
+
+
+def test_digits_quality_refuses_non_finite_samples(cache_dir):
+    model = create_model("MaskDiT-T/2", input_size=16, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        model.final_layer.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="digits_quality: 20 of 20 samples hold non-finite values"):
+        dm.digits_quality(model, num_per_class=2, steps=1)
