@@ -162,7 +162,7 @@ class TritonOps(_Ops):
         return _kernels()
 
     def embed_patches(self, x, weight, bias, pos_embed, patch_size, layout):
-        return self.k.embed_kept_patches(x, layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
+        return self.k.embed_kept_patches(x.contiguous(), layout.ids, layout.seg, weight, bias, pos_embed, patch_size)
 
     def ln_modulate(self, x, shift, scale, layout):
         y = self.k.ln_modulate(x, shift, scale, layout.seg, out_dtype=_autocast_dtype(x))

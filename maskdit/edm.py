@@ -148,14 +148,14 @@ class EDMLoss:
     def __call__(self, net: EDMPrecond, images: torch.Tensor, labels: torch.Tensor | None,
                  ids_keep: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        y = images.float()
+        y = images.float().contiguous()  # the fused loss reads (N, C, H, W) rows; channels_last or slices too
         n_batch = y.shape[0]
         if sigma is None:
             sigma = self.sample_sigma(n_batch, y.device, generator)
         if noise is None:
             noise = torch.randn(y.shape, device=y.device, generator=generator)
         sigma = sigma.float().reshape(n_batch, 1, 1, 1)
-        noisy = y + noise.float() * sigma
+        noisy = (y + noise.float() * sigma).contiguous()
         model = net.model
         if ids_keep is not None and hasattr(model, "num_tokens"):  # pack once for the network and the loss
             ids_keep = token_layout(ids_keep, n_batch, model.num_tokens, y.device)

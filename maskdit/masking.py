@@ -96,11 +96,20 @@ def host_value_range(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _check_token_ids(ids: torch.Tensor, num_tokens: int) -> None:
-    """ValueError unless the token indices ``ids`` are in [0, num_tokens) (host tensors: ``host_value_range``)."""
+    """ValueError unless each sample's (a row's, or a 1-D tensor's) token indices ``ids`` are distinct and in
+    [0, num_tokens) (host tensors only: ``host_value_range``)."""
     found = host_value_range(ids)
-    if found is not None and (found[0] < 0 or found[1] >= num_tokens):
+    if found is None:
+        return
+    if found[0] < 0 or found[1] >= num_tokens:
         raise ValueError(f"ids_keep must hold token indices in [0, {num_tokens}), got values in "
                          f"[{found[0]}, {found[1]}]")
+    ids = ids.sort(dim=-1).values
+    repeated = (ids[..., 1:] == ids[..., :-1]).nonzero()
+    if len(repeated):
+        where = "" if ids.ndim == 1 else f" of sample {int(repeated[0, 0])}"
+        raise ValueError(f"ids_keep must hold distinct token indices per sample, token {int(ids[tuple(repeated[0])])}"
+                         f"{where} is listed twice")
 
 
 def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout | None, batch: int, num_tokens: int,
@@ -108,6 +117,9 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout |
     """The packed layout of ``ids_keep``: an (N, K) tensor, a list of N 1-D tensors, None (all tokens), or
     already a ``TokenLayout`` (returned as it is)."""
     if isinstance(ids_keep, TokenLayout):
+        if (ids_keep.num_samples, ids_keep.num_tokens) != (batch, num_tokens):
+            raise ValueError(f"ids_keep is a TokenLayout of {ids_keep.num_samples} samples of "
+                             f"{ids_keep.num_tokens} tokens, expected {batch} of {num_tokens}")
         return ids_keep
     if ids_keep is None:
         ids_keep = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
@@ -117,10 +129,11 @@ def token_layout(ids_keep: torch.Tensor | Sequence[torch.Tensor] | TokenLayout |
             raise ValueError(f"ids_keep must be an int64 tensor of shape ({batch}, K) with 0 < K <= {num_tokens}, "
                              f"got {tuple(ids_keep.shape)} {ids_keep.dtype}")
         _check_token_ids(ids_keep, num_tokens)
+        ids_keep = ids_keep.to(device)  # as the list's: on the input's device
         k = ids_keep.shape[1]
         seg = torch.arange(batch, device=device, dtype=torch.int32)[:, None].expand(batch, k).contiguous().view(-1)
         cu = torch.arange(0, batch * k + 1, k, device=device, dtype=torch.int32)
-        return TokenLayout(ids_keep.reshape(-1), seg, cu, batch, num_tokens, k, k)
+        return TokenLayout(ids_keep.reshape(-1).contiguous(), seg, cu, batch, num_tokens, k, k)
     ids_keep = list(ids_keep)
     if len(ids_keep) != batch or any(not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != torch.int64
                                      or not 0 < t.numel() <= num_tokens for t in ids_keep):

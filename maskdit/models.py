@@ -238,6 +238,12 @@ class DiT(nn.Module):
         expect = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"x must have shape (N, {expect[0]}, {expect[1]}, {expect[2]}), got {tuple(x.shape)}")
+        weights = self.x_embedder.weight.dtype
+        if weights != torch.float32:
+            raise ValueError(f"the network's parameters must be float32 (mixed precision is torch.autocast's), "
+                             f"got {weights}")
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x must be float32 as the parameters (other dtypes under torch.autocast), got {x.dtype}")
         n = x.shape[0]
         if noise_labels.shape != (n,):
             raise ValueError(f"noise_labels must have shape ({n},), got {tuple(noise_labels.shape)}")
@@ -249,6 +255,8 @@ class DiT(nn.Module):
             if found is not None and (found[0] < 0 or found[1] > self.num_classes):
                 raise ValueError(f"class_labels must be in [0, {self.num_classes}] ({self.num_classes}: the null "
                                  f"class), got values in [{found[0]}, {found[1]}]")
+        elif class_labels is not None:
+            raise ValueError("class_labels must be None for an unconditional network (num_classes=0)")
 
     def forward_tokens(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                        ids_keep: IdsKeep = None) -> torch.Tensor:

@@ -94,6 +94,25 @@ def test_fused_loss_and_gradients_match(masked):
         torch.testing.assert_close(g_fused[k], g_ref[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
 
 
+def test_backends_take_the_same_strided_inputs():
+    """A sliced or channels_last input (the mean of stored VAE moments, a channels_last pipeline) and an
+    (N, K) ``ids_keep`` on another device than x (random_mask's CPU default) run under both backends: the triton
+    kernels' contiguous inputs are made there, not asked of the caller."""
+    ref, fused = pair("MaskDiT-T/2")
+    g = torch.Generator().manual_seed(4)
+    moments = torch.randn(3, 6, 8, 8, generator=g).to(DEVICE)
+    x, t, y = moments[:, :3], torch.randn(3, generator=g).to(DEVICE), torch.tensor([0, 4, 5]).to(DEVICE)
+    ids = random_mask(3, 16, 0.5, generator=g).ids_keep  # on the CPU
+    for xs in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert not xs.is_contiguous()
+        torch.testing.assert_close(fused(xs, t, y, ids), ref(x.contiguous(), t, y, ids.to(DEVICE)),
+                                   atol=1e-4, rtol=1e-4)
+        sigma, noise = torch.tensor([0.1, 1.0, 9.0]).to(DEVICE), torch.randn(3, 3, 8, 8, generator=g).to(DEVICE)
+        torch.testing.assert_close(EDMLoss()(EDMPrecond(fused), xs, y, ids, sigma=sigma, noise=noise),
+                                   EDMLoss()(EDMPrecond(ref), x.contiguous(), y, ids, sigma=sigma, noise=noise),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_double_backward_is_refused_by_the_triton_backend_only():
     """A gradient penalty (backward with create_graph=True) through the torch backend works (with SDPA's math
     attention); through the fused

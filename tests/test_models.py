@@ -7,6 +7,7 @@ import torch
 from bench.compute_table import DIT_PAPER_GMACS
 from maskdit import MODEL_NAMES, create_model, random_mask
 from maskdit.flops import count_parameters, forward_gmacs, train_gflops
+from maskdit.masking import token_layout
 from maskdit.models import sincos_pos_embed_2d, timestep_embedding
 from tests.conftest import randomize, saved_storages
 
@@ -213,6 +214,21 @@ def test_bad_forward_inputs_are_named():
         m(x, t, y.float())
     with pytest.raises(ValueError, match="ids_keep"):
         m(x, t, y, torch.zeros(2, 17, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x must be float32 as the parameters .* got torch.float16"):
+        m(x.half(), t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x.bfloat16(), t, y).dtype == torch.bfloat16  # autocast takes any float input
+    with pytest.raises(ValueError, match=r"ids_keep must hold distinct token indices per sample, token 3 of sample 1"):
+        m(x, t, y, torch.tensor([[0, 1, 2], [3, 5, 3]]))
+    with pytest.raises(ValueError, match="distinct token indices"):
+        m(x, t, y, [torch.tensor([0, 1]), torch.tensor([4, 4, 2])])
+    with pytest.raises(ValueError, match=r"TokenLayout of 3 samples of 16 tokens, expected 2 of 16"):
+        m(x, t, y, token_layout(random_mask(3, 16, 0.5).ids_keep, 3, 16, "cpu"))
+    with pytest.raises(ValueError, match=r"parameters must be float32 .* got torch.bfloat16"):
+        copy.deepcopy(m).bfloat16()(x.bfloat16(), t, y)
+    with pytest.raises(ValueError, match="class_labels must be None for an unconditional network"):
+        tiny(num_classes=0)(x, t, y)
+    tiny(num_classes=0)(x, t, None)
 
 
 def test_gradients_reach_every_parameter():
@@ -325,7 +341,6 @@ def test_per_sample_token_counts_give_the_same_gradients_run_to_run():
     each sample's rows in a fixed order (``v[seg]``'s backward on the CPU added them with atomics, differing by
     up to 1e-5 between identical calls with two threads) and matches the float64 sums."""
     from maskdit import ops
-    from maskdit.masking import token_layout
 
     g = torch.Generator().manual_seed(0)
     n, d, L = 64, 96, 256
