@@ -28,7 +28,8 @@ import torch
 
 from maskdit.checkpoint import load_checkpoint, make_output_folder
 from maskdit.distributed import pick_device
-from maskdit.edm import (
+from maskdit.images import save_grid
+from maskdit.sampling import (
     add_sampling_arguments,
     check_sampling_precision,
     draw_images,
@@ -36,7 +37,6 @@ from maskdit.edm import (
     sampling_fill,
     sampling_network,
 )
-from maskdit.images import save_grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,11 +6,11 @@
     python -m maskdit.evaluate --export-adm fid/ --out samples.npz   # for ADM's evaluator (IS, sFID, precision)
 
 Samples with classifier-free guidance and the EDM Heun sampler, or for a DDPM noise predictor (converted
-facebookresearch/DiT weights) DiT's own sampler (``maskdit.ddpm``; --sampler as in sample.py). Sample i has the noise
-of ``maskdit.edm.ImageNoise`` (seed, i), as in sample.py, and a class drawn uniformly at random from the seed, as the
-official sampling scripts draw them (``--class-labels balanced``: class i % num_classes, the same count for every
-class), so the samples do not depend on --batch-size or on the number of processes: under torchrun, rank r draws
-samples r, r+W, r+2W, ...
+facebookresearch/DiT weights) DiT's own sampler (``maskdit.ddpm``; --sampler as in sample.py). Sample i has the
+noise of ``maskdit.sampling.ImageNoise`` (seed, i), as in sample.py, and a class drawn uniformly at random from the
+seed, as the official sampling scripts draw them (``--class-labels balanced``: class i % num_classes, the same count
+for every class), so the samples do not depend on --batch-size or on the number of processes: under torchrun, rank r
+draws samples r, r+W, r+2W, ...
 Inception-v3 pool3 features (torch-fidelity, an optional dependency) are reduced to their mean and covariance; the
 per-process sums are added up with torch.distributed and rank 0 prints the FID and writes it as JSON. --outdir also
 keeps the samples, one uint8 npz per process (``images``, ``labels``, ``indices``; ``load_samples`` merges them in
@@ -44,11 +44,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from maskdit import distributed
 from maskdit.checkpoint import atomic_write, folder_lock, load_checkpoint, make_output_folder, resolve_checkpoint
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.ddpm import DIT_GUIDED_CHANNELS
 from maskdit.distributed import broadcast_object, pick_device
-from maskdit.edm import (
+from maskdit.fid import (
+    InceptionFeatures,
+    InceptionUnavailableError,
+    StatsAccumulator,
+    frechet_distance,
+    load_reference_stats,
+    save_stats,
+)
+from maskdit.sampling import (
     STOCHASTIC_DEFAULTS,
     add_sampling_arguments,
     check_sampling_precision,
@@ -57,14 +66,6 @@ from maskdit.edm import (
     sampling_fill,
     sampling_network,
     stochastic_options,
-)
-from maskdit.fid import (
-    InceptionFeatures,
-    InceptionUnavailableError,
-    StatsAccumulator,
-    frechet_distance,
-    load_reference_stats,
-    save_stats,
 )
 
 LABEL_MODES = ("random", "balanced")
@@ -122,16 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- processes ---------------------------------------------------------------------------------------------------
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts torch.distributed when launched by torchrun with more than one process."""
-    device = pick_device(device_arg)  # (a valid --device, CUDA only where there is CUDA)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    if device.type == "cuda" and device.index is None:  # "auto" or "cuda": each process its own GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    """(rank, world size, device) of ``distributed.setup`` on ``--device``: under torchrun with more than one
+    process it joins the process group, each process on its own GPU (cuda:LOCAL_RANK)."""
+    env = distributed.setup(pick_device(device_arg))  # (a valid --device, CUDA only where there is CUDA)
+    return env.rank, env.world_size, env.device
 
 
 def all_reduce_stats(acc: StatsAccumulator, device: torch.device) -> None:
@@ -251,8 +246,7 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
                     if saved.get(k) != v}
             raise ValueError(f"--outdir {outdir!r} holds samples of other settings (earlier, now: {diff}); choose "
                              "another --outdir or remove that one")
-    if dist.is_initialized():
-        dist.barrier()  # every process has read the settings before rank 0 may write them
+    distributed.barrier()  # every process has read the settings before rank 0 may write them
     if saved is None:
         if rank == 0:
             os.makedirs(outdir, exist_ok=True)

@@ -594,7 +594,8 @@ def test_sampling_runs_on_the_networks_device(parameterization, sampler):
     """Both denoisers sample where their network is (DDPMPrecond's noise levels and step numbers too, DiT's sampler's
     coefficients), with guidance, and give the CPU's samples (fp32; TF32 off)."""
     from maskdit.ddpm import ddpm_sample
-    from maskdit.edm import ImageNoise, edm_sample, make_denoiser
+    from maskdit.edm import edm_sample, make_denoiser
+    from maskdit.sampling import ImageNoise
 
     torch.manual_seed(0)
     model = randomize(create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3, learn_sigma=True,

@@ -309,7 +309,7 @@ def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkey
     """facebookresearch/DiT's weights predict DDPM noise at 1000 discrete steps: the converted checkpoint says so,
     and sample.py samples it through DDPMPrecond (EDM's preconditioning would feed it ln(sigma)/4 as its step)."""
     import sample
-    from maskdit import edm
+    from maskdit import sampling
     from maskdit.convert import convert_file
     from maskdit.edm import DDPMPrecond, checkpoint_parameterization, make_denoiser
 
@@ -327,7 +327,7 @@ def test_converted_dit_weights_sample_as_a_ddpm_noise_predictor(tmp_path, monkey
         made.append(make_denoiser(model, parameterization))
         return made[-1]
 
-    monkeypatch.setattr(edm, "make_denoiser", spy)  # (what sample.py's sampling_network wraps the network with)
+    monkeypatch.setattr(sampling, "make_denoiser", spy)  # (what sample.py's sampling_network wraps the network with)
     with pytest.raises(ValueError, match="4-channel samples .* pass --vae"):  # latents (no VAE here to decode them)
         sample.main(["--ckpt", str(dst), "--labels", "1", "--steps", "2", "--device", "cpu", "--out",
                      str(tmp_path / "s")])

@@ -7,7 +7,8 @@ import torch
 
 from maskdit import create_model
 from maskdit.ddpm import RespacedSchedule, ddpm_sample, guided_noise, linear_betas, respaced_steps
-from maskdit.edm import DDPMPrecond, EDMPrecond, ImageNoise
+from maskdit.edm import DDPMPrecond, EDMPrecond
+from maskdit.sampling import ImageNoise
 
 from .test_edm import GaussianNoisePredictor
 
@@ -212,15 +213,15 @@ def test_sample_py_samples_dit_weights_with_dits_sampler(tmp_path, monkeypatch):
 
 def test_sampler_options_that_cannot_run_are_refused_before_sampling(tmp_path, monkeypatch):
     import sample
-    from maskdit import edm
+    from maskdit import sampling
 
     dit = _converted_dit(tmp_path, monkeypatch)
     edm_ckpt = tmp_path / "edm.pt"
     model = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=3)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": {"model": model.config.to_dict()}},
                edm_ckpt)
-    monkeypatch.setattr(edm, "ddpm_sample", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
-    monkeypatch.setattr(edm, "edm_sample", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
+    monkeypatch.setattr(sampling, "ddpm_sample", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
+    monkeypatch.setattr(sampling, "edm_sample", lambda *a, **k: pytest.fail("sampled before checking its arguments"))
     for ckpt, extra, message in [
         (edm_ckpt, ["--sampler", "ddpm"], "--sampler ddpm samples a DDPM noise predictor .* this one is 'edm'"),
         (dit, ["--sampler", "edm", "--cfg-channels", "3"], "--cfg-channels applies to --sampler ddpm"),

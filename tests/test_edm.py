@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from maskdit import EDMLoss, EDMPrecond, create_model, edm_sample, random_mask
-from maskdit.edm import (
-    DDPMPrecond,
-    ImageNoise,
-    edm_sigma_steps,
-    guided_denoise,
-    make_denoiser,
-    sampling_precision,
-)
+from maskdit.edm import DDPMPrecond, edm_sigma_steps, guided_denoise, make_denoiser
 from maskdit.ops import patchify
+from maskdit.sampling import ImageNoise, sampling_precision
 from tests.conftest import randomize
 
 

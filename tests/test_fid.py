@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sample
 import train
-from maskdit import create_model, edm, evaluate
+from maskdit import create_model, evaluate, sampling
 from maskdit.checkpoint import atomic_save
 from maskdit.fid import (
     InceptionFeatures,
@@ -286,7 +286,7 @@ def test_compiled_sampling_gives_the_eager_images_and_compiles_once(ckpt, tmp_pa
     assert images.shape == eager_images.shape == (7, 8, 8, 1)
     assert np.abs(images.astype(int) - eager_images).max() <= 4
     # a run of fewer images than --batch-size is drawn as one batch of them, eager runs are never filled up
-    from maskdit.edm import sampling_fill
+    from maskdit.sampling import sampling_fill
     fill = [sampling_fill(sample.parse_args(["--ckpt", ckpt, "--batch-size", "3", *flags]), n)
             for flags, n in (([], 7), (["--compile", mode], 7), (["--compile", mode], 2))]
     assert fill == [0, 3, 2]
@@ -336,7 +336,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
     save_stats(ref, *random_stats(np.random.default_rng(0), 50, StubFeatures.dim, scale=0.1, offset=0.5))
     common = ["--ckpt", ckpt, "--num-samples", "11", "--batch-size", "2", "--ref", ref, *SAMPLE]
     whole = evaluate.main(common + ["--outdir", str(tmp_path / "whole")])
-    sample_batch, calls, crash = edm.edm_sample, [], [True]
+    sample_batch, calls, crash = sampling.edm_sample, [], [True]
 
     def crash_in_batch_4(*args, **kwargs):
         calls.append(len(args[1]))
@@ -345,7 +345,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(ckpt, tmp_path, mo
             raise RuntimeError("preempted")
         return sample_batch(*args, **kwargs)
 
-    monkeypatch.setattr(edm, "edm_sample", crash_in_batch_4)  # (what maskdit.edm.draw_images calls)
+    monkeypatch.setattr(sampling, "edm_sample", crash_in_batch_4)  # (what maskdit.sampling.draw_images calls)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate.main(common + ["--outdir", str(out)])
@@ -412,7 +412,7 @@ def test_settings_no_samples_were_written_with_are_replaced(tmp_path):
 
 def test_result_file_name_records_the_settings():
     from maskdit.config import model_config
-    from maskdit.edm import resolve_sampling
+    from maskdit.sampling import resolve_sampling
 
     args = evaluate.parse_args(["--ckpt", "x", "--s-churn", "2", "--precision", "bf16", "--cfg-scale", "1.5"])
     resolve_sampling(args, {})  # (an EDM network's checkpoint)

@@ -113,7 +113,7 @@ def test_sample_script_defaults():
     (250 DDPM steps, guidance 1.5 on 3 channels)."""
     import sample
     from maskdit.config import model_config
-    from maskdit.edm import resolve_sampling
+    from maskdit.sampling import resolve_sampling
 
     args = sample.parse_args(["--ckpt", "x"])
     resolve_sampling(args, {})

@@ -41,8 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import maskdit  # noqa: E402
 from maskdit.convert import convert_official_state_dict, infer_config  # noqa: E402
 from maskdit.ddpm import ddpm_sample  # noqa: E402
-from maskdit.edm import DDPMPrecond, EDMPrecond, ImageNoise, edm_sample  # noqa: E402
+from maskdit.edm import DDPMPrecond, EDMPrecond, edm_sample  # noqa: E402
 from maskdit.models import DiT  # noqa: E402
+from maskdit.sampling import ImageNoise  # noqa: E402
 
 FAILED: list[str] = []
 
