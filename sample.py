@@ -26,8 +26,9 @@ import sys
 import numpy as np
 import torch
 
-from maskdit.checkpoint import load_checkpoint, make_output_folder
+from maskdit.checkpoint import load_checkpoint
 from maskdit.distributed import pick_device
+from maskdit.files import atomic_write, make_output_folder
 from maskdit.images import save_grid
 from maskdit.sampling import (
     add_sampling_arguments,
@@ -98,7 +99,7 @@ def main(argv=None) -> tuple[str, str]:
         print(f"sampled {int(idx[-1]) + 1}/{len(labels)}")
     images = np.concatenate(images)
 
-    np.savez(npz, images=images, labels=labels.numpy())  # the samples first, then their picture
+    atomic_write(npz, lambda f: np.savez(f, images=images, labels=labels.numpy()))  # the samples, then their picture
     rows = len(labels) // per if args.labels is None else 1
     save_grid(images, rows=rows, path=png, scale=max(1, 64 // images.shape[1]))
     print(f"wrote {png} and {npz}")

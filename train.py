@@ -33,12 +33,9 @@ from maskdit.checkpoint import (
     atomic_save,
     checkpoint_path,
     drop_log_records_after,
-    folder_lock,
     latest_checkpoint,
     load_checkpoint,
-    make_output_folder,
     prune_checkpoints,
-    remove_partial_files,
     resolve_checkpoint,
     set_aside_later_checkpoints,
 )
@@ -46,6 +43,7 @@ from maskdit.config import ModelConfig, model_config, parse_model_name
 from maskdit.cuda_graphs import GraphedStep
 from maskdit.data import ImageFolderDataset, absolute_dataset_spec, batch_iterator, make_dataset
 from maskdit.edm import EDMLoss, EDMPrecond, checkpoint_parameterization, edm_sample
+from maskdit.files import folder_lock, make_output_folder, remove_partial_files
 from maskdit.images import save_grid, to_uint8
 from maskdit.latents import LATENT_PREFIX, read_meta
 from maskdit.masking import num_kept, random_mask, token_layout

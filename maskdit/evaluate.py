@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from maskdit import distributed
-from maskdit.checkpoint import atomic_write, folder_lock, load_checkpoint, make_output_folder, resolve_checkpoint
+from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
 from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
 from maskdit.ddpm import DIT_GUIDED_CHANNELS
 from maskdit.distributed import broadcast_object, pick_device
@@ -57,6 +57,7 @@ from maskdit.fid import (
     load_reference_stats,
     save_stats,
 )
+from maskdit.files import atomic_write, atomic_write_json, folder_lock, make_output_folder
 from maskdit.sampling import (
     STOCHASTIC_DEFAULTS,
     add_sampling_arguments,
@@ -250,7 +251,7 @@ def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[li
     if saved is None:
         if rank == 0:
             os.makedirs(outdir, exist_ok=True)
-            atomic_write(settings_file, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+            atomic_write_json(settings_file, settings)
         return [], [], []
     finished = samples_path(outdir, rank, world)
     files = [finished] if os.path.exists(finished) else part_files(outdir, rank, world)
@@ -404,7 +405,7 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
     }
     path = result_path(args, ckpt_file)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    atomic_write_json(path, result)
     print(json.dumps(result), flush=True)
     print(f"FID {fid:.4f} ({acc.count} samples) -> {path}", flush=True)
     return result

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 INCEPTION_DIM = 2048
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file in the torch hub cache
 
@@ -174,10 +176,10 @@ def load_reference_stats(path: str) -> ReferenceStats:
 
 
 def save_stats(path: str, mu, sigma) -> None:
-    """Write ``mu`` and ``sigma`` (float64) to an npz file that ``load_reference_stats`` reads."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    np.savez(path, mu=_as_float64(mu), sigma=_as_float64(sigma))
+    """Write ``mu`` and ``sigma`` (float64) to an npz file that ``load_reference_stats`` reads (``atomic_write``:
+    a kill leaves no partial file; as ``np.savez``, ".npz" is added to a path without it)."""
+    path = path if path.endswith(".npz") else path + ".npz"
+    atomic_write(path, lambda f: np.savez(f, mu=_as_float64(mu), sigma=_as_float64(sigma)))
 
 
 def inception_weights_cache() -> str:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from maskdit.checkpoint import atomic_write, folder_lock, make_output_folder, remove_partial_files
 from maskdit.data import ImageFolderDataset
 from maskdit.distributed import pick_device
+from maskdit.files import atomic_write, atomic_write_json, folder_lock, make_output_folder, remove_partial_files
 from maskdit.latents import (
     DEFAULT_VAE,
     META_NAME,
@@ -104,7 +104,7 @@ def start_or_resume(out: str, settings: dict) -> dict:
 
 
 def write_meta(out: str, meta: dict) -> None:
-    atomic_write(meta_path(out), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write_json(meta_path(out), meta)
 
 
 def plan_batches(todo: list[int], n: int, shard_size: int, batch_size: int) -> tuple[list[list[int]], list]:

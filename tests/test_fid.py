@@ -382,7 +382,7 @@ def test_other_weights_under_the_same_file_name_are_not_continued(ckpt, tmp_path
 
 
 def test_an_outdir_in_use_is_refused(ckpt, tmp_path, monkeypatch):
-    from maskdit.checkpoint import folder_lock
+    from maskdit.files import folder_lock
 
     monkeypatch.setattr(evaluate, "InceptionFeatures", StubFeatures)
     out = tmp_path / "out"

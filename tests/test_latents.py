@@ -334,7 +334,7 @@ def test_latent_runs_record_their_data_wherever_they_are_read(tmp_path, image_di
 
 
 def test_one_preparation_a_folder_at_a_time(tmp_path, image_dir, vae_dir):
-    from maskdit.checkpoint import folder_lock
+    from maskdit.files import folder_lock
 
     os.makedirs(tmp_path / "lat")
     with folder_lock(str(tmp_path / "lat"), "--out"):  # another process's run, as far as flock is concerned

@@ -19,10 +19,10 @@ from maskdit.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
-    make_output_folder,
     prune_checkpoints,
 )
 from maskdit.config import ModelConfig
+from maskdit.files import make_output_folder
 from maskdit.models import DiT
 from maskdit.training import EMA, default_signal_handlers, stop_signals
 
@@ -412,7 +412,7 @@ def test_a_new_batch_size_on_resume_does_not_inherit_the_accumulation(tmp_path):
 def test_a_run_folder_in_use_is_refused(tmp_path):
     """A run folder is held (flock) while a run trains in it: another launch into it, e.g. a scheduler's requeue
     of a job still running, is refused before it touches anything."""
-    from maskdit.checkpoint import folder_lock
+    from maskdit.files import folder_lock
 
     run(tmp_path, "--steps", "2", "--ckpt-every", "2")
     with folder_lock(str(tmp_path), "--out"):
