@@ -439,7 +439,7 @@ def qkv_attention(qkv: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torc
 def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                               max_len: int | None = None) -> torch.Tensor:
     """Plain-PyTorch reference of ``flash_attention`` (fp32 math, one sample at a time; reads ``cu_seqlens`` on
-    the host)."""
+    the host).  ``max_len`` is unused: the signature is the op's, so that tests call both alike."""
     scale = 1 / math.sqrt(q.shape[-1])
     bounds = cu_seqlens.tolist()
     out = []

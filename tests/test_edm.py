@@ -86,6 +86,22 @@ def test_loss_against_hand_computation(masked):
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_mae_target_normalisation_near_its_eps():
+    """Masked patches whose variance is of the order of the MAE target's eps (1e-6), one of them constant: the
+    target (t - mean) / sqrt(var + 1e-6) is then far from what another eps, or the eps outside the root, gives."""
+    N, C, H, p = 2, 2, 4, 2
+    g = torch.Generator().manual_seed(6)
+    y = 0.3 + 1e-3 * torch.randn(N, C, H, H, generator=g)
+    y[0, :, :2, :2] = 0.3  # token 0 of sample 0: a constant patch
+    noise, sigma = torch.zeros_like(y), torch.tensor([0.5, 2.0])
+    net = EDMPrecond(Recorder(torch.randn(N, C, H, H, generator=g), patch_size=p))
+    ids_keep = torch.tensor([[3], [1]])  # 3 of 4 tokens masked, token 0 of sample 0 among them
+    loss = EDMLoss(mae_coef=1.0)(net, y, torch.tensor([0, 1]), ids_keep, sigma=sigma, noise=noise)
+    mask = torch.ones(N, 4, dtype=torch.bool).scatter(1, ids_keep, False)
+    expect = hand_loss(net(y, sigma, None), y, noise, sigma, mask, p, 1.0)
+    torch.testing.assert_close(loss, expect, rtol=1e-4, atol=0)
+
+
 def _loss_grad_wrt_output(ids_keep, mae_coef):
     N, C, H, p = 2, 2, 8, 2
     g = torch.Generator().manual_seed(5)

@@ -246,6 +246,29 @@ def test_official_init_zeroes_output():
     assert m.mask_token.std() > 0
 
 
+def test_official_init_of_every_parameter():
+    """As the official code: the adaLN, bridge and output Linears zero; the mask token, the class table and the
+    timestep MLP N(0, 0.02); every other Linear xavier-uniform (std sqrt(2 / (fan_in + fan_out))) with zero bias."""
+    torch.manual_seed(0)
+    m = create_model("MaskDiT-S/2", input_size=8, in_channels=4, num_classes=1000)
+    normal = {"mask_token": m.mask_token, "y_embedder": m.y_embedder.embedding_table.weight,
+              "t_embedder.mlp.0": m.t_embedder.mlp[0].weight, "t_embedder.mlp.2": m.t_embedder.mlp[2].weight}
+    for name, w in normal.items():
+        assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002, name
+    zero = {"adaLN_modulation": m.adaLN_modulation, "decoder_layer": m.decoder_layer, "final_layer": m.final_layer}
+    for name, layer in zero.items():
+        assert not layer.weight.any() and not layer.bias.any(), name
+    special = {id(p) for p in normal.values()} | {id(layer.weight) for layer in zero.values()}
+    linears = [(name, layer) for name, layer in m.named_modules() if isinstance(layer, torch.nn.Linear)]
+    assert len(linears) == 2 + 1 + 12 * 4 + 1 + 1 + 8 * 4 + 1  # t MLP, patches, blocks, adaLN, bridge, decoder, out
+    for name, layer in linears:
+        assert not layer.bias.any(), name
+        if id(layer.weight) not in special:
+            bound = math.sqrt(6 / sum(layer.weight.shape))
+            assert layer.weight.abs().max() <= bound, name
+            assert abs(layer.weight.std().item() / (bound / math.sqrt(3)) - 1) < 0.1, name
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("amp", [False, True])
 def test_mlp_recomputes_gelu_same_gradients_less_memory(amp, compiled):

@@ -152,9 +152,9 @@ def test_label_dropout_gives_the_null_class_at_its_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed.LossModule, "forward",
                         lambda self, images, labels, *a, **k: seen.append(labels.clone()) or real(self, images, labels,
                                                                                                      *a, **k))
-    run(tmp_path, "--steps", "12", "--label-dropout", "0.5", "--ckpt-every", "12")
-    labels = torch.cat(seen)
-    assert labels.numel() == 12 * 16 and abs((labels == 10).float().mean().item() - 0.5) < 0.12  # 10: null class
+    run(tmp_path, "--steps", "12", "--label-dropout", "0.15", "--ckpt-every", "12")
+    labels = torch.cat(seen)  # (192 labels: the rate's standard error is 0.026; 1 - rate would be far off)
+    assert labels.numel() == 12 * 16 and abs((labels == 10).float().mean().item() - 0.15) < 0.08  # 10: null class
 
 
 def fixed_batch_loss(state, cfg_dict):
@@ -309,17 +309,22 @@ def test_triton_backend_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch):
 
 def test_rerunning_a_tuning_command_continues_its_schedule(tmp_path):
     """The resume that sets a new mask schedule starts it; the same command again (after an interruption)
-    continues it instead of starting it over; another schedule starts anew."""
+    continues it instead of starting it over; another schedule starts anew.  The tuning's --lr reaches the
+    optimizer (not only the config) and stays on later resumes."""
     run(tmp_path, "--steps", "4", "--ckpt-every", "2")
-    tune = ["--resume", str(tmp_path), "--mask-schedule", "cosine", "--ckpt-every", "2"]
+    tune = ["--resume", str(tmp_path), "--mask-schedule", "cosine", "--ckpt-every", "2", "--lr", "5e-5"]
     train.main(tune + ["--steps", "6"])  # (as if stopped at step 6 of a run to step 8)
-    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 4
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["config"]["train"]["mask_schedule_start"] == 4
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [5e-5] * len(ckpt["optimizer"]["param_groups"])
     train.main(tune + ["--steps", "8"])
     assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 4
     ratios = {r["step"]: r["mask_ratio"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "mask_ratio" in r}
     assert ratios[8] < ratios[6] / 4, ratios  # near the end of one schedule from step 4 to 8 (not halfway again)
     train.main(["--resume", str(tmp_path), "--mask-schedule", "zero", "--steps", "9"])
-    assert load_checkpoint(str(tmp_path))["config"]["train"]["mask_schedule_start"] == 8
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["config"]["train"]["mask_schedule_start"] == 8
+    assert {g["lr"] for g in ckpt["optimizer"]["param_groups"]} == {5e-5}
 
 
 def test_resume_refuses_a_dataset_whose_classes_changed(tmp_path):

@@ -84,6 +84,18 @@ def test_against_reference(lengths, heads, d, dtype):
     _compare(qkv, cu, out)
 
 
+@pytest.mark.parametrize("lengths,heads,d", CASES)
+def test_reference_is_sdpa_per_sample(lengths, heads, d):
+    """The reference against PyTorch's attention, one sample at a time: a bug the kernel and the reference shared
+    (the softmax scale, say) would pass the comparisons above."""
+    cu, _ = _layout(lengths)
+    q, k, v = _packed(lengths, heads, d, torch.float32).detach().unbind(1)
+    bounds = cu.tolist()
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1) for x in (q, k, v))).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(flash_attention_reference(q, k, v, cu), want, **FP32_TOL["fwd"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_several_blocks_of_queries_and_keys(dtype, monkeypatch):
     """Small blocks, so samples span several forward query blocks and key steps, and the backward takes its

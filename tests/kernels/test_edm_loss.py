@@ -112,6 +112,17 @@ def test_many_tiles_and_options(monkeypatch):
     _check(f_strided, y_cl, noisy_cl, sigma, mask_strided, 2, torch.float32, sigma_data=1.3, mae_coef=0.25)
 
 
+def test_patches_of_variance_near_the_mae_eps():
+    """The noisy input's masked patches vary by about 1e-3 (variance about the MAE target's eps, 1e-6), one is
+    constant: the fused target normalisation must match maskdit.edm's (checked against a hand formula in
+    tests/test_edm.py) where the eps decides the value."""
+    f_tok, y, _, sigma, mask = _inputs(2, 2, 8, 8, False, "mixed", torch.float32)
+    noisy = 0.3 + 1e-3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    noisy[0, :, :2, :2] = 0.3
+    mask[0, 0] = True
+    _check(f_tok, y, noisy, sigma, mask, 2, torch.float32, mae_coef=1.0)
+
+
 def test_no_visible_token_gives_zero_dsm():
     f_tok, y, noisy, sigma, mask = _inputs(1, 2, 8, 8, False, "mixed", torch.float32)
     mask[2] = True  # sample 2: every token masked

@@ -77,6 +77,18 @@ def test_mixed_dtypes_expanded_grad_and_pos_embed_grad():
         torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOL[torch.float16]["grad"])
 
 
+def test_row_strided_pos_embed():
+    """pos_embed as a view of every other column block of a wider table (row stride 2d, not d)."""
+    d, L, kept = 40, 16, [5, 16, 1]
+    x, ids, seg, mask_token, _, n = _inputs(d, L, kept, torch.float32)
+    wide = torch.randn(L, 2 * d, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    pos_embed = wide[:, d:]
+    assert pos_embed.stride(0) == 2 * d
+    torch.testing.assert_close(insert_mask_tokens(x, ids, seg, mask_token, pos_embed, n),
+                               insert_mask_tokens_reference(x, ids, seg, mask_token, pos_embed, n),
+                               **TOL[torch.float32]["fwd"])
+
+
 def test_fewer_backward_rows_a_program(monkeypatch):
     """8 output rows a program, as ``rows_per_program`` picks for small batches on a GPU."""
     monkeypatch.setattr(unmask, "rows_per_program", lambda num_rows, device, most: 8)
