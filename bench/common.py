@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: environment record, timing, copy bandwidth, result files."""
+"""Shared benchmark helpers: environment record, timing, copy bandwidth, result files and their table cells."""
 
 from __future__ import annotations
 
@@ -45,6 +45,27 @@ def results_folder(out: str | None, env: dict) -> str:
     return out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(env))
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device) -> float:
+    """Seconds of one ``fn()``: CUDA events on CUDA (synchronised before and after), wall clock elsewhere."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) * 1e-3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_ms(fn, warmup: int = 10, rep: int = 50, return_mode: str = "median") -> float:
     """Milliseconds of ``fn()``, the median (or with ``return_mode`` "min" the fastest) of its timed calls:
     ``triton.testing.do_bench`` (CUDA events, cache flush between runs) on CUDA, wall clock with
@@ -57,11 +78,7 @@ def bench_ms(fn, warmup: int = 10, rep: int = 50, return_mode: str = "median") -
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode=return_mode))
     for _ in range(max(1, warmup // 5)):
         fn()
-    times = []
-    for _ in range(max(3, rep // 10)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = [time_call(fn, torch.device("cpu")) * 1e3 for _ in range(max(3, rep // 10))]
     return min(times) if return_mode == "min" else sorted(times)[len(times) // 2]
 
 
@@ -123,8 +140,8 @@ def check_arguments(parser, args, models: str | None = None, at_least_one: tuple
     name in ``args.<models>``, a value below 1 in any of ``args.<name>`` for ``at_least_one`` (ints or lists of
     ints), an ``args.<out>`` folder that cannot be made or written (where the results would be lost after the
     run)."""
-    from maskdit.checkpoint import make_output_folder
     from maskdit.config import parse_model_name
+    from maskdit.files import make_output_folder
 
     for name in getattr(args, models) if models else ():
         try:
@@ -154,6 +171,11 @@ def write_results(folder: str, name: str, payload: dict, markdown: str) -> tuple
     with open(mpath, "w") as f:
         f.write(markdown + "\n")
     return jpath, mpath
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` formatted by ``spec`` followed by ``suffix``, or "-" for None."""
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 @contextlib.contextmanager

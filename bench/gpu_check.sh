@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 if ! $PY -c "import pytest" 2>/dev/null && [ -d .gpu-deps ]; then export PYTHONPATH="$PYTHONPATH:$PWD/.gpu-deps"; fi
-SLUG=$($PY -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+SLUG=$($PY -c "from bench.common import device_slug, environment; print(device_slug(environment()))")
 RESULTS_DIR=${RESULTS_DIR:-bench/results/$SLUG}
 PARTS=" ${GPU_CHECK_PARTS:-tests kernels attention varlen train_step} "
 mkdir -p "$RESULTS_DIR"
@@ -38,7 +38,7 @@ pack() {  # one file to bring back (a remote runner may return only a few files)
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "from bench.common import environment; e = environment(); print(*(f'{k} {e[k]}' for k in ('python', 'torch', 'triton', 'cuda')))"
 } | tee "$RESULTS_DIR/device.txt"
 pack
 if [[ $PARTS == *" tests "* ]]; then

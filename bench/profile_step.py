@@ -38,7 +38,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_arguments, environment, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, results_folder, sync, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, make_step  # noqa: E402
 from maskdit.backends import BACKENDS  # noqa: E402
 from maskdit.models import create_model  # noqa: E402
@@ -73,11 +73,6 @@ def kernel_kind(name: str) -> str:
     return "other PyTorch kernels"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def profile(name: str, backend: str, batch: int, input_size: int, steps: int, device: torch.device) -> dict:
     """Figures and tables of one configuration."""
     torch.manual_seed(0)
@@ -86,14 +81,14 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     step = make_step(model, batch, device, "none", ema=True)
     for _ in range(3):
         step()
-    _sync(device)
+    sync(device)
     host, wall = [], []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
         t1 = time.perf_counter()
-        _sync(device)
+        sync(device)
         host.append((t1 - t0) * 1e3)
         wall.append((time.perf_counter() - t0) * 1e3)
 
@@ -103,7 +98,7 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
             step()
-        _sync(device)
+        sync(device)
     events = prof.key_averages()
     kernels = device_kernels(prof.events())
     kernel_us = sum(e.device_time_total for e in kernels) / 2
@@ -124,7 +119,7 @@ def profile(name: str, backend: str, batch: int, input_size: int, steps: int, de
     pr.enable()
     for _ in range(3):
         step()
-    _sync(device)
+    sync(device)
     pr.disable()
     tables = []
     for key, limit in (("tottime", 35), ("cumulative", 45)):

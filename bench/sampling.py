@@ -53,7 +53,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_arguments,
+    environment,
+    kernel_constants_set,
+    results_folder,
+    sync,
+    time_call,
+    write_results,
+)
 from bench.train_step import kernel_constants  # noqa: E402
 from maskdit import EDMPrecond, create_model, edm_sample  # noqa: E402
 from maskdit.training import compile_network  # noqa: E402
@@ -72,27 +80,8 @@ def heun_evals(steps: int) -> int:
     return 2 * steps - 1
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device: torch.device) -> float:
-    """Seconds of one ``fn()``: CUDA events on CUDA (synchronised before and after), wall clock elsewhere."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) * 1e-3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` (at least one) calls of ``fn()``, each timed alone (``time_call``)."""
     return statistics.median(time_call(fn, device) for _ in range(max(1, repeats)))
 
 

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import check_arguments, environment, fmt, kernel_constants_set, results_folder, write_results  # noqa: E402
 from bench.train_step import IN_CHANNELS, NUM_CLASSES, is_oom, kernel_constants, make_step, time_steps  # noqa: E402
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
@@ -175,10 +175,6 @@ def summarize(rows: list[dict]) -> None:
         row["speedup_max"] = max(ratios) if ratios else None
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def markdown(env: dict, args, rows: list[dict]) -> str:
     cuda = any(r["peak_mem_gb"] is not None for r in rows)
     timing = "CUDA events" if cuda else "time.perf_counter (CPU check: the Triton interpreter, tiny model)"
@@ -194,8 +190,8 @@ def markdown(env: dict, args, rows: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['variant']} | {r['error'][:120]} | | |")
             continue
         spread = f" [{r['speedup_min']:.3f}, {r['speedup_max']:.3f}]" if r["speedup"] is not None else ""
-        lines.append(f"| {r['model']} | {r['variant']} | {_fmt(r['step_ms'], '.1f')} | "
-                     f"{_fmt(r['speedup'], '.3f', 'x')}{spread} | {_fmt(r['peak_mem_gb'], '.2f')} |")
+        lines.append(f"| {r['model']} | {r['variant']} | {fmt(r['step_ms'], '.1f')} | "
+                     f"{fmt(r['speedup'], '.3f', 'x')}{spread} | {fmt(r['peak_mem_gb'], '.2f')} |")
     return "\n".join(lines)
 
 

@@ -64,14 +64,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_ms, check_arguments, environment, kernel_constants_set, results_folder, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_ms,
+    check_arguments,
+    environment,
+    fmt,
+    kernel_constants_set,
+    results_folder,
+    sync,
+    time_call,
+    write_results,
+)
 from maskdit.attention import DENSE_KERNELS, sdpa_backend  # noqa: E402
 from maskdit.cuda_graphs import GraphedStep  # noqa: E402
 from maskdit.edm import EDMLoss, EDMPrecond  # noqa: E402
 from maskdit.flops import train_gflops  # noqa: E402
 from maskdit.masking import random_mask, token_layout  # noqa: E402
 from maskdit.models import CHECKPOINTING, create_model  # noqa: E402
-from maskdit.training import EMA, compile_blocks  # noqa: E402
+from maskdit.training import EMA, compile_blocks, make_optimizer  # noqa: E402
 
 IMPLS = ("torch", "torch+compile", "triton", "triton+compile", "torch+regional", "triton+regional", "torch+graph",
          "triton+graph")
@@ -184,8 +194,7 @@ def make_step(model, batch: int, device: torch.device, compile_mode: str, ema: b
     net, loss_fn = EDMPrecond(model), EDMLoss()
     masked = model.config.use_decoder
     graphed = compile_mode == "graph"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
-                                  fused=True, capturable=graphed)
+    optimizer = make_optimizer(model, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, capturable=graphed)
     averager = EMA(model, copy.deepcopy(model).eval(), fused=EMA.fused_for(model.backend)) if ema else None
     images = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
@@ -230,12 +239,7 @@ def time_steps(step, steps: int, device: torch.device, reset_peak: bool = True) 
     """Milliseconds of each of ``steps`` steps, and the peak memory (GB) over them (None on the CPU); with
     ``reset_peak`` False, the peak since the caller last reset it."""
     if device.type != "cuda":
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times, None
+        return [time_call(step, device) * 1e3 for _ in range(steps)], None
     torch.cuda.synchronize()
     if reset_peak:
         torch.cuda.reset_peak_memory_stats()
@@ -268,8 +272,7 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
         t0 = time.perf_counter()
         step()
         if i == 0:  # the first step pays for compilation (and Triton's kernel builds)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             first_s = time.perf_counter() - t0
     times, peak = time_steps(step, args.steps, device, reset_peak=not graphed)
     ms = statistics.median(times)
@@ -369,10 +372,6 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_torch_eager"] = _ratio(index.get((r["model"], "torch", r["batch"])), r)
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
 def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> str:
     cuda = any(r["precision"] == "bf16" for r in rows)
     timing = "median of CUDA-event step times" if cuda else "median of time.perf_counter step times"
@@ -397,10 +396,10 @@ def markdown(env: dict, matmul: tuple[float, str], args, rows: list[dict]) -> st
         if r["step_ms"] is None:
             lines.append(f"{head} {'OOM' if r['oom'] else 'error'} | | | | | | | |")
             continue
-        lines.append(f"{head} {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} | {_fmt(r['peak_mem_gb'], '.2f')} | "
-                     f"{r['tflops']:.3g} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
-                     f"{_fmt(r['speedup_vs_dit'], '.2f', 'x')} | {_fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} | "
-                     f"{_fmt(r['first_step_s'], '.1f')} |")
+        lines.append(f"{head} {r['step_ms']:.1f} | {r['imgs_per_s']:.0f} | {fmt(r['peak_mem_gb'], '.2f')} | "
+                     f"{r['tflops']:.3g} | {fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | "
+                     f"{fmt(r['speedup_vs_dit'], '.2f', 'x')} | {fmt(r['speedup_vs_torch_eager'], '.2f', 'x')} | "
+                     f"{fmt(r['first_step_s'], '.1f')} |")
     if any(r["mfu"] is not None and r["mfu"] > 1 for r in rows):
         lines += ["", "MFU above 100%: the matmul reference ran slower than the model's products (a machine busy with "
                   "other work while it was measured?); take these MFU figures as unreliable."]

@@ -65,3 +65,15 @@ def test_attention_parts_have_time_for_the_triton_rows():
     text = _script()
     assert re.search(r"timeout 150 \$PY bench/attention.py --out", text)
     assert re.search(r"timeout 150 \$PY bench/attention.py --sweep --out", text)
+
+
+def test_python_snippets_run_with_the_scripts_pythonpath():
+    """The device slug (the default results folder) and the versions line come from ``bench.common``, imported
+    with the script's ``PYTHONPATH=.``: a broken import would only show on the GPU machine."""
+    snippets = re.findall(r'\$PY -c "([^"]*bench\.common[^"]*)"', _script())
+    assert len(snippets) == 2
+    env = dict(os.environ, PYTHONPATH=".")
+    outputs = [subprocess.run([sys.executable, "-c", s], cwd=ROOT, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip() for s in snippets]
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", outputs[0])
+    assert re.fullmatch(r"python \S+ torch \S+ triton \S+ cuda \S+", outputs[1])
