@@ -266,7 +266,7 @@ def validate(cfg: dict) -> None:
             raise ValueError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {e}") from None
 
 
-def save_samples(ema_model: DiT, cfg: dict, path: str, device: torch.device, decode=None) -> None:
+def save_sample_grid(ema_model: DiT, cfg: dict, path: str, device: torch.device, decode=None) -> None:
     """A PNG grid from the EMA weights with CFG: one row per class (up to grid_max_classes); ``decode`` maps
     latents to images (VAE) for latent datasets."""
     classes = min(ema_model.num_classes, cfg["grid_max_classes"])
@@ -548,7 +548,7 @@ def run(args: argparse.Namespace, stop_requests: list[int], held: contextlib.Exi
         images, labels = next(data)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if latent:  # z = (mean + exp(logvar / 2) * eps) * 0.18215, a fresh draw every step
+        if latent:  # z = (mean + exp(logvar / 2) * eps) * the VAE's scale (SD's 0.18215), a fresh draw every step
             images = dataset.prepare_batch(images, eps=latent_eps[rows])
         return rows, images, torch.where(drop[rows], torch.full_like(labels, num_classes), labels)
 
@@ -725,7 +725,7 @@ def run(args: argparse.Namespace, stop_requests: list[int], held: contextlib.Exi
 
                 vae = load_vae(dataset.vae, device)
                 decode = lambda z: decode_latents(vae, z, dataset.scale)  # noqa: E731
-            save_samples(sample_model, cfg, grid, device, decode)
+            save_sample_grid(sample_model, cfg, grid, device, decode)
             print(f"samples (EMA, cfg {cfg['cfg_scale']}, a row per class): {grid}")
     distributed.cleanup()
     return run_dir

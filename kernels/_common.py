@@ -1,4 +1,6 @@
-"""Shared launcher helpers: input validation with clear errors, block sizes, the token->sample map.
+"""Shared launcher helpers: input validation with clear errors, block and grid sizes, the per-sample and
+per-column sum buffers (deterministic or atomic), the custom-op wrapper (``autograd_op``) with its refusals of
+double backward and of nondeterminism where it is asked for, and the token->sample map.
 
 Convention of the kernels: atomic adds pass ``sem="relaxed"``.  Triton's default, acq_rel, compiles each
 one to a scalar ``atom.acq_rel`` (ordered against the program's other memory accesses, masked-off lanes

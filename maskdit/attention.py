@@ -150,13 +150,10 @@ def choose_path(q: torch.Tensor, layout: TokenLayout) -> str:
     return "padded-sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-              path: str | None = None) -> torch.Tensor:
-    """Softmax attention within each sample of packed (T, heads, head_dim) q, k, v -> (T, heads, head_dim).
-
-    ``path`` forces an implementation (tests); by default ``choose_path``.
-    """
-    path = path or choose_path(q, layout)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Softmax attention within each sample of packed (T, heads, head_dim) q, k, v -> (T, heads, head_dim), on
+    ``choose_path``'s implementation (``forced_path`` picks one)."""
+    path = choose_path(q, layout)
     _record(path)
     if path == "dense-sdpa":
         n, klen, (t, heads, dim) = layout.num_samples, layout.uniform_len, q.shape

@@ -56,6 +56,24 @@ def center_crop_resize(img, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
+def image_files(folder: str) -> list[str]:
+    """The image files (``IMAGE_EXTENSIONS``) under ``folder``, recursively, folder by folder in sorted order."""
+    return [os.path.join(dirpath, fn) for dirpath, _, filenames in sorted(os.walk(folder)) for fn in sorted(filenames)
+            if fn.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+    """The image file ``path`` as ``center_crop_resize`` makes it, (size, size, 3) uint8; ValueError naming the file
+    if it cannot be read (e.g. "image file is truncated", which ``Image.verify`` does not see)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return center_crop_resize(im, size)
+    except Exception as e:
+        raise ValueError(f"corrupt or unreadable image file {path!r}: {e}") from None
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images in ``root/<class name>/*.png|jpg|...``, RGB, center-cropped and resized, scaled to [-1, 1].
 
@@ -79,11 +97,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
         self.files, labels = [], []
         for label, name in enumerate(self.class_names):
-            for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS):
-                        self.files.append(os.path.join(dirpath, fn))
-                        labels.append(label)
+            files = image_files(os.path.join(root, name))
+            self.files += files
+            labels += [label] * len(files)
         if not self.files:
             raise ValueError(f"dataset folder {root!r} holds no images with extensions {IMAGE_EXTENSIONS}")
         present = set(labels)
@@ -105,13 +121,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[i]) as im:
-                arr = center_crop_resize(im, self.image_size)
-        except Exception as e:  # (e.g. "image file is truncated", which Image.verify does not see)
-            raise ValueError(f"corrupt or unreadable image file {self.files[i]!r}: {e}") from None
+        arr = read_image(self.files[i], self.image_size)
         x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
         return x, self.labels[i]
 

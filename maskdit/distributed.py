@@ -43,7 +43,6 @@ class DistEnv:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -84,7 +83,7 @@ def setup(device: torch.device) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank, world_size, local_rank, device)
+    return DistEnv(rank, world_size, device)
 
 
 def cleanup() -> None:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from maskdit import distributed
 from maskdit.checkpoint import load_checkpoint, resolve_checkpoint
-from maskdit.data import IMAGE_EXTENSIONS, center_crop_resize
+from maskdit.data import IMAGE_EXTENSIONS, image_files, read_image
 from maskdit.ddpm import DIT_GUIDED_CHANNELS
 from maskdit.distributed import broadcast_object, pick_device
 from maskdit.fid import (
@@ -149,9 +149,14 @@ def samples_path(outdir: str, rank: int, world: int) -> str:
     return os.path.join(outdir, f"samples-rank{rank:03d}-of-{world:03d}.npz")
 
 
+def finished_files(outdir: str) -> list[str]:
+    """The processes' finished samples files (``samples_path``) in ``outdir``, sorted."""
+    return sorted(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")))
+
+
 def sample_files(outdir: str) -> list[str]:
     """The ``samples-rank<r>-of-<W>.npz`` files of a finished run in ``outdir`` (all W of them); ValueError else."""
-    files = sorted(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")))
+    files = finished_files(outdir)
     worlds = {f.rsplit("-of-", 1)[1] for f in files}
     if not files or len(worlds) != 1 or len(files) != int(worlds.pop()[:-4]):
         raise ValueError(f"{outdir!r} does not hold one complete set of samples-rank<r>-of-<W>.npz files: {files}")
@@ -222,7 +227,7 @@ SETTING_NAMES = {"step": "the checkpoint's step", "weights_sha256": "the weights
 
 def holds_samples(outdir: str) -> bool:
     """Whether ``outdir`` holds samples of a run: finished (``samples_path``) or part files (``part_path``)."""
-    return bool(glob.glob(os.path.join(outdir, "samples-rank*-of-*.npz")) or part_files(outdir))
+    return bool(finished_files(outdir) or part_files(outdir))
 
 
 def samples_done(outdir: str, settings: dict, rank: int, world: int) -> tuple[list, list, list]:
@@ -392,15 +397,8 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
         save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {
-        "fid": fid, "num_samples": acc.count, "ckpt": os.path.abspath(ckpt_file), "step": ckpt.get("step"),
-        "weights_sha256": digest,
-        "model": model_cfg.name, "weights": args.weights, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
-        "cfg_channels": args.cfg_channels, "steps": args.steps,
-        "precision": args.precision,
-        "seed": args.seed, "class_labels": args.class_labels, "vae": args.vae, "ref": os.path.abspath(args.ref),
-        "world_size": world,
-        **stochastic_json(args),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "fid": fid, **sampling_settings(args, ckpt_file, ckpt, digest, world), "num_samples": acc.count,
+        "model": model_cfg.name, "ref": os.path.abspath(args.ref), "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path = result_path(args, ckpt_file)
@@ -423,19 +421,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[i]) as im:
-                return torch.from_numpy(np.array(center_crop_resize(im, self.size)))  # a writable copy
-        except OSError as e:
-            raise ValueError(f"cannot read image file {self.files[i]!r}: {e}") from None
-
-
-def image_files(root: str) -> list[str]:
-    """Every image file under ``root`` (recursively), sorted."""
-    files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)
+        return torch.from_numpy(np.array(read_image(self.files[i], self.size)))  # a writable copy
 
 
 def write_stats(args) -> tuple[np.ndarray, np.ndarray] | None:

@@ -131,7 +131,7 @@ def test_train_cuda_graph_refuses_several_processes(tmp_path, monkeypatch):
     from maskdit import distributed
 
     monkeypatch.setattr(distributed, "setup", lambda device: distributed.DistEnv(
-        rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0)))
+        rank=0, world_size=2, device=torch.device("cuda", 0)))
     with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device, got 2 process"):
         train.main(TRAIN + ["--steps", "1", "--cuda-graph", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from maskdit import EDMLoss, EDMPrecond, create_model, random_mask
-from maskdit.attention import PATHS_USED, attention, choose_path
+from maskdit.attention import PATHS_USED, attention, choose_path, forced_path
 from maskdit.masking import token_layout
 from tests.conftest import randomize
 
@@ -88,8 +88,9 @@ def test_attention_paths_against_per_sample_sdpa(path):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(sum(layout.lengths()), 3, 24, generator=g).to(DEVICE, dtype) for _ in range(3))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(attention(q, k, v, layout, path=path), reference_attention(q, k, v, layout.lengths()),
-                               **tol)
+    with forced_path(path):
+        out = attention(q, k, v, layout)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout.lengths()), **tol)
 
 
 def test_dense_path_for_equal_lengths_and_logging(caplog):
@@ -100,11 +101,12 @@ def test_dense_path_for_equal_lengths_and_logging(caplog):
     before = PATHS_USED["dense-sdpa"]
     with caplog.at_level("INFO", logger="maskdit.attention"):
         out = attention(q, k, v, layout)
-        attention(q, k, v, layout, path="padded-sdpa")
+        with forced_path("padded-sdpa"):
+            padded = attention(q, k, v, layout)
     assert PATHS_USED["dense-sdpa"] == before + 1
     assert "attention path: padded-sdpa" in caplog.text
     torch.testing.assert_close(out, reference_attention(q, k, v, layout.lengths()), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attention(q, k, v, layout, path="padded-sdpa"), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, out, atol=1e-5, rtol=1e-5)
 
 
 def test_forced_sdpa_backend_on_the_dense_path():
