@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import json
 import os
 import platform
@@ -64,6 +65,24 @@ def time_call(fn, device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def stack_dumps(path: str | None, every: float, label: str):
+    """While the block runs, every thread's Python stack appended to ``path`` every ``every`` seconds, after a
+    ``label`` line (``faulthandler``, from its own thread: where a long compile spends its time shows even when a
+    time limit kills the process); nothing when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        f.write(f"== {label}\n")
+        f.flush()
+        faulthandler.dump_traceback_later(every, repeat=True, file=f)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def bench_ms(fn, warmup: int = 10, rep: int = 50, return_mode: str = "median") -> float:

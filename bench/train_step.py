@@ -71,6 +71,7 @@ from bench.common import (  # noqa: E402
     fmt,
     kernel_constants_set,
     results_folder,
+    stack_dumps,
     sync,
     time_call,
     write_results,
@@ -129,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a value of its type)")
     p.add_argument("--quick", action="store_true", help="XL/2 models, torch and triton eager and regional, and "
                                                         "triton+graph, batch 256, 20 steps")
+    p.add_argument("--stack-dumps", type=float, default=0.0, metavar="SECONDS",
+                   help="during each configuration's first step (compilation), write every thread's Python stack "
+                        "every SECONDS to first_step_stacks.txt in the results folder, also when a time limit "
+                        "kills the run: where a long compile spends its time (default 0: off)")
     p.add_argument("--out", help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -268,12 +273,16 @@ def measure(name: str, impl: str, batch: int, args, device: torch.device) -> dic
     warmup = max(args.warmup, GRAPH_WARMUP + 2) if graphed else args.warmup
     if graphed and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    stacks = os.path.join(args.results, "first_step_stacks.txt") if args.stack_dumps > 0 else None
     for i in range(warmup):
         t0 = time.perf_counter()
-        step()
         if i == 0:  # the first step pays for compilation (and Triton's kernel builds)
-            sync(device)
+            with stack_dumps(stacks, args.stack_dumps, f"{name} {impl} batch {batch}, first step"):
+                step()
+                sync(device)
             first_s = time.perf_counter() - t0
+        else:
+            step()
     times, peak = time_steps(step, args.steps, device, reset_peak=not graphed)
     ms = statistics.median(times)
     return dict(step_ms=ms, step_ms_min=min(times), imgs_per_s=batch / (ms * 1e-3), peak_mem_gb=peak,
@@ -473,7 +482,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     matmul = matmul_rate(device)
     print(f"matmul rate: {matmul[0]:.3g} TFLOP/s ({matmul[1]})", flush=True)
-    out = results_folder(args.out, env)
+    out = args.results = results_folder(args.out, env)
     settings = dict(models=args.models, impls=args.impls, batches=args.batches, steps=args.steps,
                     warmup=args.warmup, input_size=args.input_size, ema=args.ema, quick=args.quick,
                     activation_checkpointing=args.activation_checkpointing, sdpa_backend=args.sdpa_backend,

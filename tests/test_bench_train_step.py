@@ -203,3 +203,25 @@ def test_bad_benchmark_arguments_fail_before_measuring(script, argv, message, ca
     with pytest.raises(SystemExit) as e:
         train_step.parse_args(argv) if script == "train_step" else sampling.parse_args(argv, cuda=False)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stack_dumps_of_the_first_step(tmp_path, one_thread):
+    """--stack-dumps: the first (compiling) step's stacks, written while it runs, labelled by configuration;
+    the helper writes from its own thread (a dump per period while the block runs, none after it)."""
+    import time
+
+    from bench.common import stack_dumps
+
+    path = tmp_path / "stacks.txt"
+    with stack_dumps(str(path), 0.05, "waiting"):
+        time.sleep(0.3)
+    text = path.read_text()
+    time.sleep(0.15)
+    assert path.read_text() == text  # cancelled with the block
+    assert text.startswith("== waiting\n") and text.count("Timeout (0:00:00") >= 2
+    assert "test_stack_dumps_of_the_first_step" in text
+    train_step.main(["--models", "DiT-T/2", "--impls", "torch", "--batches", "2", "--steps", "1", "--warmup", "1",
+                     "--input-size", "8", "--stack-dumps", "0.001", "--out", str(tmp_path)])
+    assert (tmp_path / "first_step_stacks.txt").read_text().startswith("== DiT-T/2 torch batch 2, first step\n")
+    with stack_dumps(None, 0.01, "off"):
+        pass
