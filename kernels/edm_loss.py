@@ -243,16 +243,12 @@ def edm_loss(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: t
     return _call(f_tok, y, noisy, sigma, mask, patch_size, float(sigma_data), float(mae_coef))
 
 
-def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    x = x.reshape(n, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)
-
-
 def edm_loss_reference(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
                        mask: torch.Tensor, patch_size: int, sigma_data: float = 0.5,
                        mae_coef: float = 0.1) -> torch.Tensor:
     """Plain-PyTorch reference of ``edm_loss`` in token layout (fp32 math, differentiable w.r.t. f_tok)."""
+    from maskdit.ops import patchify
+
     n, num_tokens, p_out = f_tok.shape
     c = y.shape[1]
     p = patch_size
@@ -262,9 +258,9 @@ def edm_loss_reference(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor
     c_skip = sd ** 2 / (s ** 2 + sd ** 2)
     c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
     lam = ((s ** 2 + sd ** 2) / (s * sd) ** 2)[:, :, 0]
-    x = _patchify(noisy.float(), p)
+    x = patchify(noisy.float(), p)
     d = c_skip * x + c_out * f
-    dsm = lam * (d - _patchify(y.float(), p)).square().mean(dim=-1)
+    dsm = lam * (d - patchify(y.float(), p)).square().mean(dim=-1)
     masked = mask.float()
     visible = 1 - masked
     loss = (dsm * visible).sum(dim=1) / visible.sum(dim=1).clamp(min=1)

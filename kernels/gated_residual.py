@@ -47,6 +47,7 @@ from ._common import (
     same_samples,
 )
 from .ln_modulate import (
+    LN_EPS,
     _flush_partial,
     _flush_shift_scale,
     _ln_bwd_dx,
@@ -55,7 +56,6 @@ from .ln_modulate import (
     _ln_modulate_rows,
 )
 
-LN_EPS = 1e-6
 FWD_ROWS = 1  # tokens per forward program (a launch parameter: ``bench/kernels.py`` times 1, 2 and 4)
 BWD_ROWS = 32  # tokens per backward program (fewer on a GPU that would be left idle: ``rows_per_program``)
 # software-pipeline stages of the backward's row loop (1: each row loaded when it is processed; more: the next
