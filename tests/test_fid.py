@@ -296,6 +296,25 @@ def test_compiled_sampling_gives_the_eager_images_and_compiles_once(ckpt, tmp_pa
         sample.parse_args(["--ckpt", ckpt, "--compile", "blocks"])
 
 
+def test_saved_stats_survive_a_write_that_dies(tmp_path, monkeypatch):
+    """save_stats writes atomically: a write that fails half way leaves the previous file whole and no partial
+    file; a path without .npz gets it, as np.savez names it."""
+    mu, sigma = random_stats(np.random.default_rng(1), 20, 4)
+    save_stats(str(tmp_path / "ref"), mu, sigma)
+    assert os.listdir(tmp_path) == ["ref.npz"]
+    real = np.savez
+
+    def dies(f, **arrays):
+        real(f, **arrays)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", dies)
+    with pytest.raises(OSError, match="disk full"):
+        save_stats(str(tmp_path / "ref.npz"), mu + 1, sigma)
+    assert os.listdir(tmp_path) == ["ref.npz"]
+    np.testing.assert_array_equal(load_reference_stats(str(tmp_path / "ref.npz")).mu, mu)
+
+
 def test_write_stats_and_fid_end_to_end(ckpt, tmp_path, monkeypatch):
     from PIL import Image
 
