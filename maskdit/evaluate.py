@@ -335,7 +335,7 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
     ckpt = load_checkpoint(ckpt_file, arg="--ckpt")
     resolve_sampling(args, ckpt)
     net, decode = sampling_network(ckpt, args, device)
-    digest = weights_digest(ckpt[args.weights])
+    settings = sampling_settings(args, ckpt_file, ckpt, weights_digest(ckpt[args.weights]), world)
     model, model_cfg = net.model, net.model.config
     extractor = make_extractor(args, device, ref.mu.shape[0]) if ref is not None else None
 
@@ -343,7 +343,6 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
     acc = StatsAccumulator(extractor.dim) if extractor is not None else None
     kept_images, kept_labels, kept_indices, processed = [], [], [], 0
     if args.outdir is not None:  # continue an interrupted run: its samples are not drawn again
-        settings = sampling_settings(args, ckpt_file, ckpt, digest, world)
         kept_images, kept_labels, kept_indices = samples_done(args.outdir, settings, rank, world)
         drawn = torch.from_numpy(np.concatenate(kept_indices)) if kept_indices else torch.zeros(0, dtype=torch.int64)
         indices = indices[~torch.isin(indices, drawn)]
@@ -397,13 +396,12 @@ def evaluate(args, held: contextlib.ExitStack) -> dict | None:
         save_stats(os.path.join(args.outdir, "stats.npz"), mu, sigma)
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     result = {
-        "fid": fid, **sampling_settings(args, ckpt_file, ckpt, digest, world), "num_samples": acc.count,
+        "fid": fid, **settings, "num_samples": acc.count,
         "model": model_cfg.name, "ref": os.path.abspath(args.ref), "seconds": round(time.perf_counter() - t0, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path = result_path(args, ckpt_file)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_json(path, result)
+    atomic_write_json(path, result)  # (atomic_write makes the folder)
     print(json.dumps(result), flush=True)
     print(f"FID {fid:.4f} ({acc.count} samples) -> {path}", flush=True)
     return result
