@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import faulthandler
 import json
 import os
 import platform
 import re
 import statistics
 import sys
+import threading
 import time
+import traceback
 
 import torch
 
@@ -70,19 +71,41 @@ def time_call(fn, device: torch.device) -> float:
 @contextlib.contextmanager
 def stack_dumps(path: str | None, every: float, label: str):
     """While the block runs, every thread's Python stack appended to ``path`` every ``every`` seconds, after a
-    ``label`` line (``faulthandler``, from its own thread: where a long compile spends its time shows even when a
-    time limit kills the process); nothing when ``path`` is None."""
+    ``label`` line, each dump flushed (where a long compile spends its time shows even when a time limit kills
+    the process); nothing when ``path`` is None.  The dumps come from a Python thread holding the GIL
+    (``sys._current_frames``): ``faulthandler.dump_traceback_later``, which reads the frames from a C thread
+    without it, crashed the process (a segmentation fault in the middle of a dump) in two compiling steps on an
+    H200."""
     if path is None:
         yield
         return
+    done = threading.Event()
+
+    def dump(f, number: int) -> None:
+        names = {t.ident: t.name for t in threading.enumerate()}
+        f.write(f"-- dump {number}, {time.strftime('%H:%M:%S')}\n")
+        for ident, frame in sys._current_frames().items():
+            if ident != threading.get_ident():
+                f.write(f"Thread {names.get(ident, ident)} (most recent call last):\n")
+                f.write("".join(traceback.format_stack(frame)))
+        f.flush()
+
+    def run(f) -> None:
+        number = 0
+        while not done.wait(every):
+            number += 1
+            dump(f, number)
+
     with open(path, "a") as f:
         f.write(f"== {label}\n")
         f.flush()
-        faulthandler.dump_traceback_later(every, repeat=True, file=f)
+        thread = threading.Thread(target=run, args=(f,), name="stack_dumps", daemon=True)
+        thread.start()
         try:
             yield
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            done.set()
+            thread.join()
 
 
 def bench_ms(fn, warmup: int = 10, rep: int = 50, return_mode: str = "median") -> float:

@@ -20,6 +20,7 @@ from .gelu_gemm import (
     linear_gelu_output,
     linear_gelu_reference,
 )
+from .inductor import register_fallbacks_if_needed
 from .ln_modulate import ln_modulate, ln_modulate_recompute, ln_modulate_reference
 from .patch_embed import embed_kept_patches, embed_kept_patches_reference
 from .qkv_grad import stack_qkv_grad, stack_qkv_grad_reference
@@ -33,3 +34,5 @@ __all__ = [
     "gelu_tanh_grad", "gelu_tanh_grad_reference", "stack_qkv_grad", "stack_qkv_grad_reference",
     "linear_gelu", "linear_gelu_output", "linear_gelu_reference", "gelu_grad_gemm", "gelu_grad_gemm_reference",
 ]
+
+register_fallbacks_if_needed()  # (the ops above all defined: see inductor.py)
