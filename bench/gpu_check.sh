@@ -122,10 +122,11 @@ fi
 # DiT-XL/2's torch backend compiled whole ran out of memory at batch 256 on an H100) with each backend of
 # GPU_CHECK_COMPILE_BACKENDS (default "torch triton"), each beside an eager torch row (its speed-up over eager
 # torch, measured in the same run), each model and backend in its own run under GPU_CHECK_COMPILE_LIMIT seconds
-# (default 280: a compile that overruns leaves the others their rows). On the H100 (2026-11-28) the torch
-# backend's first compiled step took 119 s with empty caches (its run about 170 s); the triton backend's had not
-# finished after about 255 s: give it a call of its own (GPU_CHECK_COMPILE_BACKENDS=triton
-# GPU_CHECK_COMPILE_LIMIT=560). The first step's Python stacks go to first_step_stacks.txt every 30 s.
+# (default 280: a compile that overruns leaves the others their rows). With empty caches the torch backend's
+# first compiled step took 119 s on the H100 and 146 s on the H200 (2026-11-28), the triton backend's 56 s on the
+# H200 (before kernels/inductor.py it never finished). DiT-XL/2's triton+compile row has not been measured yet
+# (GPU_CHECK_COMPILE_MODELS=DiT-XL/2 GPU_CHECK_COMPILE_BACKENDS=triton). The first step's Python stacks go to
+# first_step_stacks.txt every 30 s.
 if [[ $PARTS == *" compile "* ]]; then
   for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
     for impl in ${GPU_CHECK_COMPILE_BACKENDS:-torch triton}; do
