@@ -39,7 +39,7 @@ from ._common import (
     next_power_of_2,
 )
 
-MAE_EPS = 1e-6
+MAE_EPS = 1e-6  # the MAE target's variance epsilon (maskdit.edm.MAE_EPS)
 # upper bounds on BLOCK_T * BLOCK_P, the elements of a tile: the forward's programs walk their sample's tiles,
 # the backward has a program per tile (launch parameters: ``bench/kernels.py`` times smaller backward tiles)
 TILE_ELEMS = 2048
@@ -64,7 +64,8 @@ def _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_dat
 @triton.jit
 def _tile(F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
           stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-          stride_mn, stride_ml, c_skip, c_out, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+          stride_mn, stride_ml, c_skip, c_out, PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+          EPS: tl.constexpr):
     """Load tile tb of sample s and return (in-range tokens, masked flags, columns, D - y, D - target)."""
     toks = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_P)
@@ -88,7 +89,7 @@ def _tile(F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride
     d = c_skip * x + c_out * f
     mean = tl.sum(x, axis=1) / P
     xc = tl.where(m2, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / (P - 1) + 1e-6)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / (P - 1) + EPS)
     e_dsm = tl.where(m2, d - y, 0.0)
     e_mae = tl.where(m2, d - xc * rstd[:, None], 0.0)
     return tmask, masked, cols, e_dsm, e_mae
@@ -98,7 +99,7 @@ def _tile(F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride
 def _edm_loss_fwd_kernel(F, Y, NOISY, SIGMA, MASK, LOSS, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
                          stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
                          stride_sig, stride_mn, stride_ml, sigma_data, mae_coef, PATCH: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, EPS: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     c_skip, c_out, w_vis, w_mask = _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data,
                                                  mae_coef, BLOCK_L)
@@ -107,7 +108,7 @@ def _edm_loss_fwd_kernel(F, Y, NOISY, SIGMA, MASK, LOSS, L, WP, C, C_OUT, P, P_O
         tmask, masked, cols, e_dsm, e_mae = _tile(
             F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
             stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-            stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P)
+            stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P, EPS)
         dsm = tl.sum(e_dsm * e_dsm, axis=1) / P
         mae = tl.sum(e_mae * e_mae, axis=1) / P
         tok = tl.where(masked, w_mask * mae, w_vis * dsm)
@@ -119,7 +120,8 @@ def _edm_loss_fwd_kernel(F, Y, NOISY, SIGMA, MASK, LOSS, L, WP, C, C_OUT, P, P_O
 def _edm_loss_bwd_kernel(G, F, Y, NOISY, SIGMA, MASK, DF, L, WP, C, C_OUT, P, P_OUT, stride_g, stride_fn, stride_fl,
                          stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
                          stride_sig, stride_mn, stride_ml, stride_dn, stride_dl, sigma_data, mae_coef,
-                         PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+                         PATCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+                         EPS: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     c_skip, c_out, w_vis, w_mask = _coefficients(SIGMA, MASK, s, L, stride_sig, stride_mn, stride_ml, sigma_data,
@@ -127,7 +129,7 @@ def _edm_loss_bwd_kernel(G, F, Y, NOISY, SIGMA, MASK, DF, L, WP, C, C_OUT, P, P_
     tmask, masked, cols, e_dsm, e_mae = _tile(
         F, Y, NOISY, MASK, s, tb, L, WP, C, C_OUT, P, P_OUT, stride_fn, stride_fl,
         stride_yn, stride_yc, stride_yh, stride_yw, stride_xn, stride_xc, stride_xh, stride_xw,
-        stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P)
+        stride_mn, stride_ml, c_skip, c_out, PATCH, BLOCK_T, BLOCK_P, EPS)
     g = tl.load(G + s * stride_g).to(tl.float32)
     base = g * c_out * 2.0 / P
     df = tl.where(masked[:, None], (base * w_mask) * e_mae, (base * w_vis) * e_dsm)  # 0 where c >= C
@@ -174,7 +176,7 @@ def _geometry(f_tok, y, patch_size, tile_elems):
     block_t = _block_tokens(num_tokens, block_p, tile_elems)
     return dict(L=num_tokens, WP=w // patch_size, C=c, C_OUT=p_out // (patch_size * patch_size),
                 P=patch_size * patch_size * c, P_OUT=p_out), cdiv(num_tokens, block_t), \
-        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=next_power_of_2(num_tokens))
+        dict(PATCH=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_L=next_power_of_2(num_tokens), EPS=MAE_EPS)
 
 
 def _fwd_impl(f_tok: torch.Tensor, y: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor,

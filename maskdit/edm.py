@@ -12,6 +12,8 @@ from .backends import get_ops
 from .ddpm import DDPM_TRAIN_STEPS, checked_null_label, linear_betas, uses_guidance
 from .masking import mask_from_ids_keep, token_layout
 
+MAE_EPS = 1e-6  # the MAE target's variance epsilon (the official code's; kernels.edm_loss.MAE_EPS)
+
 
 def per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """``sigma`` (a scalar or one per sample) as one fp32 value per sample of ``x``, on its device: (N,)."""
@@ -183,7 +185,7 @@ class EDMLoss:
         loss = (dsm * visible).sum(dim=1) / visible.sum(dim=1)
         if self.mae_coef > 0:
             target = ops.patchify(noisy, patch_size)
-            target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+            target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + MAE_EPS).sqrt()
             mae = (d_tok - target).square().mean(dim=-1)
             loss = loss + self.mae_coef * (mae * masked).sum(dim=1) / masked.sum(dim=1).clamp(min=1)
         return loss

@@ -116,6 +116,10 @@ def test_patches_of_variance_near_the_mae_eps():
     """The noisy input's masked patches vary by about 1e-3 (variance about the MAE target's eps, 1e-6), one is
     constant: the fused target normalisation must match maskdit.edm's (checked against a hand formula in
     tests/test_edm.py) where the eps decides the value."""
+    from kernels.edm_loss import MAE_EPS
+    from maskdit import edm
+
+    assert MAE_EPS == edm.MAE_EPS
     f_tok, y, _, sigma, mask = _inputs(2, 2, 8, 8, False, "mixed", torch.float32)
     noisy = 0.3 + 1e-3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     noisy[0, :, :2, :2] = 0.3
