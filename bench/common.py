@@ -75,7 +75,8 @@ def stack_dumps(path: str | None, every: float, label: str):
     the process); nothing when ``path`` is None.  The dumps come from a Python thread holding the GIL
     (``sys._current_frames``): ``faulthandler.dump_traceback_later``, which reads the frames from a C thread
     without it, crashed the process (a segmentation fault in the middle of a dump) in two compiling steps on an
-    H200."""
+    H200, and a CPU process building deeply recursive strings within a minute (dumps every millisecond), which
+    this helper's dumps ran through."""
     if path is None:
         yield
         return
