@@ -6,7 +6,8 @@
 # every test's result, kernels.*, attention.*, varlen.*, train_step.*) go to $RESULTS_DIR (default
 # bench/results/<device>); with GPU_CHECK_ARCHIVE=path.tgz they are also packed into one archive, refreshed
 # after every part, so a run cut short keeps what it measured; on a lent machine whose $OUT alone comes back,
-# RESULTS_DIR=$OUT/results (and an archive outside it).  Each part runs under a time limit of its own.
+# RESULTS_DIR=$OUT/results: with $OUT set the archive defaults to $OUT/gpu-check.tgz (such a machine returns a
+# few files only: 8 on 2026-11-28, which dropped a sampling.json).  Each part runs under a time limit of its own.
 # GPU_CHECK_PARTS picks parts (default: "tests kernels attention varlen train_step", the kernel benchmark without
 # its launch-parameter rows; their limits add up to 12.8 minutes, more than one 10-minute device command:
 # split them over two).  Optional parts: "ksweep" (the kernel benchmark with its launch-parameter rows, into
@@ -33,8 +34,11 @@ PARTS=" ${GPU_CHECK_PARTS:-tests kernels attention varlen train_step} "
 mkdir -p "$RESULTS_DIR"
 status=0
 
+GPU_CHECK_ARCHIVE=${GPU_CHECK_ARCHIVE:-${OUT:+$OUT/gpu-check.tgz}}
 pack() {  # one file to bring back (a remote runner may return only a few files)
-  if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then tar czf "$GPU_CHECK_ARCHIVE" -C "$RESULTS_DIR" .; fi
+  if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then  # (not itself, should it lie in $RESULTS_DIR)
+    tar czf "$GPU_CHECK_ARCHIVE" --exclude="./$(basename "$GPU_CHECK_ARCHIVE")" -C "$RESULTS_DIR" .
+  fi
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -77,3 +77,19 @@ def test_python_snippets_run_with_the_scripts_pythonpath():
                               text=True).stdout.strip() for s in snippets]
     assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", outputs[0])
     assert re.fullmatch(r"python \S+ torch \S+ triton \S+ cuda \S+", outputs[1])
+
+
+def test_results_are_packed_into_out_by_default(tmp_path):
+    """With $OUT set (a lent machine returns that folder, a few files of it) the results are also packed into
+    $OUT/gpu-check.tgz, after the first part already (device.txt); no part runs here."""
+    import tarfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "RESULTS_DIR": str(out / "results"), "GPU_CHECK_PARTS": "none",
+           "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_ARCHIVE", None)
+    subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, check=True, capture_output=True)
+    with tarfile.open(out / "gpu-check.tgz") as archive:
+        assert "./device.txt" in archive.getnames()
+    assert (out / "results" / "device.txt").read_text().strip()
