@@ -7,8 +7,8 @@ recursively through the extern kernels that made it.  In a whole MaskDiT compile
 almost every node is an extern kernel (the custom ops, the matrix products), and an op first met deep in the
 graph (``insert_mask_tokens`` after the encoder, the fused loss at its end) prints the whole graph before
 it as a tree, exponential in depth: with 4 blocks of width 48 the line for ``insert_mask_tokens`` was 32 MB
-(5.6 s) on the CPU, the next op's never finished, and the whole XL/2 step's first compilation ran
-for minutes on an H100 and crashed (a stack overflow in that recursion) on an H200.  torch 2.13 formats
+(5.6 s) on the CPU, the next op's never finished, and the whole XL/2 step's first compilation was still at it
+after minutes on an H100 and an H200 (2026-11-28).  torch 2.13 formats
 the line lazily.  Registering every custom op's fallback as Inductor would (the layout constraint of its
 tags) before any compilation skips that path; it costs the import of ``torch._inductor.lowering`` (about
 1.5 s), paid when ``kernels`` is imported on an older torch.
