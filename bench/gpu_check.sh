@@ -123,14 +123,14 @@ if [[ $PARTS == *" res512 "* ]]; then
     triton+regional --batches 64 --input-size 64 --warmup 3 --steps 20 --out "$RESULTS_DIR/res512" || status=1; pack
 fi
 # whole-network torch.compile at batch 256 of each model of GPU_CHECK_COMPILE_MODELS (default MaskDiT-XL/2;
-# DiT-XL/2's torch backend compiled whole ran out of memory at batch 256 on an H100) with each backend of
+# DiT-XL/2's torch backend compiled whole ran out of memory at batch 256 on an H100, fits on an H200) with each backend of
 # GPU_CHECK_COMPILE_BACKENDS (default "torch triton"), each beside an eager torch row (its speed-up over eager
 # torch, measured in the same run), each model and backend in its own run under GPU_CHECK_COMPILE_LIMIT seconds
 # (default 280: a compile that overruns leaves the others their rows). With empty caches the torch backend's
 # first compiled step took 119 s on the H100 and 146 s on the H200 (2026-11-28), the triton backend's 56 s on the
-# H200 (before kernels/inductor.py it never finished). DiT-XL/2's triton+compile row has not been measured yet
-# (GPU_CHECK_COMPILE_MODELS=DiT-XL/2 GPU_CHECK_COMPILE_BACKENDS=triton). The first step's Python stacks go to
-# first_step_stacks.txt every 30 s.
+# H200 (before kernels/inductor.py it never finished); DiT-XL/2's 107 s and 49 s on the H200
+# (GPU_CHECK_COMPILE_MODELS=DiT-XL/2 GPU_CHECK_COMPILE_BACKENDS="triton torch" GPU_CHECK_COMPILE_LIMIT=215: 253 s
+# for both). The first step's Python stacks go to first_step_stacks.txt every 30 s.
 if [[ $PARTS == *" compile "* ]]; then
   for model in ${GPU_CHECK_COMPILE_MODELS:-MaskDiT-XL/2}; do
     for impl in ${GPU_CHECK_COMPILE_BACKENDS:-torch triton}; do
@@ -140,12 +140,13 @@ if [[ $PARTS == *" compile "* ]]; then
     done
   done
 fi
-# kernels.gelu_gemm (off by default): its tests on CUDA (bf16 included), its kernel rows against cuBLAS and the
-# separate GELU passes with each launch setting, the step with and without it (interleaved; forward and backward
-# each alone too) and eager sampling with and without its forward (time limits: 530 s in all)
+# kernels.gelu_gemm (its inference forward on by default, training off): its tests on CUDA (bf16 included), its
+# kernel rows against cuBLAS and the separate GELU passes with each launch setting, the step with and without it
+# (interleaved; forward and backward each alone too) and eager sampling without and with its inference forward
+# (time limits: 590 s in all; on a fresh H200, 2026-11-28, the tests took over 90 s, the part 357 s with them cut)
 if [[ $PARTS == *" gemm "* ]]; then
   mkdir -p "$RESULTS_DIR/gemm"
-  timeout 90 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k gelu tests/kernels/test_gelu_gemm.py \
+  timeout 150 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -k gelu tests/kernels/test_gelu_gemm.py \
     tests/test_backends.py > "$RESULTS_DIR/gemm/tests.txt" 2>&1 || status=1; pack
   timeout 150 $PY bench/kernels.py --ops linear_gelu linear_gelu_output gelu_grad_gemm --step-batch 0 \
     --out "$RESULTS_DIR/gemm" || status=1; pack
@@ -153,7 +154,7 @@ if [[ $PARTS == *" gemm "* ]]; then
     "gelu_gemm forward:gelu_gemm.FORWARD=True" "gelu_gemm backward:gelu_gemm.BACKWARD=True" \
     --out "$RESULTS_DIR/gemm" || status=1; pack
   for fused in False True; do  # eager bf16 sampling without and with it (inference: the forward's kernel alone)
-    timeout 45 $PY bench/sampling.py --impls eager --precisions bf16 --kernel-constant gelu_gemm.FORWARD=$fused \
+    timeout 45 $PY bench/sampling.py --impls eager --precisions bf16 --kernel-constant gelu_gemm.INFERENCE=$fused \
       --out "$RESULTS_DIR/gemm/sampling-$fused" || status=1; pack
   done
 fi

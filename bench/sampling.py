@@ -242,7 +242,7 @@ def parse_args(argv, cuda: bool) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: unchanged)")
     p.add_argument("--kernel-constant", nargs="+", default=[], metavar="MODULE.NAME=VALUE",
                    help="set constants of kernels/ modules for the run, as bench/train_step.py's (e.g. "
-                        "gelu_gemm.FORWARD=True)")
+                        "gelu_gemm.INFERENCE=False: the MLP's GELU outside fc1's product)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     check_arguments(p, args, models="models", at_least_one=("batch", "steps", "timed_steps", "repeats", "input_size",

@@ -17,7 +17,11 @@ the result is deterministic.
 
 fp16/bf16 inputs with TMA-compatible layouts only (``supported``: unit last stride, row strides and the base
 address 16-byte aligned, i.e. D and H multiples of 8); ``maskdit.backends`` takes the unfused path otherwise.
-On a GPU older than sm_90 (``fused_on``) the ops give the same results from cuBLAS and the separate passes.
+Built and tuned for Hopper (sm_90: TMA, wgmma); on other GPUs (``fused_on``) the ops give the same results from
+cuBLAS and the separate passes.  Timed on an H200 (``bench/results/nvidia-h200/gemm-2026-11-28``): the inference
+forward beats cuBLAS + GELU (0.66 vs 0.70 ms at MaskDiT-XL/2's decoder shape), the training forward is 4%
+slower (0.72 vs 0.69 ms) and the backward half as fast (1.53 vs 0.82 ms with ``gelu_tanh_grad``), so only
+``INFERENCE`` is on.
 Grid: one program per multiprocessor (at most one per tile), walking output tiles in grouped order (``GROUP_M``
 row tiles share the weight tiles in L2); each tile's products loop over K in ``BLOCK_K`` steps, and its
 epilogue works on four (or two) column parts of the accumulator in turn (fewer live registers).  No autograd:
@@ -36,10 +40,12 @@ from .gelu import gelu_tanh_and_derivative, gelu_tanh_grad
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # whether ``maskdit.backends``' MLP takes these kernels (where ``supported``) instead of cuBLAS and the separate GELU
-# passes, in its forward (``linear_gelu``; without autograd ``linear_gelu_output``) and in its backward
-# (``gelu_grad_gemm``): off until a GPU benchmark shows them faster (``make gpu-check`` part gemm)
+# passes: in its training forward (``linear_gelu``), in its backward (``gelu_grad_gemm``) and without autograd
+# (``linear_gelu_output``: sampling).  Set from ``make gpu-check`` part gemm on an H200 (2026-11-28): batch-256
+# XL/2 training steps 0.5% slower with the forward fused, 6% with the backward; 40-step sampling 1.1-1.3% faster
 FORWARD = False
 BACKWARD = False
+INFERENCE = True
 # launch parameters (``bench/kernels.py`` varies them): Triton's persistent TMA matmul tutorial's Hopper tile
 BLOCK_M = 128
 BLOCK_N = 256
@@ -147,11 +153,14 @@ def supported(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor, addr
         for t in tensors) and all((size * x.element_size()) % 16 == 0 for size in weight.shape)
 
 
-def fused_on(device: torch.device) -> bool:
-    """Whether ``device`` runs the fused GEMMs: a CUDA GPU of compute capability 9.0 or newer (TMA and wgmma,
-    what they are built and tuned for; an sm_80 build of the default tile spills 64-320 bytes and pipelines
-    nothing, offline triton 3.6), or the CPU interpreter.  Elsewhere the ops compute the same unfused."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+def fused_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused GEMMs run on ``device`` for ``dtype`` operands: a Hopper GPU (compute capability 9.x: TMA
+    and wgmma, what they are built and tuned for; an sm_80 build of the default tile spills 64-320 bytes and
+    pipelines nothing, offline triton 3.6; later GPUs are untimed), or the CPU interpreter with fp16 (it
+    computes bf16 products wrongly).  Elsewhere the ops compute the same unfused."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] == 9
+    return dtype == torch.float16
 
 
 def _descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
@@ -196,7 +205,7 @@ def _launch(x, w, a, g, out, bias, partials, n: int, backward: bool, store_a: bo
 
 def _forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, store_a: bool):
     """(a, g) of the forward; without ``store_a``, a is not written (g stands in its place)."""
-    if not fused_on(y.device):
+    if not fused_on(y.device, y.dtype):
         return linear_gelu_reference(y, weight, bias)
     _check_aligned(y=y, weight=weight)
     t, h = y.shape[0], weight.shape[0]
@@ -216,7 +225,7 @@ def _linear_gelu_output_impl(y: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def _gelu_grad_gemm_impl(dout: torch.Tensor, weight: torch.Tensor,
                          a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not fused_on(a.device):
+    if not fused_on(a.device, a.dtype):
         return gelu_tanh_grad(a, dout @ weight)
     _check_aligned(dout=dout, weight=weight, a=a)
     t, h = a.shape

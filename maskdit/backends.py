@@ -227,15 +227,15 @@ class TritonOps(_Ops):
     def mlp(self, y: ModulatedLN, fc1, fc2):
         """``fc2(gelu_tanh(fc1(y.y)))`` as a ``BranchOutput`` (fc2's bias left out); when recomputing, one
         Function (``_MlpOnRecomputedLN``) that keeps the LayerNorm's input and the GELU's input and runs the GELU
-        backward as one kernel; without autograd, with ``kernels.gelu_gemm.FORWARD``, the GELU in fc1's product's
-        epilogue (``linear_gelu_output``)."""
+        backward as one kernel; without autograd, with ``kernels.gelu_gemm.INFERENCE`` (on), the GELU in fc1's
+        product's epilogue (``linear_gelu_output``)."""
         if self.recompute and torch.is_grad_enabled():
             h = _MlpOnRecomputedLN.apply(y.y, fc1.weight, fc1.bias, fc2.weight, *self._recomputed_from(y))
             return BranchOutput(h, fc2.bias)
         g = None
-        if not torch.is_grad_enabled() and self.k.gelu_gemm.FORWARD:  # (no weight cast for nothing when off)
+        if not torch.is_grad_enabled() and self.k.gelu_gemm.INFERENCE:  # (no weight cast for nothing when off)
             w1 = fc1.weight.to(y.y.dtype)
-            if _fused_gelu_gemm("FORWARD", y.y, w1):
+            if _fused_gelu_gemm("INFERENCE", y.y, w1):
                 g = self.k.gelu_gemm.linear_gelu_output(y.y, w1, fc1.bias.to(y.y.dtype))
         if g is None:
             g = F.gelu(self.linear(y, fc1), approximate="tanh")
@@ -382,12 +382,14 @@ class _GeluLinear(torch.autograd.Function):
 
 
 def _fused_gelu_gemm(direction: str, *operands: torch.Tensor) -> bool:
-    """Whether the MLP's product in ``direction`` ("FORWARD" or "BACKWARD") takes ``kernels.gelu_gemm`` (the
-    GELU in its epilogue) for these operands."""
+    """Whether the MLP's product in ``direction`` ("FORWARD", "BACKWARD" or "INFERENCE") takes
+    ``kernels.gelu_gemm`` (the GELU in its epilogue) for these operands: only where the kernels run
+    (``fused_on``), elsewhere the MLP keeps its own unfused chain."""
     import kernels
 
-    fused = kernels.gelu_gemm
-    return getattr(fused, direction) and fused.supported(*operands, addresses=not torch.compiler.is_compiling())
+    fused, x = kernels.gelu_gemm, operands[0]
+    return (getattr(fused, direction) and fused.fused_on(x.device, x.dtype)
+            and fused.supported(*operands, addresses=not torch.compiler.is_compiling()))
 
 
 class _MlpOnRecomputedLN(torch.autograd.Function):

@@ -344,16 +344,18 @@ def test_triton_mlp_keeps_neither_its_input_nor_the_gelu_output(compiled):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
-    """``kernels.gelu_gemm.FORWARD`` and ``BACKWARD``: the triton MLP under 16-bit autocast puts the GELU into its
-    products' epilogues (both kernels run, eager and compiled, each under its own switch; without autograd the
-    forward's alone, not writing the GELU input) and gives what the unfused MLP gives, to the rounding of the
-    products' summation order; operands the kernels cannot take (fp32, widths off the 16-byte grid) still take
-    the unfused path."""
+    """``kernels.gelu_gemm.FORWARD``, ``BACKWARD`` and ``INFERENCE``: the triton MLP under 16-bit autocast puts
+    the GELU into its products' epilogues (both kernels run, eager and compiled, each under its own switch;
+    without autograd the forward's alone, not writing the GELU input, under ``INFERENCE``) and gives what the
+    unfused MLP gives, to the rounding of the products' summation order; operands the kernels cannot take
+    (fp32, widths off the 16-byte grid) still take the unfused path."""
     import kernels
     from maskdit.backends import get_ops
     from maskdit.masking import token_layout
     from maskdit.models import Mlp
 
+    if DEVICE == "cuda" and not kernels.gelu_gemm.fused_on(torch.device(DEVICE), torch.bfloat16):
+        pytest.skip("kernels.gelu_gemm runs on Hopper GPUs only")
     ops = get_ops("triton", torch.device(DEVICE))
     layout = token_layout([torch.tensor([0, 2, 3]), torch.tensor([1, 3])], 2, 4, DEVICE)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -365,9 +367,11 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
                         lambda *args, **kw: calls.append((kw["backward"], kw.get("store_a", True)))
                         or launch(*args, **kw))
 
-    def run(mlp, forward_fused, backward_fused=None, autocast=True, grad=True):
+    def run(mlp, forward_fused, backward_fused=None, autocast=True, grad=True, inference_fused=None):
         monkeypatch.setattr(kernels.gelu_gemm, "FORWARD", forward_fused)
         monkeypatch.setattr(kernels.gelu_gemm, "BACKWARD", forward_fused if backward_fused is None else backward_fused)
+        monkeypatch.setattr(kernels.gelu_gemm, "INFERENCE",
+                            forward_fused if inference_fused is None else inference_fused)
 
         def forward(x, mod):
             with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
@@ -388,11 +392,12 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
     torch.testing.assert_close(out_f, out_u, **tol)
     for name, a, b in zip(["x", "mod", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], grads_u, grads_f):
         torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
-    with torch.no_grad():
-        torch.testing.assert_close(run(mlp, True, grad=False), out_u, **tol)
+    with torch.no_grad():  # INFERENCE alone, then FORWARD and BACKWARD alone
+        torch.testing.assert_close(run(mlp, False, grad=False, inference_fused=True), out_u, **tol)
+        torch.testing.assert_close(run(mlp, True, grad=False, inference_fused=False), out_u, **tol)
     assert calls[2:] == [(False, False)]
     for forward_fused in (True, False):  # one direction fused, the other not
-        out, grads = run(mlp, forward_fused, not forward_fused)
+        out, grads = run(mlp, forward_fused, not forward_fused, inference_fused=True)
         torch.testing.assert_close(out, out_u, **tol)
         for a, b in zip(grads_u, grads):
             torch.testing.assert_close(b, a, **tol)

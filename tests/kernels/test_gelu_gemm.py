@@ -101,16 +101,27 @@ def test_matches_the_unfused_chain_bit_for_bit_in_fp16_math(monkeypatch):
     torch.testing.assert_close(db, db_ref, atol=1e-4, rtol=1e-6)
 
 
-def test_gpus_before_sm90_get_the_unfused_chain(monkeypatch):
-    """Where ``fused_on`` is false the ops launch nothing and return the unfused chain's results."""
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (10, 0)])
+def test_fused_on_hopper_and_the_interpreter_with_fp16_only(capability, monkeypatch):
+    """The GEMMs are built and tuned for sm_90: other GPUs, and bf16 in the CPU interpreter (which computes bf16
+    products wrongly), get the unfused chain."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert gelu_gemm.fused_on(cpu, torch.float16) and not gelu_gemm.fused_on(cpu, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for dtype in gelu_gemm.HALF_DTYPES:
+        assert gelu_gemm.fused_on(cuda, dtype) == (capability == (9, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unfused_where_not_fused_on(dtype, monkeypatch):
+    """Where ``fused_on`` is false the ops launch nothing and return the unfused chain's results (on the CPU,
+    bf16 is such a case without patching)."""
     import kernels
 
-    assert gelu_gemm.fused_on(torch.device("cpu"))
-    if DEVICE == "cuda":
-        assert gelu_gemm.fused_on(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (9, 0))
-    monkeypatch.setattr(gelu_gemm, "fused_on", lambda device: False)
+    if DEVICE == "cuda" or dtype == torch.float16:
+        monkeypatch.setattr(gelu_gemm, "fused_on", lambda device, dtype: False)
     monkeypatch.setattr(gelu_gemm, "_launch", lambda *args, **kwargs: pytest.fail("a fused GEMM was launched"))
-    x = _inputs(100, 72, 200, torch.float16)
+    x = _inputs(100, 72, 200, dtype)
     a, g = linear_gelu(x["y"], x["w1"], x["b1"])
     a_ref, g_ref = linear_gelu_reference(x["y"], x["w1"], x["b1"])
     assert torch.equal(a, a_ref) and torch.equal(g, g_ref)
