@@ -383,13 +383,12 @@ class _GeluLinear(torch.autograd.Function):
 
 def _fused_gelu_gemm(direction: str, *operands: torch.Tensor) -> bool:
     """Whether the MLP's product in ``direction`` ("FORWARD", "BACKWARD" or "INFERENCE") takes
-    ``kernels.gelu_gemm`` (the GELU in its epilogue) for these operands: only where the kernels run
-    (``fused_on``), elsewhere the MLP keeps its own unfused chain."""
+    ``kernels.gelu_gemm`` (the GELU in its epilogue) for these operands.  Where the kernels do not run
+    (``fused_on``: GPUs other than Hopper) its ops compute the unfused chain themselves, as the MLP would."""
     import kernels
 
-    fused, x = kernels.gelu_gemm, operands[0]
-    return (getattr(fused, direction) and fused.fused_on(x.device, x.dtype)
-            and fused.supported(*operands, addresses=not torch.compiler.is_compiling()))
+    fused = kernels.gelu_gemm
+    return getattr(fused, direction) and fused.supported(*operands, addresses=not torch.compiler.is_compiling())
 
 
 class _MlpOnRecomputedLN(torch.autograd.Function):

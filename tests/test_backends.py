@@ -404,6 +404,13 @@ def test_triton_mlp_with_the_gelu_in_the_gemm_epilogues(compiled, monkeypatch):
     assert calls[3:] == [(False, True), (True, True)]
     run(mlp, True, autocast=False)  # fp32
     run(randomize(Mlp(72, 100)).to(DEVICE), True)  # 100 fp16/bf16 values a row: 200 bytes
+    monkeypatch.setattr(kernels.gelu_gemm, "fused_on", lambda device, dtype: False)  # as on a GPU other than Hopper
+    with torch.no_grad():  # the op's unfused stand-in: eager, the MLP's own chain bit for bit
+        out_i, out_n = run(mlp, False, grad=False, inference_fused=True), run(mlp, False, grad=False)
+    if compiled:
+        torch.testing.assert_close(out_i, out_n, **tol)
+    else:
+        assert torch.equal(out_i, out_n)
     torch._dynamo.reset()
     assert len(calls) == 5
 
